@@ -1,0 +1,54 @@
+"""moai-ckpt: fault-tolerant checkpoint and replay for PyTorch training."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from moai_ckpt.checkpointer import Checkpointer, CheckpointerOptions, SnapshotEntry, VerifyReport
+from moai_ckpt.errors import (
+    ChecksumError,
+    CorruptSnapshotError,
+    ManifestMismatchError,
+    MissingDataError,
+    MoaiCkptError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+    StateMismatchError,
+    StorageError,
+    TransientStorageError,
+    TruncatedDataError,
+    UnsafeKeyError,
+    UnserializableStateError,
+    UnsupportedFormatError,
+)
+from moai_ckpt.format import FORMAT_VERSION
+from moai_ckpt.rng import register_generator, unregister_generator
+from moai_ckpt.storage import RetryPolicy, Storage, open_storage
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpointer",
+    "CheckpointerOptions",
+    "ChecksumError",
+    "CorruptSnapshotError",
+    "ManifestMismatchError",
+    "MissingDataError",
+    "MoaiCkptError",
+    "RetryPolicy",
+    "SnapshotEntry",
+    "SnapshotExistsError",
+    "SnapshotNotFoundError",
+    "StateMismatchError",
+    "Storage",
+    "StorageError",
+    "TransientStorageError",
+    "TruncatedDataError",
+    "UnsafeKeyError",
+    "UnserializableStateError",
+    "UnsupportedFormatError",
+    "VerifyReport",
+    "__version__",
+    "open_storage",
+    "register_generator",
+    "unregister_generator",
+]

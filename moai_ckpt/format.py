@@ -1,0 +1,247 @@
+"""The on-storage format: paths, versioned records and their checks.
+
+Layout of a run directory::
+
+    run.json                         run identity (RunInfo)
+    snapshots/<step:012d>/           one zarr v3 group per snapshot
+        zarr.json                    group metadata (attributes.moai_ckpt: format version, step)
+        <object>/zarr.json           one sub-group per top-level state entry
+        <object>/<name>/zarr.json    one zarr v3 array per stored tensor (bytes + crc32c codecs)
+        <object>/<name>/c/<i>/...    chunks: little-endian words followed by their crc32c
+        manifest.json                state tree (JSON, tensors referenced by array path)
+        ranks/<rank:05d>.json        per-rank shard index: chunks written, with sizes and crc32c
+        commit.json                  commit marker, written last by the coordinator
+    log/...                          op-stream log segments (the replay package)
+
+A snapshot exists if and only if ``commit.json`` exists, parses, carries a known format version,
+matches its own checksum and names the step of its directory. The marker holds the sha256 of the
+manifest and of every rank index, so nothing it vouches for can change unnoticed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moai_ckpt.errors import ChecksumError, CorruptSnapshotError, UnsupportedFormatError
+from moai_ckpt.keys import check_key
+
+FORMAT_VERSION = 1
+SNAPSHOTS = "snapshots"
+LOG = "log"
+RUN_INFO = "run.json"
+MANIFEST = "manifest.json"
+COMMIT = "commit.json"
+RANKS = "ranks"
+STEP_DIGITS = 12
+
+
+def snapshot_dir(step: int) -> str:
+    if step < 0 or step >= 10**STEP_DIGITS:
+        raise ValueError(f"step must be in [0, 1e{STEP_DIGITS}), got {step}")
+    return f"{SNAPSHOTS}/{step:0{STEP_DIGITS}d}"
+
+
+def parse_snapshot_dir(name: str) -> int | None:
+    """The step of a ``snapshots/`` entry, or None for anything that is not one."""
+    if len(name) == STEP_DIGITS and name.isdigit():
+        return int(name)
+    return None
+
+
+def rank_index_key(step: int, rank: int) -> str:
+    return f"{snapshot_dir(step)}/{RANKS}/{rank:05d}.json"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def canonical_json(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v > FORMAT_VERSION or v < 1:
+            raise UnsupportedFormatError(
+                f"format version {v} is not supported by this moai-ckpt (reads up to "
+                f"{FORMAT_VERSION}); upgrade moai-ckpt to read it"
+            )
+        return v
+
+
+class ArrayRecord(BaseModel):
+    """One stored tensor: a zarr array below the snapshot group."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str = Field(description="key of the array group, relative to the snapshot directory")
+    dtype: str = Field(description="logical torch dtype name, e.g. bfloat16")
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    device: str = Field("cpu", description="device the tensor lived on when saved")
+
+    @field_validator("path")
+    @classmethod
+    def _safe_path(cls, v: str) -> str:
+        return check_key(v)
+
+    @field_validator("shape", "chunks")
+    @classmethod
+    def _non_negative(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < 0 for d in v):
+            raise ValueError("dimensions must be non-negative")
+        return v
+
+
+class ObjectRecord(BaseModel):
+    """One top-level entry of the saved state and how it is restored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str = Field(description="module, optimizer, stateful, generator, numpy_rng, python_rng, tensor, json")
+    type: str = Field(description="qualified type name when saved, for messages")
+    tree: Any = Field(description="encoded state tree; tensors are {'$tensor': array path}")
+
+
+class Manifest(_Record):
+    """What a snapshot holds: the state tree and its arrays."""
+
+    step: int
+    created: str
+    objects: dict[str, ObjectRecord]
+    arrays: dict[str, ArrayRecord]
+    world_size: int = 1
+    device_types: list[str] = Field(default_factory=list)
+    plan: dict[str, Any] | None = None
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChunkEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: tuple[int, ...]
+    nbytes: int = Field(ge=0, description="encoded size: data plus the 4-byte crc32c")
+    crc32c: int = Field(ge=0, lt=2**32)
+
+
+class RankIndex(_Record):
+    """What one rank wrote for one snapshot."""
+
+    step: int
+    rank: int = Field(ge=0)
+    world_size: int = Field(ge=1)
+    chunks: dict[str, list[ChunkEntry]] = Field(description="array path -> chunks written")
+    bytes_written: int = 0
+    device_type: str = "cpu"
+
+
+class RankRef(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rank: int
+    key: str
+    sha256: str
+
+    @field_validator("key")
+    @classmethod
+    def _safe_key(cls, v: str) -> str:
+        return check_key(v)
+
+
+class CommitBody(_Record):
+    step: int
+    created: str
+    manifest_sha256: str
+    ranks: list[RankRef]
+    world_size: int
+    total_bytes: int
+    array_count: int
+    device_types: list[str]
+    writer: dict[str, str]
+
+
+class CommitMarker(BaseModel):
+    """The commit marker: a body and the sha256 of its canonical JSON."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    body: CommitBody
+    checksum: str
+
+    @classmethod
+    def seal(cls, body: CommitBody) -> CommitMarker:
+        return cls(body=body, checksum=sha256(canonical_json(body.model_dump(mode="json"))))
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True).encode()
+
+
+def load_commit(data: bytes, *, url: str, step: int) -> CommitMarker:
+    """Parse and validate a commit marker read from ``snapshots/<step>/commit.json``."""
+    try:
+        raw = json.loads(data)
+        version = raw.get("body", {}).get("format_version", FORMAT_VERSION) if isinstance(raw, dict) else None
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise UnsupportedFormatError(
+                f"snapshot written in format version {version}; this moai-ckpt reads up to "
+                f"{FORMAT_VERSION}: upgrade moai-ckpt",
+                url=url,
+                step=step,
+            )
+        marker = CommitMarker.model_validate(raw)
+    except UnsupportedFormatError:
+        raise
+    except (ValueError, ValidationError) as exc:
+        raise CorruptSnapshotError(
+            f"commit marker does not parse: {exc}", url=url, step=step, key=COMMIT
+        ) from None
+    expected = sha256(canonical_json(marker.body.model_dump(mode="json")))
+    if marker.checksum != expected:
+        raise ChecksumError("commit marker checksum mismatch", url=url, step=step, key=COMMIT)
+    if marker.body.step != step:
+        raise CorruptSnapshotError(
+            f"commit marker names step {marker.body.step}", url=url, step=step, key=COMMIT
+        )
+    return marker
+
+
+def load_record(model: type[Any], data: bytes, *, url: str, step: int, key: str) -> Any:
+    """Parse a JSON record (manifest, rank index), mapping failures to moai-ckpt errors."""
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            ctx_error = err.get("ctx", {}).get("error")
+            if isinstance(ctx_error, UnsupportedFormatError):
+                raise UnsupportedFormatError(str(ctx_error), url=url, step=step, key=key) from None
+        raise CorruptSnapshotError(
+            f"{model.__name__} does not validate: {exc}", url=url, step=step, key=key
+        ) from None
+
+
+class RunInfo(BaseModel):
+    """``run.json``: who this run is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = FORMAT_VERSION
+    run_id: str
+    created: str
+    entrypoint: str | None = None
+    versions: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,46 @@
+"""Storage keys: the only names moai-ckpt ever writes or reads below a run directory.
+
+A key is a ``/``-separated relative path whose segments use a small safe alphabet. Anything else
+(``..``, absolute paths, backslashes, control or shell characters, empty segments) is refused
+before it reaches storage, whether it came from user state or from a manifest read back.
+"""
+
+from __future__ import annotations
+
+import re
+
+from moai_ckpt.errors import UnsafeKeyError
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_.\-]")
+MAX_KEY_LENGTH = 1024
+
+
+def check_key(key: str, *, url: str | None = None) -> str:
+    """Return ``key`` if it is a safe relative storage key, else raise `UnsafeKeyError`."""
+    if not isinstance(key, str) or not key:
+        raise UnsafeKeyError(f"storage key must be a non-empty string, got {key!r}", url=url)
+    if len(key) > MAX_KEY_LENGTH:
+        raise UnsafeKeyError(f"storage key longer than {MAX_KEY_LENGTH} characters", url=url)
+    for segment in key.split("/"):
+        if segment in ("", ".", "..") or not _SEGMENT.match(segment):
+            raise UnsafeKeyError(
+                f"unsafe storage key {key!r}: segment {segment!r} is empty, a relative step, "
+                "or uses characters outside [A-Za-z0-9_.-]",
+                url=url,
+                key=key,
+            )
+    return key
+
+
+def join(*parts: str) -> str:
+    """Join key parts with ``/`` and check the result."""
+    return check_key("/".join(p.strip("/") for p in parts if p))
+
+
+def sanitize_segment(name: str) -> str:
+    """Map an arbitrary state name to a readable, safe key segment (not guaranteed unique)."""
+    cleaned = _UNSAFE_CHAR.sub("_", name)[:180]
+    if not cleaned or cleaned[0] in ".-":
+        cleaned = "_" + cleaned
+    return cleaned

@@ -1,0 +1,353 @@
+"""Writing and reading one snapshot directory, with every check on the way back in.
+
+`SnapshotWriter` writes a rank's chunks straight from tensor memory, then its rank index; the
+coordinator writes the group metadata and manifest, waits for every rank, and writes the commit
+marker last. `SnapshotReader` trusts nothing it has not checked: the marker's own checksum and
+version, the manifest's and rank indexes' sha256 against the marker, each array's ``zarr.json``
+against the manifest, chunk coverage against the rank indexes, and every chunk's crc32c.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moai_ckpt import arrays as za
+from moai_ckpt.dtypes import from_name, stored_dtype, torch_dtype
+from moai_ckpt.errors import (
+    CorruptSnapshotError,
+    ManifestMismatchError,
+    MissingDataError,
+    MoaiCkptError,
+    SnapshotNotFoundError,
+    StorageError,
+    TruncatedDataError,
+)
+from moai_ckpt.format import (
+    COMMIT,
+    FORMAT_VERSION,
+    MANIFEST,
+    ArrayRecord,
+    ChunkEntry,
+    CommitBody,
+    CommitMarker,
+    Manifest,
+    RankIndex,
+    RankRef,
+    load_commit,
+    load_record,
+    rank_index_key,
+    sha256,
+    snapshot_dir,
+)
+from moai_ckpt.storage import Storage
+
+Progress = Callable[[int], None]
+
+
+def host_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor with ``t``'s contents (no copy when ``t`` already is one)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def array_record(name: str, t: torch.Tensor, chunk_bytes: int) -> ArrayRecord:
+    stored = stored_dtype(t.dtype, key=name)
+    shape = tuple(t.shape)
+    return ArrayRecord(
+        path=name,
+        dtype=stored.logical,
+        shape=shape,
+        chunks=za.choose_chunks(shape, stored.itemsize, chunk_bytes),
+        device=str(t.device),
+    )
+
+
+@dataclass
+class SnapshotWriter:
+    """Writes the parts of a snapshot at ``step``; one per rank, the coordinator also commits."""
+
+    storage: Storage
+    executor: Executor
+    step: int
+
+    @property
+    def prefix(self) -> str:
+        return snapshot_dir(self.step)
+
+    def write_arrays(
+        self,
+        records: dict[str, ArrayRecord],
+        tensors: dict[str, torch.Tensor],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device_type: str = "cpu",
+        progress: Progress | None = None,
+    ) -> RankIndex:
+        """Write the chunks and metadata of the given arrays; returns this rank's index."""
+        futures: list[tuple[str, Future[ChunkEntry]]] = []
+        for name, record in records.items():
+            data = za.tensor_bytes(tensors[name])
+            stored = from_name(record.dtype)
+            for span in za.chunk_spans(record.shape, record.chunks, stored.itemsize):
+                key = f"{self.prefix}/{name}/{span.key}"
+                futures.append(
+                    (name, self.executor.submit(self._write_chunk, key, span, data[span.start : span.stop], progress))
+                )
+        meta = [
+            self.executor.submit(
+                self.storage.write,
+                f"{self.prefix}/{name}/zarr.json",
+                json.dumps(za.array_metadata(rec, from_name(rec.dtype)), indent=1).encode(),
+            )
+            for name, rec in records.items()
+        ]
+        chunks: dict[str, list[ChunkEntry]] = {name: [] for name in records}
+        written = 0
+        for name, fut in futures:
+            entry = fut.result()
+            chunks[name].append(entry)
+            written += entry.nbytes
+        for f in meta:
+            f.result()
+        index = RankIndex(
+            step=self.step,
+            rank=rank,
+            world_size=world_size,
+            chunks=chunks,
+            bytes_written=written,
+            device_type=device_type,
+        )
+        self.storage.write(rank_index_key(self.step, rank), index.model_dump_json().encode())
+        return index
+
+    def _write_chunk(self, key: str, span: za.ChunkSpan, data: memoryview, progress: Progress | None) -> ChunkEntry:
+        crc = za.crc32c(data)
+        self.storage.write(key, [data, za.CRC.pack(crc)])
+        if progress is not None:
+            progress(data.nbytes)
+        return ChunkEntry(index=span.index, nbytes=data.nbytes + za.CRC.size, crc32c=crc)
+
+    def write_groups(self, manifest: Manifest) -> bytes:
+        """Coordinator: write group metadata and the manifest; returns the manifest bytes."""
+        groups = {name.split("/", 1)[0] for name in manifest.arrays}
+        attrs = {za.MOAI_ATTR: {"format_version": FORMAT_VERSION, "step": self.step}}
+        writes = [self.executor.submit(self.storage.write, f"{self.prefix}/zarr.json", za.group_metadata(attrs))]
+        writes += [
+            self.executor.submit(self.storage.write, f"{self.prefix}/{g}/zarr.json", za.group_metadata())
+            for g in sorted(groups)
+        ]
+        data = manifest.model_dump_json(indent=1).encode()
+        writes.append(self.executor.submit(self.storage.write, f"{self.prefix}/{MANIFEST}", data))
+        for w in writes:
+            w.result()
+        return data
+
+    def commit(self, manifest_bytes: bytes, manifest: Manifest, indexes: list[RankIndex], writer: dict[str, str]) -> CommitMarker:
+        """Coordinator: make everything durable, then write the commit marker last."""
+        keys = self.storage.list(self.prefix)
+        self.storage.barrier(keys)
+        refs = []
+        for index in sorted(indexes, key=lambda i: i.rank):
+            key = rank_index_key(self.step, index.rank)
+            refs.append(RankRef(rank=index.rank, key=key, sha256=sha256(self.storage.read(key))))
+        body = CommitBody(
+            step=self.step,
+            created=manifest.created,
+            manifest_sha256=sha256(manifest_bytes),
+            ranks=refs,
+            world_size=manifest.world_size,
+            total_bytes=sum(i.bytes_written for i in indexes),
+            array_count=len(manifest.arrays),
+            device_types=manifest.device_types,
+            writer=writer,
+        )
+        marker = CommitMarker.seal(body)
+        commit_key = f"{self.prefix}/{COMMIT}"
+        self.storage.write(commit_key, marker.to_bytes())
+        self.storage.barrier([commit_key])
+        return marker
+
+
+@dataclass
+class Fault:
+    """One problem found by verification."""
+
+    key: str
+    kind: str
+    message: str
+
+
+class SnapshotReader:
+    """A committed snapshot, opened and validated (marker, manifest, rank indexes)."""
+
+    def __init__(self, storage: Storage, step: int, executor: Executor) -> None:
+        self.storage = storage
+        self.step = step
+        self.executor = executor
+        self.prefix = snapshot_dir(step)
+        url = storage.url
+        try:
+            marker_bytes = storage.read(f"{self.prefix}/{COMMIT}")
+        except FileNotFoundError:
+            raise SnapshotNotFoundError("no committed snapshot at this step", url=url, step=step) from None
+        self.marker = load_commit(marker_bytes, url=url, step=step)
+        manifest_bytes = self._read_checked(f"{self.prefix}/{MANIFEST}", self.marker.body.manifest_sha256)
+        self.manifest: Manifest = load_record(Manifest, manifest_bytes, url=url, step=step, key=MANIFEST)
+        if self.manifest.step != step:
+            raise CorruptSnapshotError(f"manifest names step {self.manifest.step}", url=url, step=step, key=MANIFEST)
+        self.chunks: dict[str, dict[tuple[int, ...], ChunkEntry]] = {}
+        for ref in self.marker.body.ranks:
+            if ref.key != rank_index_key(step, ref.rank):
+                raise CorruptSnapshotError(f"rank index key {ref.key!r} is not where it belongs", url=url, step=step, key=COMMIT)
+            index: RankIndex = load_record(
+                RankIndex, self._read_checked(ref.key, ref.sha256), url=url, step=step, key=ref.key
+            )
+            for name, entries in index.chunks.items():
+                table = self.chunks.setdefault(name, {})
+                for entry in entries:
+                    table[entry.index] = entry
+
+    def _read_checked(self, key: str, digest: str) -> bytes:
+        try:
+            data = self.storage.read(key)
+        except FileNotFoundError:
+            raise MissingDataError("object named by the commit marker is missing", url=self.storage.url, step=self.step, key=key) from None
+        if sha256(data) != digest:
+            raise CorruptSnapshotError(
+                "object does not match the sha256 in the commit marker (tampered or corrupt)",
+                url=self.storage.url,
+                step=self.step,
+                key=key,
+            )
+        return data
+
+    @property
+    def arrays(self) -> dict[str, ArrayRecord]:
+        return self.manifest.arrays
+
+    def _error(self, cls: type[MoaiCkptError], message: str, key: str) -> MoaiCkptError:
+        return cls(message, url=self.storage.url, step=self.step, key=key)
+
+    def _spans(self, record: ArrayRecord) -> list[tuple[za.ChunkSpan, ChunkEntry]]:
+        stored = from_name(record.dtype)
+        expected = list(za.chunk_spans(record.shape, record.chunks, stored.itemsize))
+        if record.shape and record.chunks and (len(record.chunks) != len(record.shape)):
+            raise self._error(ManifestMismatchError, "chunk rank differs from array rank", record.path)
+        table = self.chunks.get(record.path, {})
+        out = []
+        for span in expected:
+            entry = table.get(span.index)
+            if entry is None:
+                raise self._error(MissingDataError, "no rank index lists this chunk", f"{record.path}/{span.key}")
+            if entry.nbytes != span.stop - span.start + za.CRC.size:
+                raise self._error(
+                    ManifestMismatchError,
+                    f"rank index records {entry.nbytes} bytes, the manifest implies {span.stop - span.start + za.CRC.size}",
+                    f"{record.path}/{span.key}",
+                )
+            out.append((span, entry))
+        if len(table) != len(expected):
+            raise self._error(ManifestMismatchError, f"rank indexes list {len(table)} chunks, expected {len(expected)}", record.path)
+        return out
+
+    def check_metadata(self, record: ArrayRecord) -> None:
+        key = f"{self.prefix}/{record.path}/zarr.json"
+        try:
+            raw = self.storage.read(key)
+        except FileNotFoundError:
+            raise self._error(MissingDataError, "array is missing (no zarr.json)", record.path) from None
+        za.check_array_metadata(raw, record, url=self.storage.url, step=self.step)
+
+    def read_array(self, name: str, progress: Progress | None = None) -> torch.Tensor:
+        """Read one array into a new CPU tensor, checking metadata, coverage and every crc32c."""
+        record = self.arrays[name]
+        if record.dtype not in _known_dtypes():
+            raise self._error(ManifestMismatchError, f"unknown dtype {record.dtype!r}", name)
+        self.check_metadata(record)
+        out = torch.empty(record.shape, dtype=torch_dtype(record.dtype))
+        if out.numel() == 0:
+            return out
+        data = za.tensor_bytes(out)
+        futures = [
+            self.executor.submit(self._read_chunk, f"{self.prefix}/{name}/{span.key}", data[span.start : span.stop], entry, progress)
+            for span, entry in self._spans(record)
+        ]
+        for f in futures:
+            f.result()
+        return out
+
+    def _read_chunk(self, key: str, out: memoryview, entry: ChunkEntry, progress: Progress | None) -> None:
+        crc = bytearray(za.CRC.size)
+        try:
+            self.storage.read_into(key, [out, memoryview(crc)])
+        except FileNotFoundError:
+            raise self._error(MissingDataError, "chunk is missing", key) from None
+        except TruncatedDataError as exc:
+            raise self._error(TruncatedDataError, str(exc).split(" [", 1)[0], key) from None
+        za.verify_chunk(out, bytes(crc), entry.crc32c, url=self.storage.url, step=self.step, key=key)
+        if progress is not None:
+            progress(out.nbytes)
+
+    def read_arrays(self, names: Iterable[str] | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+        names = list(self.arrays) if names is None else list(names)
+        for name in names:
+            if name not in self.arrays:
+                raise self._error(ManifestMismatchError, "state references an array the manifest does not list", name)
+        return {name: self.read_array(name, progress) for name in names}
+
+    def nbytes(self) -> int:
+        return sum(math.prod(r.shape) * from_name(r.dtype).itemsize for r in self.arrays.values())
+
+    def verify(self, progress: Progress | None = None) -> list[Fault]:
+        """Re-read every chunk; return every fault found (empty when the snapshot is sound)."""
+        faults: list[Fault] = []
+        referenced = set()
+        from moai_ckpt.tree import tensor_refs
+
+        for key, obj in self.manifest.objects.items():
+            for ref in tensor_refs(obj.tree):
+                referenced.add(ref)
+                if ref not in self.arrays:
+                    faults.append(Fault(key, "manifest", f"state references array {ref!r} that the manifest does not list"))
+        for name in self.arrays:
+            try:
+                self.read_array(name, progress)
+            except (CorruptSnapshotError, StorageError, FileNotFoundError, ValueError) as exc:
+                faults.append(Fault(getattr(exc, "key", None) or name, type(exc).__name__, str(exc)))
+        return faults
+
+
+def _known_dtypes() -> set[str]:
+    from moai_ckpt.dtypes import _BY_NAME
+
+    return set(_BY_NAME)
+
+
+def writer_info() -> dict[str, str]:
+    import platform
+
+    from moai_ckpt import __version__
+
+    return {"moai_ckpt": __version__, "torch": torch.__version__, "host": platform.node(), "python": platform.python_version()}
+
+
+def manifest_for(step: int, created: str, objects: dict[str, Any], records: dict[str, ArrayRecord], *, world_size: int, device_types: list[str], info: dict[str, Any] | None = None) -> Manifest:
+    return Manifest(
+        step=step,
+        created=created,
+        objects=objects,
+        arrays=records,
+        world_size=world_size,
+        device_types=device_types,
+        info=info or {},
+    )

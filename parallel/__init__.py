@@ -1,0 +1,1 @@
+"""Device inventory, cost model and placement planning (a later layer)."""

@@ -1,0 +1,1 @@
+"""The op-stream log and deterministic replay (a later layer)."""
