@@ -30,26 +30,34 @@ CRC = struct.Struct("<I")
 MOAI_ATTR = "moai_ckpt"
 
 
-def crc32c(data: memoryview | bytes) -> int:
-    return int(_crc32c.crc32c(data))
-
-
 def choose_chunks(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> tuple[int, ...]:
-    """Chunk shape: whole rows of the first dimension, at most ``chunk_bytes`` (at least one row)."""
+    """Chunk shape: whole rows of the first dimension, about ``chunk_bytes`` (at least one row).
+
+    zarr stores edge chunks at full size, padded, so rows are spread evenly over the fewest
+    chunks that respect the limit: the padding stays under one row per chunk.
+    """
     if not shape:
         return ()
     row_bytes = math.prod(shape[1:]) * itemsize
-    rows = max(1, chunk_bytes // max(1, row_bytes))
-    return (max(1, min(shape[0], rows)),) + tuple(max(1, d) for d in shape[1:])
+    max_rows = max(1, chunk_bytes // max(1, row_bytes))
+    count = max(1, math.ceil(shape[0] / max_rows))
+    rows = max(1, math.ceil(shape[0] / count))
+    return (rows, *(max(1, d) for d in shape[1:]))
 
 
 @dataclass(frozen=True)
 class ChunkSpan:
-    """One chunk: its grid index, storage key suffix and byte range in the C-order tensor."""
+    """One chunk: its grid index, its byte range in the C-order tensor, and the zero padding
+    that fills an edge chunk to the full chunk size zarr expects."""
 
     index: tuple[int, ...]
     start: int
     stop: int
+    pad: int = 0
+
+    @property
+    def encoded_size(self) -> int:
+        return self.stop - self.start + self.pad + CRC.size
 
     @property
     def key(self) -> str:
@@ -68,7 +76,7 @@ def chunk_spans(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int) 
     trailing = (0,) * (len(shape) - 1)
     for i in range(math.ceil(shape[0] / rows)):
         lo, hi = i * rows, min(shape[0], (i + 1) * rows)
-        yield ChunkSpan((i, *trailing), lo * row_bytes, hi * row_bytes)
+        yield ChunkSpan((i, *trailing), lo * row_bytes, hi * row_bytes, (lo + rows - hi) * row_bytes)
 
 
 def array_metadata(record: ArrayRecord, stored: StoredDtype) -> dict[str, Any]:
@@ -103,9 +111,7 @@ def array_metadata(record: ArrayRecord, stored: StoredDtype) -> dict[str, Any]:
 
 
 def group_metadata(attributes: dict[str, Any] | None = None) -> bytes:
-    return json.dumps(
-        {"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}, indent=1
-    ).encode()
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}, indent=1).encode()
 
 
 def check_array_metadata(raw: bytes, record: ArrayRecord, *, url: str, step: int) -> None:
@@ -119,8 +125,7 @@ def check_array_metadata(raw: bytes, record: ArrayRecord, *, url: str, step: int
     for field in ("node_type", "shape", "data_type", "chunk_grid", "chunk_key_encoding", "codecs"):
         if meta.get(field) != expected[field]:
             raise ManifestMismatchError(
-                f"array {field} is {meta.get(field)!r} on storage but the manifest implies "
-                f"{expected[field]!r}",
+                f"array {field} is {meta.get(field)!r} on storage but the manifest implies {expected[field]!r}",
                 url=url,
                 step=step,
                 key=key,
@@ -138,9 +143,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.numpy()).cast("B")
 
 
-def verify_chunk(data: memoryview, stored_crc: bytes, expected: int | None, *, url: str, step: int, key: str) -> int:
+def chunk_crc(data: memoryview, pad: memoryview | bytes = b"") -> int:
+    """The crc32c of an encoded chunk: its data followed by its edge padding."""
+    crc = _crc32c.crc32c(data)
+    return int(_crc32c.crc32c(pad, crc)) if len(pad) else int(crc)
+
+
+def verify_chunk(
+    data: memoryview, pad: memoryview | bytes, stored_crc: bytes, expected: int | None, *, url: str, step: int, key: str
+) -> int:
     """Check a chunk's appended crc32c (and the one recorded in the rank index)."""
-    actual = crc32c(data)
+    actual = chunk_crc(data, pad)
     (appended,) = CRC.unpack(stored_crc)
     if actual != appended:
         raise ChecksumError(
@@ -151,8 +164,7 @@ def verify_chunk(data: memoryview, stored_crc: bytes, expected: int | None, *, u
         )
     if expected is not None and appended != expected:
         raise ChecksumError(
-            f"chunk crc32c {appended:08x} differs from the rank index ({expected:08x}): "
-            "the chunk was replaced",
+            f"chunk crc32c {appended:08x} differs from the rank index ({expected:08x}): the chunk was replaced",
             url=url,
             step=step,
             key=key,

@@ -115,7 +115,9 @@ def _unique(name: str, used: set[str]) -> str:
 class Restorer:
     """Two-phase restore of decoded state into live objects."""
 
-    def __init__(self, objects: Mapping[str, ObjectRecord], tensors: Mapping[str, torch.Tensor], *, url: str, step: int) -> None:
+    def __init__(
+        self, objects: Mapping[str, ObjectRecord], tensors: Mapping[str, torch.Tensor], *, url: str, step: int
+    ) -> None:
         self.records = objects
         self.tensors = tensors
         self.url = url

@@ -44,6 +44,7 @@ from moai_ckpt.snapshot import (
     writer_info,
 )
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage
+from moai_ckpt.tree import tensor_refs
 
 log = logging.getLogger("moai_ckpt")
 
@@ -53,7 +54,7 @@ class CheckpointerOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    chunk_bytes: int = Field(64 << 20, ge=4096, description="largest chunk of a stored array")
+    chunk_bytes: int = Field(64 << 20, ge=1, description="largest chunk of a stored array")
     io_threads: int = Field(8, ge=1, le=256, description="parallel storage operations")
     capture_rng: bool = Field(True, description="save and restore every global RNG with the state")
     leftover_grace_s: float = Field(
@@ -123,13 +124,16 @@ class Checkpointer:
     ) -> None:
         overrides = {
             k: v
-            for k, v in {"chunk_bytes": chunk_bytes, "io_threads": io_threads, "capture_rng": capture_rng, "retry": retry}.items()
+            for k, v in {
+                "chunk_bytes": chunk_bytes,
+                "io_threads": io_threads,
+                "capture_rng": capture_rng,
+                "retry": retry,
+            }.items()
             if v is not None
         }
         base = options or CheckpointerOptions()
-        self.options = base.model_copy(update=overrides) if overrides else base
-        if overrides:
-            self.options = CheckpointerOptions.model_validate(self.options.model_dump())
+        self.options = CheckpointerOptions.model_validate({**dict(base), **overrides}) if overrides else base
         self.storage: Storage = open_storage(url, self.options.retry, **storage_options)
         self.url = self.storage.url
         self._executor = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="moai-io")
@@ -205,7 +209,13 @@ class Checkpointer:
             device_types = sorted(captured.devices) or ["cpu"]
             index = writer.write_arrays(records, host, device_type=device_types[0], progress=progress)
             manifest = manifest_for(
-                step, now_iso(), captured.objects, records, world_size=1, device_types=device_types, info=dict(info or {})
+                step,
+                now_iso(),
+                captured.objects,
+                records,
+                world_size=1,
+                device_types=device_types,
+                info=dict(info or {}),
             )
             manifest_bytes = writer.write_groups(manifest)
             marker = writer.commit(manifest_bytes, manifest, [index], writer_info())
@@ -214,7 +224,11 @@ class Checkpointer:
                 self._writing.discard(step)
         log.info(
             "saved step %d to %s: %d arrays, %.1f MB in %.2f s",
-            step, self.url, len(records), marker.body.total_bytes / 1e6, time.perf_counter() - started,
+            step,
+            self.url,
+            len(records),
+            marker.body.total_bytes / 1e6,
+            time.perf_counter() - started,
         )
         return marker
 
@@ -283,19 +297,24 @@ class Checkpointer:
                     stacklevel=2,
                 )
             return candidate
-        raise CorruptSnapshotError(
-            "no committed snapshot could be restored: " + "; ".join(errors), url=self.url
-        )
+        raise CorruptSnapshotError("no committed snapshot could be restored: " + "; ".join(errors), url=self.url)
 
-    def _restore_step(self, step: int, state: MutableMapping[str, Any], restore_rng: bool | None, progress: Progress | None) -> None:
+    def _restore_step(
+        self, step: int, state: MutableMapping[str, Any], restore_rng: bool | None, progress: Progress | None
+    ) -> None:
         reader = self._reader(step)
         wanted = dict(state)
         rng = self.options.capture_rng if restore_rng is None else restore_rng
         if rng and RNG_KEY in reader.manifest.objects:
             wanted[RNG_KEY] = GlobalRNG()
-        from moai_ckpt.tree import tensor_refs
-
-        names = sorted({ref for key in wanted if key in reader.manifest.objects for ref in tensor_refs(reader.manifest.objects[key].tree)})
+        names = sorted(
+            {
+                ref
+                for key in wanted
+                if key in reader.manifest.objects
+                for ref in tensor_refs(reader.manifest.objects[key].tree)
+            }
+        )
         tensors = reader.read_arrays(names, progress)
         restorer = Restorer(reader.manifest.objects, tensors, url=self.url, step=step)
         restorer.check(wanted)
@@ -366,7 +385,11 @@ class Checkpointer:
         fs_modified = getattr(self.storage, "root", None)
         if isinstance(fs_modified, str) and os.path.isdir(os.path.join(fs_modified, snapshot_dir(step))):
             newest = max(
-                (os.stat(os.path.join(d, f)).st_mtime for d, _, files in os.walk(os.path.join(fs_modified, snapshot_dir(step))) for f in files),
+                (
+                    os.stat(os.path.join(d, f)).st_mtime
+                    for d, _, files in os.walk(os.path.join(fs_modified, snapshot_dir(step)))
+                    for f in files
+                ),
                 default=0.0,
             )
             return time.time() - newest
@@ -383,5 +406,3 @@ class Checkpointer:
 
     def __repr__(self) -> str:
         return f"Checkpointer({self.url!r})"
-
-

@@ -72,9 +72,7 @@ def stored_dtype(dtype: torch.dtype, *, key: str | None = None) -> StoredDtype:
     try:
         return _BY_TORCH[dtype]
     except KeyError:
-        raise UnserializableStateError(
-            f"tensor dtype {dtype} is not supported for snapshots", key=key
-        ) from None
+        raise UnserializableStateError(f"tensor dtype {dtype} is not supported for snapshots", key=key) from None
 
 
 def from_name(name: str) -> StoredDtype:
@@ -83,6 +81,10 @@ def from_name(name: str) -> StoredDtype:
         return _BY_NAME[name]
     except KeyError:
         raise ValueError(f"unknown tensor dtype {name!r}") from None
+
+
+def is_known(name: str) -> bool:
+    return name in _BY_NAME
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -27,9 +27,7 @@ class MoaiCkptError(Exception):
         self.step = step
         self.key = key
         where = ", ".join(
-            f"{name}={value}"
-            for name, value in (("url", url), ("step", step), ("key", key))
-            if value is not None
+            f"{name}={value}" for name, value in (("url", url), ("step", step), ("key", key)) if value is not None
         )
         super().__init__(f"{message} [{where}]" if where else message)
 

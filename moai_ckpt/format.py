@@ -208,16 +208,12 @@ def load_commit(data: bytes, *, url: str, step: int) -> CommitMarker:
     except UnsupportedFormatError:
         raise
     except (ValueError, ValidationError) as exc:
-        raise CorruptSnapshotError(
-            f"commit marker does not parse: {exc}", url=url, step=step, key=COMMIT
-        ) from None
+        raise CorruptSnapshotError(f"commit marker does not parse: {exc}", url=url, step=step, key=COMMIT) from None
     expected = sha256(canonical_json(marker.body.model_dump(mode="json")))
     if marker.checksum != expected:
         raise ChecksumError("commit marker checksum mismatch", url=url, step=step, key=COMMIT)
     if marker.body.step != step:
-        raise CorruptSnapshotError(
-            f"commit marker names step {marker.body.step}", url=url, step=step, key=COMMIT
-        )
+        raise CorruptSnapshotError(f"commit marker names step {marker.body.step}", url=url, step=step, key=COMMIT)
     return marker
 
 
@@ -230,9 +226,7 @@ def load_record(model: type[Any], data: bytes, *, url: str, step: int, key: str)
             ctx_error = err.get("ctx", {}).get("error")
             if isinstance(ctx_error, UnsupportedFormatError):
                 raise UnsupportedFormatError(str(ctx_error), url=url, step=step, key=key) from None
-        raise CorruptSnapshotError(
-            f"{model.__name__} does not validate: {exc}", url=url, step=step, key=key
-        ) from None
+        raise CorruptSnapshotError(f"{model.__name__} does not validate: {exc}", url=url, step=step, key=key) from None
 
 
 class RunInfo(BaseModel):

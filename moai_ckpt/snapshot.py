@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from moai_ckpt import arrays as za
-from moai_ckpt.dtypes import from_name, stored_dtype, torch_dtype
+from moai_ckpt.dtypes import from_name, is_known, stored_dtype, torch_dtype
 from moai_ckpt.errors import (
     CorruptSnapshotError,
     ManifestMismatchError,
@@ -47,6 +47,7 @@ from moai_ckpt.format import (
     snapshot_dir,
 )
 from moai_ckpt.storage import Storage
+from moai_ckpt.tree import tensor_refs
 
 Progress = Callable[[int], None]
 
@@ -131,11 +132,12 @@ class SnapshotWriter:
         return index
 
     def _write_chunk(self, key: str, span: za.ChunkSpan, data: memoryview, progress: Progress | None) -> ChunkEntry:
-        crc = za.crc32c(data)
-        self.storage.write(key, [data, za.CRC.pack(crc)])
+        pad = bytes(span.pad)
+        crc = za.chunk_crc(data, pad)
+        self.storage.write(key, [data, pad, za.CRC.pack(crc)] if pad else [data, za.CRC.pack(crc)])
         if progress is not None:
             progress(data.nbytes)
-        return ChunkEntry(index=span.index, nbytes=data.nbytes + za.CRC.size, crc32c=crc)
+        return ChunkEntry(index=span.index, nbytes=span.encoded_size, crc32c=crc)
 
     def write_groups(self, manifest: Manifest) -> bytes:
         """Coordinator: write group metadata and the manifest; returns the manifest bytes."""
@@ -152,7 +154,9 @@ class SnapshotWriter:
             w.result()
         return data
 
-    def commit(self, manifest_bytes: bytes, manifest: Manifest, indexes: list[RankIndex], writer: dict[str, str]) -> CommitMarker:
+    def commit(
+        self, manifest_bytes: bytes, manifest: Manifest, indexes: list[RankIndex], writer: dict[str, str]
+    ) -> CommitMarker:
         """Coordinator: make everything durable, then write the commit marker last."""
         keys = self.storage.list(self.prefix)
         self.storage.barrier(keys)
@@ -208,7 +212,9 @@ class SnapshotReader:
         self.chunks: dict[str, dict[tuple[int, ...], ChunkEntry]] = {}
         for ref in self.marker.body.ranks:
             if ref.key != rank_index_key(step, ref.rank):
-                raise CorruptSnapshotError(f"rank index key {ref.key!r} is not where it belongs", url=url, step=step, key=COMMIT)
+                raise CorruptSnapshotError(
+                    f"rank index key {ref.key!r} is not where it belongs", url=url, step=step, key=COMMIT
+                )
             index: RankIndex = load_record(
                 RankIndex, self._read_checked(ref.key, ref.sha256), url=url, step=step, key=ref.key
             )
@@ -221,7 +227,9 @@ class SnapshotReader:
         try:
             data = self.storage.read(key)
         except FileNotFoundError:
-            raise MissingDataError("object named by the commit marker is missing", url=self.storage.url, step=self.step, key=key) from None
+            raise MissingDataError(
+                "object named by the commit marker is missing", url=self.storage.url, step=self.step, key=key
+            ) from None
         if sha256(data) != digest:
             raise CorruptSnapshotError(
                 "object does not match the sha256 in the commit marker (tampered or corrupt)",
@@ -249,15 +257,17 @@ class SnapshotReader:
             entry = table.get(span.index)
             if entry is None:
                 raise self._error(MissingDataError, "no rank index lists this chunk", f"{record.path}/{span.key}")
-            if entry.nbytes != span.stop - span.start + za.CRC.size:
+            if entry.nbytes != span.encoded_size:
                 raise self._error(
                     ManifestMismatchError,
-                    f"rank index records {entry.nbytes} bytes, the manifest implies {span.stop - span.start + za.CRC.size}",
+                    f"rank index records {entry.nbytes} bytes, the manifest implies {span.encoded_size}",
                     f"{record.path}/{span.key}",
                 )
             out.append((span, entry))
         if len(table) != len(expected):
-            raise self._error(ManifestMismatchError, f"rank indexes list {len(table)} chunks, expected {len(expected)}", record.path)
+            raise self._error(
+                ManifestMismatchError, f"rank indexes list {len(table)} chunks, expected {len(expected)}", record.path
+            )
         return out
 
     def check_metadata(self, record: ArrayRecord) -> None:
@@ -271,7 +281,7 @@ class SnapshotReader:
     def read_array(self, name: str, progress: Progress | None = None) -> torch.Tensor:
         """Read one array into a new CPU tensor, checking metadata, coverage and every crc32c."""
         record = self.arrays[name]
-        if record.dtype not in _known_dtypes():
+        if not is_known(record.dtype):
             raise self._error(ManifestMismatchError, f"unknown dtype {record.dtype!r}", name)
         self.check_metadata(record)
         out = torch.empty(record.shape, dtype=torch_dtype(record.dtype))
@@ -279,26 +289,31 @@ class SnapshotReader:
             return out
         data = za.tensor_bytes(out)
         futures = [
-            self.executor.submit(self._read_chunk, f"{self.prefix}/{name}/{span.key}", data[span.start : span.stop], entry, progress)
+            self.executor.submit(
+                self._read_chunk, f"{self.prefix}/{name}/{span.key}", data[span.start : span.stop], span.pad, entry, progress
+            )
             for span, entry in self._spans(record)
         ]
         for f in futures:
             f.result()
         return out
 
-    def _read_chunk(self, key: str, out: memoryview, entry: ChunkEntry, progress: Progress | None) -> None:
+    def _read_chunk(self, key: str, out: memoryview, pad: int, entry: ChunkEntry, progress: Progress | None) -> None:
         crc = bytearray(za.CRC.size)
+        padding = bytearray(pad)
         try:
-            self.storage.read_into(key, [out, memoryview(crc)])
+            self.storage.read_into(key, [out, memoryview(padding), memoryview(crc)] if pad else [out, memoryview(crc)])
         except FileNotFoundError:
             raise self._error(MissingDataError, "chunk is missing", key) from None
         except TruncatedDataError as exc:
             raise self._error(TruncatedDataError, str(exc).split(" [", 1)[0], key) from None
-        za.verify_chunk(out, bytes(crc), entry.crc32c, url=self.storage.url, step=self.step, key=key)
+        za.verify_chunk(out, padding, bytes(crc), entry.crc32c, url=self.storage.url, step=self.step, key=key)
         if progress is not None:
             progress(out.nbytes)
 
-    def read_arrays(self, names: Iterable[str] | None = None, progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    def read_arrays(
+        self, names: Iterable[str] | None = None, progress: Progress | None = None
+    ) -> dict[str, torch.Tensor]:
         names = list(self.arrays) if names is None else list(names)
         for name in names:
             if name not in self.arrays:
@@ -311,14 +326,12 @@ class SnapshotReader:
     def verify(self, progress: Progress | None = None) -> list[Fault]:
         """Re-read every chunk; return every fault found (empty when the snapshot is sound)."""
         faults: list[Fault] = []
-        referenced = set()
-        from moai_ckpt.tree import tensor_refs
-
         for key, obj in self.manifest.objects.items():
             for ref in tensor_refs(obj.tree):
-                referenced.add(ref)
                 if ref not in self.arrays:
-                    faults.append(Fault(key, "manifest", f"state references array {ref!r} that the manifest does not list"))
+                    faults.append(
+                        Fault(key, "manifest", f"state references array {ref!r} that the manifest does not list")
+                    )
         for name in self.arrays:
             try:
                 self.read_array(name, progress)
@@ -327,21 +340,29 @@ class SnapshotReader:
         return faults
 
 
-def _known_dtypes() -> set[str]:
-    from moai_ckpt.dtypes import _BY_NAME
-
-    return set(_BY_NAME)
-
-
 def writer_info() -> dict[str, str]:
     import platform
 
     from moai_ckpt import __version__
 
-    return {"moai_ckpt": __version__, "torch": torch.__version__, "host": platform.node(), "python": platform.python_version()}
+    return {
+        "moai_ckpt": __version__,
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "python": platform.python_version(),
+    }
 
 
-def manifest_for(step: int, created: str, objects: dict[str, Any], records: dict[str, ArrayRecord], *, world_size: int, device_types: list[str], info: dict[str, Any] | None = None) -> Manifest:
+def manifest_for(
+    step: int,
+    created: str,
+    objects: dict[str, Any],
+    records: dict[str, ArrayRecord],
+    *,
+    world_size: int,
+    device_types: list[str],
+    info: dict[str, Any] | None = None,
+) -> Manifest:
     return Manifest(
         step=step,
         created=created,

@@ -87,12 +87,7 @@ def encode(value: Any, path: str, sink: TensorSink) -> Any:
     if isinstance(value, Mapping):
         if all(isinstance(k, str) and not k.startswith("$") for k in value):
             return {k: encode(v, f"{path}.{k}", sink) for k, v in value.items()}
-        return {
-            "$dict": [
-                [encode(k, f"{path}.<key>", sink), encode(v, f"{path}.{k}", sink)]
-                for k, v in value.items()
-            ]
-        }
+        return {"$dict": [[encode(k, f"{path}.<key>", sink), encode(v, f"{path}.{k}", sink)] for k, v in value.items()]}
     raise UnserializableStateError(
         f"value at {path!r} of type {type(value).__module__}.{type(value).__qualname__} is neither "
         "a tensor nor JSON-able; moai-ckpt never pickles. Convert it (e.g. in state_dict()) to "

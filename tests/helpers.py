@@ -1,0 +1,114 @@
+"""Small training setups shared by the tests."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A small model with dropout (draws from torch's CPU RNG) and tied input/output weights."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16, tied: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.body = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(2 * dim, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.body(self.embed(tokens))))
+
+
+@dataclass
+class Trainer:
+    """Everything a bitwise-resumable run needs, built from a seed."""
+
+    model: TinyNet
+    optim: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    data_gen: torch.Generator
+    np_rng: np.random.Generator
+
+    @classmethod
+    def build(cls, seed: int) -> Trainer:
+        torch.manual_seed(seed)
+        model = TinyNet()
+        optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=1e-2, total_steps=100)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+        data_gen = torch.Generator().manual_seed(seed + 1)
+        return cls(model, optim, sched, scaler, data_gen, np.random.default_rng(seed + 2))
+
+    def state(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "optim": self.optim,
+            "sched": self.sched,
+            "scaler": self.scaler,
+            "data_gen": self.data_gen,
+            "np_rng": self.np_rng,
+            "extra": extra if extra is not None else {},
+        }
+
+    def step(self) -> float:
+        tokens = torch.randint(0, 32, (4, 8), generator=self.data_gen)
+        noise = float(np.random.standard_normal()) * 1e-3 + self.np_rng.standard_normal() * 1e-3
+        jitter = random.random() * 1e-3
+        self.model.train()
+        self.optim.zero_grad(set_to_none=True)
+        logits = self.model(tokens)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 32), tokens.reshape(-1)) * (1 + noise + jitter)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optim)
+        self.scaler.update()
+        self.sched.step()
+        return float(loss.detach())
+
+
+def next_randoms(trainer: Trainer) -> dict[str, Any]:
+    """The next draw of every generator a run uses (consumes them)."""
+    return {
+        "torch": torch.rand(4).tolist(),
+        "numpy_global": np.random.random(3).tolist(),
+        "python": [random.random() for _ in range(3)],
+        "data_gen": torch.rand(4, generator=trainer.data_gen).tolist(),
+        "np_rng": trainer.np_rng.random(3).tolist(),
+    }
+
+
+def tensors_of(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a (nested) state dict, keyed by path."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(tensors_of(v, f"{prefix}.{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(tensors_of(v, f"{prefix}.{i}"))
+    return out
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        assert x.dtype == y.dtype and x.shape == y.shape, key
+        assert torch.equal(x.reshape(-1).view(torch.uint8) if x.numel() else x, y.reshape(-1).view(torch.uint8) if y.numel() else y), key
+
+
+def full_state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {
+        **tensors_of(trainer.model.state_dict(), "model"),
+        **tensors_of(trainer.optim.state_dict(), "optim"),
+    }
