@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moai_ckpt.errors import ChecksumError, CorruptSnapshotError, UnsupportedFormatError
+from moai_ckpt.errors import ChecksumError, CorruptSnapshotError, MoaiCkptError, UnsupportedFormatError
 from moai_ckpt.keys import check_key
 
 FORMAT_VERSION = 1
@@ -218,15 +218,22 @@ def load_commit(data: bytes, *, url: str, step: int) -> CommitMarker:
 
 
 def load_record(model: type[Any], data: bytes, *, url: str, step: int, key: str) -> Any:
-    """Parse a JSON record (manifest, rank index), mapping failures to moai-ckpt errors."""
+    """Parse a JSON record (manifest, rank index), mapping failures to moai-ckpt errors.
+
+    A validator that raised one of our errors (an unsafe key, an unknown format version) is
+    re-raised as that error with the URL, step and key filled in.
+    """
     try:
         return model.model_validate_json(data)
     except ValidationError as exc:
         for err in exc.errors():
-            ctx_error = err.get("ctx", {}).get("error")
-            if isinstance(ctx_error, UnsupportedFormatError):
-                raise UnsupportedFormatError(str(ctx_error), url=url, step=step, key=key) from None
-        raise CorruptSnapshotError(f"{model.__name__} does not validate: {exc}", url=url, step=step, key=key) from None
+            cause = err.get("ctx", {}).get("error")
+            if isinstance(cause, MoaiCkptError):
+                message = str(cause).split(" [", 1)[0]
+                raise type(cause)(message, url=url, step=step, key=key) from None
+        raise CorruptSnapshotError(
+            f"{model.__name__} does not validate: {exc}", url=url, step=step, key=key
+        ) from None
 
 
 class RunInfo(BaseModel):

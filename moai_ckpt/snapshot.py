@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,22 @@ from moai_ckpt.storage import Storage
 from moai_ckpt.tree import tensor_refs
 
 Progress = Callable[[int], None]
+
+
+@contextmanager
+def settle(futures: list[Future[Any]]) -> Iterator[None]:
+    """On an error, cancel what has not started and wait for what has, then re-raise.
+
+    No write of a failed save may land after the failure is reported (a retry of the same
+    step would race with it).
+    """
+    try:
+        yield
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        wait(futures)
+        raise
 
 
 def host_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -114,12 +131,13 @@ class SnapshotWriter:
         ]
         chunks: dict[str, list[ChunkEntry]] = {name: [] for name in records}
         written = 0
-        for name, fut in futures:
-            entry = fut.result()
-            chunks[name].append(entry)
-            written += entry.nbytes
-        for f in meta:
-            f.result()
+        with settle([f for _, f in futures] + meta):
+            for name, fut in futures:
+                entry = fut.result()
+                chunks[name].append(entry)
+                written += entry.nbytes
+            for f in meta:
+                f.result()
         index = RankIndex(
             step=self.step,
             rank=rank,
@@ -150,8 +168,9 @@ class SnapshotWriter:
         ]
         data = manifest.model_dump_json(indent=1).encode()
         writes.append(self.executor.submit(self.storage.write, f"{self.prefix}/{MANIFEST}", data))
-        for w in writes:
-            w.result()
+        with settle(writes):
+            for w in writes:
+                w.result()
         return data
 
     def commit(
@@ -294,8 +313,9 @@ class SnapshotReader:
             )
             for span, entry in self._spans(record)
         ]
-        for f in futures:
-            f.result()
+        with settle(futures):
+            for f in futures:
+                f.result()
         return out
 
     def _read_chunk(self, key: str, out: memoryview, pad: int, entry: ChunkEntry, progress: Progress | None) -> None:

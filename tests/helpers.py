@@ -41,6 +41,8 @@ class Trainer:
     @classmethod
     def build(cls, seed: int) -> Trainer:
         torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
         model = TinyNet()
         optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
         sched = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=1e-2, total_steps=100)

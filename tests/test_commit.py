@@ -1,0 +1,147 @@
+"""The commit protocol: a snapshot exists iff its marker validates; kills never expose half a save."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import moai_ckpt
+from moai_ckpt.format import snapshot_dir
+
+
+SAVER = r"""
+import sys, torch, moai_ckpt
+run_dir, start = sys.argv[1], int(sys.argv[2])
+ckpt = moai_ckpt.Checkpointer(run_dir, chunk_bytes=1 << 20)
+step = start
+while True:
+    state = {f"t{i}": torch.full((1 << 20,), float(step * 10 + i)) for i in range(6)}
+    ckpt.save(step, {"weights": state, "extra": {"step": step}})
+    print(step, flush=True)
+    step += 1
+"""
+
+
+def expected_state(step: int) -> dict[str, torch.Tensor]:
+    return {f"t{i}": torch.full((1 << 20,), float(step * 10 + i)) for i in range(6)}
+
+
+@pytest.mark.slow
+def test_killing_a_saving_process_at_random_moments_never_exposes_a_partial_snapshot(run_dir: str) -> None:
+    rng = random.Random(1234)
+    next_step = 0
+    kills = 0
+    while kills < 6:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER, run_dir, str(next_step)],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        assert proc.stdout is not None
+        proc.stdout.readline()  # at least one save completed in this life
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        ckpt = moai_ckpt.Checkpointer(run_dir)
+        steps = ckpt.steps()
+        assert steps, "every life committed at least one snapshot"
+        for step in steps[-2:]:
+            assert ckpt.verify(step).ok
+            weights: dict[str, torch.Tensor] = {}
+            extra: dict[str, int] = {}
+            ckpt.restore({"weights": weights, "extra": extra}, step=step)
+            assert extra == {"step": step}
+            assert all(torch.equal(weights[k], v) for k, v in expected_state(step).items())
+        next_step = steps[-1] + 1
+        ckpt.close()
+    ckpt = moai_ckpt.Checkpointer(run_dir)
+    leftovers = [e.step for e in ckpt.scan() if e.status != "committed"]
+    print("uncommitted leftovers after kills:", leftovers)
+    ckpt.prune(keep=2)
+    remaining = ckpt.scan()
+    assert [e.step for e in remaining if e.status == "committed"] == ckpt.steps()[-2:]
+    assert all(e.status == "committed" or e.step > ckpt.latest_step() for e in remaining), leftovers
+
+
+def test_only_committed_snapshots_are_listed(run_dir: str) -> None:
+    ckpt = moai_ckpt.Checkpointer(run_dir)
+    assert ckpt.steps() == [] and ckpt.latest_step() is None
+    for step in (10, 20, 30):
+        ckpt.save(step, {"x": {"step": step}})
+    os.unlink(os.path.join(run_dir, snapshot_dir(30), "commit.json"))
+    os.makedirs(os.path.join(run_dir, "snapshots", "not-a-step"))
+    assert ckpt.steps() == [10, 20]
+    assert ckpt.latest_step() == 20
+    assert {e.step: e.status for e in ckpt.scan()} == {10: "committed", 20: "committed", 30: "uncommitted"}
+    target: dict[str, dict] = {"x": {}}
+    assert ckpt.restore(target) == 20 and target["x"] == {"step": 20}
+    with pytest.raises(moai_ckpt.SnapshotNotFoundError):
+        ckpt.restore(target, step=30)
+
+
+def test_saving_over_a_committed_step_needs_overwrite(run_dir: str) -> None:
+    ckpt = moai_ckpt.Checkpointer(run_dir)
+    ckpt.save(5, {"x": {"v": 1}})
+    with pytest.raises(moai_ckpt.SnapshotExistsError):
+        ckpt.save(5, {"x": {"v": 2}})
+    ckpt.save(5, {"x": {"v": 3}, "t": torch.ones(2)}, overwrite=True)
+    target: dict = {"x": {}}
+    ckpt.restore(target)
+    assert target["x"] == {"v": 3}
+
+
+def test_a_leftover_of_an_interrupted_save_is_replaced_cleanly(run_dir: str) -> None:
+    ckpt = moai_ckpt.Checkpointer(run_dir)
+    ckpt.save(7, {"old": torch.arange(10), "x": {"v": 1}})
+    os.unlink(os.path.join(run_dir, snapshot_dir(7), "commit.json"))  # as if killed before commit
+    ckpt.save(7, {"x": {"v": 2}})
+    assert ckpt.steps() == [7]
+    assert not os.path.exists(os.path.join(run_dir, snapshot_dir(7), "old"))
+    assert ckpt.verify(7).ok
+
+
+def test_prune_keeps_the_newest_and_removes_older_snapshots_and_leftovers(run_dir: str) -> None:
+    ckpt = moai_ckpt.Checkpointer(run_dir)
+    for step in (1, 2, 3, 4):
+        ckpt.save(step, {"x": {"step": step}, "t": torch.full((3,), step)})
+    os.unlink(os.path.join(run_dir, snapshot_dir(2), "commit.json"))  # leftover below the latest commit
+    ckpt.save(5, {"x": {}})
+    os.unlink(os.path.join(run_dir, snapshot_dir(5), "commit.json"))  # maybe a save in progress elsewhere
+    assert ckpt.prune(keep=2) == [1, 2]
+    assert [(e.step, e.status) for e in ckpt.scan()] == [(3, "committed"), (4, "committed"), (5, "uncommitted")]
+    assert not os.path.exists(os.path.join(run_dir, snapshot_dir(1)))
+    with pytest.raises(ValueError):
+        ckpt.prune(keep=0)
+    assert ckpt.prune(keep=1, dry_run=True) == [3]
+    assert ckpt.steps() == [3, 4]
+    old = moai_ckpt.Checkpointer(run_dir, options=moai_ckpt.CheckpointerOptions(leftover_grace_s=0))
+    assert old.prune(keep=1) == [3, 5]
+    assert old.steps() == [4]
+
+
+def test_prune_never_touches_a_save_in_progress(run_dir: str) -> None:
+    from moai_ckpt.testing.faulty import FaultPlan
+
+    plan = FaultPlan(latency_s=0.02, ops=["write"])
+    url = f"faulty://{run_dir}"
+    slow = moai_ckpt.Checkpointer(url, target_protocol="file", plan=plan)
+    slow.save(1, {"x": {"v": 1}})
+    slow.save(2, {"x": {"v": 2}})
+    state = {"t": {f"a{i}": torch.ones(4) for i in range(20)}}
+    saver = threading.Thread(target=slow.save, args=(3, state))
+    saver.start()
+    time.sleep(0.3)
+    pruned = slow.prune(keep=1)
+    saver.join()
+    assert pruned == [1]
+    assert slow.steps() == [2, 3]
+    assert slow.verify(3).ok
