@@ -299,24 +299,23 @@ class SnapshotReader:
 
     def read_array(self, name: str, progress: Progress | None = None) -> torch.Tensor:
         """Read one array into a new CPU tensor, checking metadata, coverage and every crc32c."""
+        return self.read_arrays([name], progress)[name]
+
+    def _start_array(self, name: str, progress: Progress | None) -> tuple[torch.Tensor, list[Future[None]]]:
+        """Check chunk coverage, allocate the tensor, queue its chunk reads."""
         record = self.arrays[name]
         if not is_known(record.dtype):
             raise self._error(ManifestMismatchError, f"unknown dtype {record.dtype!r}", name)
-        self.check_metadata(record)
+        spans = self._spans(record)
         out = torch.empty(record.shape, dtype=torch_dtype(record.dtype))
-        if out.numel() == 0:
-            return out
         data = za.tensor_bytes(out)
         futures = [
             self.executor.submit(
                 self._read_chunk, f"{self.prefix}/{name}/{span.key}", data[span.start : span.stop], span.pad, entry, progress
             )
-            for span, entry in self._spans(record)
+            for span, entry in spans
         ]
-        with settle(futures):
-            for f in futures:
-                f.result()
-        return out
+        return out, futures
 
     def _read_chunk(self, key: str, out: memoryview, pad: int, entry: ChunkEntry, progress: Progress | None) -> None:
         crc = bytearray(za.CRC.size)
@@ -334,11 +333,24 @@ class SnapshotReader:
     def read_arrays(
         self, names: Iterable[str] | None = None, progress: Progress | None = None
     ) -> dict[str, torch.Tensor]:
+        """Read many arrays with all their chunk reads in flight at once."""
         names = list(self.arrays) if names is None else list(names)
         for name in names:
             if name not in self.arrays:
                 raise self._error(ManifestMismatchError, "state references an array the manifest does not list", name)
-        return {name: self.read_array(name, progress) for name in names}
+        checks = [self.executor.submit(self.check_metadata, self.arrays[name]) for name in names]
+        with settle(checks):
+            for f in checks:
+                f.result()
+        out: dict[str, torch.Tensor] = {}
+        pending: list[Future[None]] = []
+        with settle(pending):
+            for name in names:
+                out[name], futures = self._start_array(name, progress)
+                pending.extend(futures)
+            for f in pending:
+                f.result()
+        return out
 
     def nbytes(self) -> int:
         return sum(math.prod(r.shape) * from_name(r.dtype).itemsize for r in self.arrays.values())
@@ -352,12 +364,35 @@ class SnapshotReader:
                     faults.append(
                         Fault(key, "manifest", f"state references array {ref!r} that the manifest does not list")
                     )
-        for name in self.arrays:
+        for window in self._windows(VERIFY_WINDOW_BYTES):
             try:
-                self.read_array(name, progress)
-            except (CorruptSnapshotError, StorageError, FileNotFoundError, ValueError) as exc:
-                faults.append(Fault(getattr(exc, "key", None) or name, type(exc).__name__, str(exc)))
+                self.read_arrays(window, progress)
+                continue
+            except _READ_FAULTS:
+                pass
+            for name in window:  # find every fault of the window, one array at a time
+                try:
+                    self.read_array(name)
+                except _READ_FAULTS as exc:
+                    faults.append(Fault(getattr(exc, "key", None) or name, type(exc).__name__, str(exc)))
         return faults
+
+    def _windows(self, limit: int) -> Iterator[list[str]]:
+        """Array names in groups of about ``limit`` bytes, so verification memory stays bounded."""
+        window: list[str] = []
+        size = 0
+        for name, record in self.arrays.items():
+            window.append(name)
+            size += math.prod(record.shape) * from_name(record.dtype).itemsize
+            if size >= limit:
+                yield window
+                window, size = [], 0
+        if window:
+            yield window
+
+
+VERIFY_WINDOW_BYTES = 256 << 20
+_READ_FAULTS = (CorruptSnapshotError, StorageError, FileNotFoundError, ValueError)
 
 
 def writer_info() -> dict[str, str]:
