@@ -43,7 +43,7 @@ from moai_ckpt.snapshot import (
     manifest_for,
     writer_info,
 )
-from moai_ckpt.storage import RetryPolicy, Storage, open_storage
+from moai_ckpt.storage import LocalStorage, RetryPolicy, Storage, open_storage
 from moai_ckpt.tree import tensor_refs
 
 log = logging.getLogger("moai_ckpt")
@@ -381,19 +381,16 @@ class Checkpointer:
         return sorted(doomed)
 
     def _idle_for(self, step: int) -> float:
-        """Seconds since anything in an uncommitted snapshot changed (inf when unknown)."""
-        fs_modified = getattr(self.storage, "root", None)
-        if isinstance(fs_modified, str) and os.path.isdir(os.path.join(fs_modified, snapshot_dir(step))):
-            newest = max(
-                (
-                    os.stat(os.path.join(d, f)).st_mtime
-                    for d, _, files in os.walk(os.path.join(fs_modified, snapshot_dir(step)))
-                    for f in files
-                ),
-                default=0.0,
-            )
-            return time.time() - newest
-        return float("inf")
+        """Seconds since anything in an uncommitted snapshot changed.
+
+        Known on local storage only; elsewhere 0, so such a directory is never taken for abandoned.
+        """
+        root = getattr(self.storage, "root", None)
+        path = os.path.join(root, snapshot_dir(step)) if isinstance(self.storage, LocalStorage) and root else None
+        if path is None or not os.path.isdir(path):
+            return 0.0
+        times = [os.stat(os.path.join(d, f)).st_mtime for d, _, files in os.walk(path) for f in files]
+        return time.time() - max(times, default=os.stat(path).st_mtime)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
