@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import random
 import warnings
-import weakref
 from typing import Any
 
 import numpy as np
 import torch
 
-_REGISTERED: weakref.WeakValueDictionary[str, torch.Generator] = weakref.WeakValueDictionary()
+_REGISTERED: dict[str, torch.Generator] = {}
 
 
 def register_generator(name: str, generator: torch.Generator) -> None:
     """Include ``generator`` in every snapshot's RNG state under ``name``.
 
-    Held weakly: a generator that is garbage collected drops out of later snapshots.
+    Registering a name again replaces the generator; `unregister_generator` drops it.
+    (Held strongly: some torch releases' generators cannot be weakly referenced.)
     """
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"expected a torch.Generator, got {type(generator).__name__}")

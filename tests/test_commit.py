@@ -128,20 +128,36 @@ def test_prune_keeps_the_newest_and_removes_older_snapshots_and_leftovers(run_di
     assert old.steps() == [4]
 
 
-def test_prune_never_touches_a_save_in_progress(run_dir: str) -> None:
-    from moai_ckpt.testing.faulty import FaultPlan
+class HoldCommit:
+    """Delegates to a storage, but holds the commit-marker write until released."""
 
-    plan = FaultPlan(latency_s=0.02, ops=["write"])
-    url = f"faulty://{run_dir}"
-    slow = moai_ckpt.Checkpointer(url, target_protocol="file", plan=plan)
-    slow.save(1, {"x": {"v": 1}})
-    slow.save(2, {"x": {"v": 2}})
-    state = {"t": {f"a{i}": torch.ones(4) for i in range(20)}}
-    saver = threading.Thread(target=slow.save, args=(3, state))
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, key: str, data: object) -> None:
+        if key.endswith("/commit.json"):
+            self.reached.set()
+            assert self.release.wait(30), "commit never released"
+        self.inner.write(key, data)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_prune_never_touches_a_save_in_progress(run_dir: str) -> None:
+    ckpt = moai_ckpt.Checkpointer(run_dir, options=moai_ckpt.CheckpointerOptions(leftover_grace_s=0))
+    ckpt.save(1, {"x": {"v": 1}})
+    ckpt.save(2, {"x": {"v": 2}})
+    held = HoldCommit(ckpt.storage)
+    ckpt.storage = held  # type: ignore[assignment]
+    saver = threading.Thread(target=ckpt.save, args=(3, {"t": torch.ones(4)}))
     saver.start()
-    time.sleep(0.3)
-    pruned = slow.prune(keep=1)
+    assert held.reached.wait(30)
+    pruned = ckpt.prune(keep=1)  # step 3 is uncommitted and idle-looking, but being written
+    held.release.set()
     saver.join()
     assert pruned == [1]
-    assert slow.steps() == [2, 3]
-    assert slow.verify(3).ok
+    assert ckpt.steps() == [2, 3]
+    assert ckpt.verify(3).ok
