@@ -30,9 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
 
-import moai_ckpt  # noqa: E402
+import moai_ckpt
 
 
 def build_state(size_gb: float, width: int = 2048) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -169,11 +169,16 @@ def main() -> None:
             common.drop_cache(paths[name])
             if name in restores:
                 restores[name].seconds.append(common.timed(restore_fns[name]))
-            console.print(f"rep {rep + 1}/{args.reps} {name:>10}: save {saves[name].seconds[-1]:.2f} s" + (f", restore {restores[name].seconds[-1]:.2f} s" if name in restores else ""))
+            console.print(
+                f"rep {rep + 1}/{args.reps} {name:>10}: save {saves[name].seconds[-1]:.2f} s"
+                + (f", restore {restores[name].seconds[-1]:.2f} s" if name in restores else "")
+            )
         time.sleep(0.5)
     check = moai_ckpt.Checkpointer(paths["moai-ckpt"], capture_rng=False).verify(1)
     assert check.ok, check.faults
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), target_model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), target_model.state_dict().values(), strict=True)
+    )
 
     console.print(render("save", saves, nbytes, written, peers=("DCP",)))
     console.print(render("restore", restores, nbytes, written, peers=("DCP", "torch.save")))
@@ -192,9 +197,13 @@ def main() -> None:
             )
 
 
-def render(kind: str, series: dict[str, common.Series], nbytes: int, written: dict[str, int], peers: tuple[str, ...]) -> Table:
+def render(
+    kind: str, series: dict[str, common.Series], nbytes: int, written: dict[str, int], peers: tuple[str, ...]
+) -> Table:
     floor = series["raw"].median
-    table = Table(title=f"{kind} of {nbytes / 1e9:.2f} GB (median of {len(series['raw'].seconds)}, cold cache for reads)")
+    table = Table(
+        title=f"{kind} of {nbytes / 1e9:.2f} GB (median of {len(series['raw'].seconds)}, cold cache for reads)"
+    )
     table.add_column("method")
     table.add_column("seconds", justify="right")
     table.add_column("GB/s", justify="right")

@@ -61,7 +61,14 @@ class Run:
         self.tokens = torch.tensor([b % VOCAB for b in CORPUS.encode()])
 
     def state(self, extra: dict) -> dict:
-        return {"model": self.model, "optim": self.optim, "sched": self.sched, "scaler": self.scaler, "data": self.data, "extra": extra}
+        return {
+            "model": self.model,
+            "optim": self.optim,
+            "sched": self.sched,
+            "scaler": self.scaler,
+            "data": self.data,
+            "extra": extra,
+        }
 
     def step(self) -> float:
         starts = torch.randint(0, len(self.tokens) - CONTEXT - 1, (8,), generator=self.data)

@@ -114,9 +114,8 @@ def group_metadata(attributes: dict[str, Any] | None = None) -> bytes:
     return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}, indent=1).encode()
 
 
-def check_array_metadata(raw: bytes, record: ArrayRecord, *, url: str, step: int) -> None:
-    """Refuse an array whose ``zarr.json`` disagrees with the manifest."""
-    key = f"{record.path}/zarr.json"
+def check_array_metadata(raw: bytes, record: ArrayRecord, *, url: str, step: int, key: str) -> None:
+    """Refuse an array whose ``zarr.json`` (at ``key``) disagrees with the manifest."""
     try:
         meta = json.loads(raw)
     except ValueError as exc:
@@ -140,17 +139,25 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
-    return memoryview(flat.numpy()).cast("B")
+    array: Any = flat.numpy()
+    return memoryview(array).cast("B")
 
 
-def chunk_crc(data: memoryview, pad: memoryview | bytes = b"") -> int:
+def chunk_crc(data: memoryview, pad: memoryview | bytes | bytearray = b"") -> int:
     """The crc32c of an encoded chunk: its data followed by its edge padding."""
     crc = _crc32c.crc32c(data)
     return int(_crc32c.crc32c(pad, crc)) if len(pad) else int(crc)
 
 
 def verify_chunk(
-    data: memoryview, pad: memoryview | bytes, stored_crc: bytes, expected: int | None, *, url: str, step: int, key: str
+    data: memoryview,
+    pad: memoryview | bytes | bytearray,
+    stored_crc: bytes,
+    expected: int | None,
+    *,
+    url: str,
+    step: int,
+    key: str,
 ) -> int:
     """Check a chunk's appended crc32c (and the one recorded in the rank index)."""
     actual = chunk_crc(data, pad)

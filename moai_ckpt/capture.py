@@ -8,6 +8,7 @@ object against what the snapshot holds (names, shapes, structure) without touchi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from collections.abc import Callable, Mapping, MutableMapping
@@ -148,11 +149,12 @@ class Restorer:
                     f"snapshot holds a {record.kind} ({record.type}) here, got a {kind} ({_type_name(obj)})",
                     key,
                 )
-            checker: Callable[[str, Any, Any], None] | None = {
+            checkers: dict[str, Callable[[str, Any, Any], None]] = {
                 "module": self._check_module,
                 "optimizer": self._check_optimizer,
                 "tensor": self._check_tensor,
-            }.get(kind)
+            }
+            checker = checkers.get(kind)
             if checker is not None:
                 checker(key, obj, self.decoded(key))
 
@@ -166,12 +168,11 @@ class Restorer:
             )
         for name, value in live.items():
             stored = saved[name]
-            if isinstance(value, torch.Tensor) and isinstance(stored, torch.Tensor):
-                if tuple(value.shape) != tuple(stored.shape):
-                    raise self._error(
-                        f"{name}: shape {tuple(stored.shape)} in snapshot, {tuple(value.shape)} in model",
-                        f"{key}.{name}",
-                    )
+            if isinstance(value, torch.Tensor) and isinstance(stored, torch.Tensor) and value.shape != stored.shape:
+                raise self._error(
+                    f"{name}: shape {tuple(stored.shape)} in snapshot, {tuple(value.shape)} in model",
+                    f"{key}.{name}",
+                )
 
     def _check_optimizer(self, key: str, opt: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
         groups, saved_groups = opt.param_groups, saved.get("param_groups", [])
@@ -215,10 +216,8 @@ class Restorer:
                 self._load(state, key, obj, kind, value)
         except Exception:
             for obj, backup in reversed(backups):
-                try:
+                with contextlib.suppress(Exception):  # best effort; the original error matters
                     obj.load_state_dict(backup)
-                except Exception:  # noqa: BLE001 - best effort; the original error matters
-                    pass
             raise
 
     def _load(self, state: MutableMapping[str, Any], key: str, obj: Any, kind: str, value: Any) -> None:

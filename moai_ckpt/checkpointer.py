@@ -49,16 +49,21 @@ from moai_ckpt.tree import tensor_refs
 log = logging.getLogger("moai_ckpt")
 
 
+_LISTED = ("committed", "unsupported")
+
+
 class CheckpointerOptions(BaseModel):
     """Validated options of a `Checkpointer`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    chunk_bytes: int = Field(64 << 20, ge=1, description="largest chunk of a stored array")
-    io_threads: int = Field(8, ge=1, le=256, description="parallel storage operations")
-    capture_rng: bool = Field(True, description="save and restore every global RNG with the state")
+    chunk_bytes: int = Field(default=64 << 20, ge=1, description="largest chunk of a stored array")
+    io_threads: int = Field(default=8, ge=1, le=256, description="parallel storage operations")
+    capture_rng: bool = Field(default=True, description="save and restore every global RNG with the state")
     leftover_grace_s: float = Field(
-        600.0, ge=0, description="prune leaves uncommitted snapshots newer than the latest commit alone this long"
+        default=600.0,
+        ge=0,
+        description="prune leaves uncommitted snapshots newer than the latest commit alone this long",
     )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
 
@@ -81,7 +86,7 @@ class VerifyReport:
     step: int
     faults: list[Fault] = field(default_factory=list)
     arrays: int = 0
-    bytes_checked: int = 0
+    bytes_checked: int = 0  # bytes of chunks that were read and passed their checksums
 
     @property
     def ok(self) -> bool:
@@ -144,38 +149,46 @@ class Checkpointer:
 
     def scan(self) -> list[SnapshotEntry]:
         """Every snapshot directory with its status, oldest first (committed or not)."""
-        entries = []
-        for name in self.storage.list_dirs(SNAPSHOTS):
-            step = parse_snapshot_dir(name)
-            if step is None:
-                continue
-            try:
-                data = self.storage.read(f"{snapshot_dir(step)}/{COMMIT}")
-            except FileNotFoundError:
-                entries.append(SnapshotEntry(step, "uncommitted"))
-                continue
-            try:
-                entries.append(SnapshotEntry(step, "committed", load_commit(data, url=self.url, step=step)))
-            except UnsupportedFormatError as exc:
-                entries.append(SnapshotEntry(step, "unsupported", problem=str(exc)))
-            except CorruptSnapshotError as exc:
-                entries.append(SnapshotEntry(step, "invalid", problem=str(exc)))
-        return sorted(entries, key=lambda e: e.step)
+        return [self._entry(step) for step in self._listed_steps()]
+
+    def _listed_steps(self) -> list[int]:
+        names = self.storage.list_dirs(SNAPSHOTS)
+        return sorted(s for s in map(parse_snapshot_dir, names) if s is not None)
+
+    def _entry(self, step: int) -> SnapshotEntry:
+        try:
+            data = self.storage.read(f"{snapshot_dir(step)}/{COMMIT}")
+        except FileNotFoundError:
+            return SnapshotEntry(step, "uncommitted")
+        try:
+            return SnapshotEntry(step, "committed", load_commit(data, url=self.url, step=step))
+        except UnsupportedFormatError as exc:
+            return SnapshotEntry(step, "unsupported", problem=str(exc))
+        except CorruptSnapshotError as exc:
+            return SnapshotEntry(step, "invalid", problem=str(exc))
 
     def steps(self) -> list[int]:
         """Steps of committed snapshots, oldest first (including ones of a newer format version)."""
-        return [e.step for e in self.scan() if e.status in ("committed", "unsupported")]
+        return [e.step for e in self.scan() if e.status in _LISTED]
 
     def latest_step(self) -> int | None:
-        steps = self.steps()
-        return steps[-1] if steps else None
+        """The newest committed step (reads markers newest first and stops at the first valid one)."""
+        for step in reversed(self._listed_steps()):
+            if self._entry(step).status in _LISTED:
+                return step
+        return None
+
+    def open_snapshot(self, step: int | None = None) -> SnapshotReader:
+        """Open a committed snapshot (the latest by default), its marker, manifest and rank indexes checked."""
+        return self._reader(self._resolve(step))
 
     def manifest(self, step: int | None = None) -> Manifest:
         """The validated manifest of a committed snapshot."""
-        return self._reader(self._resolve(step)).manifest
+        return self.open_snapshot(step).manifest
 
     def marker(self, step: int | None = None) -> CommitMarker:
-        return self._reader(self._resolve(step)).marker
+        """The validated commit marker of a committed snapshot."""
+        return self.open_snapshot(step).marker
 
     # -- save ----------------------------------------------------------------------------------
 
@@ -344,12 +357,21 @@ class Checkpointer:
         report = VerifyReport(self.url, step)
         try:
             reader = self._reader(step)
+        except (SnapshotNotFoundError, UnsupportedFormatError):
+            raise
         except MoaiCkptError as exc:
             report.faults.append(Fault(exc.key or "", type(exc).__name__, str(exc)))
             return report
         report.arrays = len(reader.arrays)
-        report.bytes_checked = reader.nbytes()
-        report.faults.extend(reader.verify(progress))
+        lock = threading.Lock()
+
+        def count(nbytes: int) -> None:
+            with lock:
+                report.bytes_checked += nbytes
+            if progress is not None:
+                progress(nbytes)
+
+        report.faults.extend(reader.verify(count))
         return report
 
     def prune(self, keep: int = 1, *, dry_run: bool = False) -> list[int]:
@@ -368,9 +390,10 @@ class Checkpointer:
         with self._lock:
             busy = set(self._writing)
         for e in entries:
-            if e.status in ("uncommitted", "invalid") and e.step not in busy:
-                if e.step < latest or self._idle_for(e.step) >= self.options.leftover_grace_s:
-                    doomed.add(e.step)
+            if e.status not in ("uncommitted", "invalid"):
+                continue
+            if e.step < latest or self._idle_for(e.step) >= self.options.leftover_grace_s:
+                doomed.add(e.step)
         doomed -= busy
         if not dry_run:
             for s in sorted(doomed):

@@ -208,12 +208,16 @@ def load_commit(data: bytes, *, url: str, step: int) -> CommitMarker:
     except UnsupportedFormatError:
         raise
     except (ValueError, ValidationError) as exc:
-        raise CorruptSnapshotError(f"commit marker does not parse: {exc}", url=url, step=step, key=COMMIT) from None
+        raise CorruptSnapshotError(
+            f"commit marker does not parse: {exc}", url=url, step=step, key=f"{snapshot_dir(step)}/{COMMIT}"
+        ) from None
     expected = sha256(canonical_json(marker.body.model_dump(mode="json")))
     if marker.checksum != expected:
-        raise ChecksumError("commit marker checksum mismatch", url=url, step=step, key=COMMIT)
+        raise ChecksumError("commit marker checksum mismatch", url=url, step=step, key=f"{snapshot_dir(step)}/{COMMIT}")
     if marker.body.step != step:
-        raise CorruptSnapshotError(f"commit marker names step {marker.body.step}", url=url, step=step, key=COMMIT)
+        raise CorruptSnapshotError(
+            f"commit marker names step {marker.body.step}", url=url, step=step, key=f"{snapshot_dir(step)}/{COMMIT}"
+        )
     return marker
 
 
@@ -231,9 +235,7 @@ def load_record(model: type[Any], data: bytes, *, url: str, step: int, key: str)
             if isinstance(cause, MoaiCkptError):
                 message = str(cause).split(" [", 1)[0]
                 raise type(cause)(message, url=url, step=step, key=key) from None
-        raise CorruptSnapshotError(
-            f"{model.__name__} does not validate: {exc}", url=url, step=step, key=key
-        ) from None
+        raise CorruptSnapshotError(f"{model.__name__} does not validate: {exc}", url=url, step=step, key=key) from None
 
 
 class RunInfo(BaseModel):

@@ -69,6 +69,10 @@ def settle(futures: list[Future[Any]]) -> Iterator[None]:
         raise
 
 
+def group_attributes(step: int) -> dict[str, Any]:
+    return {za.MOAI_ATTR: {"format_version": FORMAT_VERSION, "step": step}}
+
+
 def host_tensor(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU tensor with ``t``'s contents (no copy when ``t`` already is one)."""
     t = t.detach()
@@ -160,7 +164,7 @@ class SnapshotWriter:
     def write_groups(self, manifest: Manifest) -> bytes:
         """Coordinator: write group metadata and the manifest; returns the manifest bytes."""
         groups = {name.split("/", 1)[0] for name in manifest.arrays}
-        attrs = {za.MOAI_ATTR: {"format_version": FORMAT_VERSION, "step": self.step}}
+        attrs = group_attributes(self.step)
         writes = [self.executor.submit(self.storage.write, f"{self.prefix}/zarr.json", za.group_metadata(attrs))]
         writes += [
             self.executor.submit(self.storage.write, f"{self.prefix}/{g}/zarr.json", za.group_metadata())
@@ -182,7 +186,16 @@ class SnapshotWriter:
         refs = []
         for index in sorted(indexes, key=lambda i: i.rank):
             key = rank_index_key(self.step, index.rank)
-            refs.append(RankRef(rank=index.rank, key=key, sha256=sha256(self.storage.read(key))))
+            stored = self.storage.read(key)
+            # vouch only for what parses back to what the rank reported: a torn write is not committed
+            if load_record(RankIndex, stored, url=self.storage.url, step=self.step, key=key) != index:
+                raise CorruptSnapshotError(
+                    "rank index reads back different from what was written",
+                    url=self.storage.url,
+                    step=self.step,
+                    key=key,
+                )
+            refs.append(RankRef(rank=index.rank, key=key, sha256=sha256(stored)))
         body = CommitBody(
             step=self.step,
             created=manifest.created,
@@ -225,14 +238,21 @@ class SnapshotReader:
             raise SnapshotNotFoundError("no committed snapshot at this step", url=url, step=step) from None
         self.marker = load_commit(marker_bytes, url=url, step=step)
         manifest_bytes = self._read_checked(f"{self.prefix}/{MANIFEST}", self.marker.body.manifest_sha256)
-        self.manifest: Manifest = load_record(Manifest, manifest_bytes, url=url, step=step, key=MANIFEST)
+        self.manifest: Manifest = load_record(
+            Manifest, manifest_bytes, url=url, step=step, key=f"{self.prefix}/{MANIFEST}"
+        )
         if self.manifest.step != step:
-            raise CorruptSnapshotError(f"manifest names step {self.manifest.step}", url=url, step=step, key=MANIFEST)
+            raise CorruptSnapshotError(
+                f"manifest names step {self.manifest.step}", url=url, step=step, key=f"{self.prefix}/{MANIFEST}"
+            )
         self.chunks: dict[str, dict[tuple[int, ...], ChunkEntry]] = {}
         for ref in self.marker.body.ranks:
             if ref.key != rank_index_key(step, ref.rank):
                 raise CorruptSnapshotError(
-                    f"rank index key {ref.key!r} is not where it belongs", url=url, step=step, key=COMMIT
+                    f"rank index key {ref.key!r} is not where it belongs",
+                    url=url,
+                    step=step,
+                    key=f"{self.prefix}/{COMMIT}",
                 )
             index: RankIndex = load_record(
                 RankIndex, self._read_checked(ref.key, ref.sha256), url=url, step=step, key=ref.key
@@ -263,6 +283,9 @@ class SnapshotReader:
         return self.manifest.arrays
 
     def _error(self, cls: type[MoaiCkptError], message: str, key: str) -> MoaiCkptError:
+        """An error whose key is run-relative, like every key moai-ckpt reports."""
+        if not key.startswith(self.prefix + "/"):
+            key = f"{self.prefix}/{key}"
         return cls(message, url=self.storage.url, step=self.step, key=key)
 
     def _spans(self, record: ArrayRecord) -> list[tuple[za.ChunkSpan, ChunkEntry]]:
@@ -295,7 +318,7 @@ class SnapshotReader:
             raw = self.storage.read(key)
         except FileNotFoundError:
             raise self._error(MissingDataError, "array is missing (no zarr.json)", record.path) from None
-        za.check_array_metadata(raw, record, url=self.storage.url, step=self.step)
+        za.check_array_metadata(raw, record, url=self.storage.url, step=self.step, key=key)
 
     def read_array(self, name: str, progress: Progress | None = None) -> torch.Tensor:
         """Read one array into a new CPU tensor, checking metadata, coverage and every crc32c."""
@@ -311,7 +334,12 @@ class SnapshotReader:
         data = za.tensor_bytes(out)
         futures = [
             self.executor.submit(
-                self._read_chunk, f"{self.prefix}/{name}/{span.key}", data[span.start : span.stop], span.pad, entry, progress
+                self._read_chunk,
+                f"{self.prefix}/{name}/{span.key}",
+                data[span.start : span.stop],
+                span.pad,
+                entry,
+                progress,
             )
             for span, entry in spans
         ]
@@ -364,6 +392,7 @@ class SnapshotReader:
                     faults.append(
                         Fault(key, "manifest", f"state references array {ref!r} that the manifest does not list")
                     )
+        faults.extend(self._group_faults())
         for window in self._windows(VERIFY_WINDOW_BYTES):
             try:
                 self.read_arrays(window, progress)
@@ -375,6 +404,24 @@ class SnapshotReader:
                     self.read_array(name)
                 except _READ_FAULTS as exc:
                     faults.append(Fault(getattr(exc, "key", None) or name, type(exc).__name__, str(exc)))
+        return faults
+
+    def _group_faults(self) -> list[Fault]:
+        """The zarr group documents must be intact for plain zarr to open the snapshot."""
+        expected = {f"{self.prefix}/zarr.json": za.group_metadata(group_attributes(self.step))}
+        for group in sorted({name.split("/", 1)[0] for name in self.arrays}):
+            expected[f"{self.prefix}/{group}/zarr.json"] = za.group_metadata()
+        faults = []
+        for key, document in expected.items():
+            try:
+                if json.loads(self.storage.read(key)) != json.loads(document):
+                    faults.append(
+                        Fault(key, "ManifestMismatchError", "zarr group metadata differs from what was written")
+                    )
+            except FileNotFoundError:
+                faults.append(Fault(key, "MissingDataError", "zarr group metadata is missing"))
+            except ValueError as exc:
+                faults.append(Fault(key, "CorruptSnapshotError", f"zarr group metadata is not JSON: {exc}"))
         return faults
 
     def _windows(self, limit: int) -> Iterator[list[str]]:

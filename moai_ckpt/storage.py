@@ -11,9 +11,12 @@ Paths stay ``str`` end to end: a ``pathlib.Path`` would collapse the ``//`` in `
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import errno
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
@@ -40,11 +43,11 @@ class RetryPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    attempts: int = Field(6, ge=1, le=100, description="total tries per operation")
-    initial_backoff_s: float = Field(0.05, gt=0, description="first wait before a retry")
-    max_backoff_s: float = Field(5.0, gt=0, description="cap on one wait")
-    deadline_s: float = Field(120.0, gt=0, description="give up once this long has passed")
-    jitter_s: float = Field(0.05, ge=0, description="random extra wait, spreads retrying ranks")
+    attempts: int = Field(default=6, ge=1, le=100, description="total tries per operation")
+    initial_backoff_s: float = Field(default=0.05, gt=0, description="first wait before a retry")
+    max_backoff_s: float = Field(default=5.0, gt=0, description="cap on one wait")
+    deadline_s: float = Field(default=120.0, gt=0, description="give up once this long has passed")
+    jitter_s: float = Field(default=0.05, ge=0, description="random extra wait, spreads retrying ranks")
 
 
 _PERMANENT_ERRNOS = {
@@ -144,7 +147,7 @@ class Storage:
             check_key(prefix, url=self.url)
         return sorted(self._call("list", prefix, lambda: self._list(prefix)))
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         """Names of the immediate sub-directories (or common prefixes) of ``prefix``."""
         if prefix:
             check_key(prefix, url=self.url)
@@ -175,15 +178,17 @@ class Storage:
             exc = state.outcome.exception() if state.outcome else None
             log.warning(
                 "storage %s of %s/%s failed (attempt %d/%d), retrying: %s",
-                op, self.url, key, state.attempt_number, policy.attempts, exc,
+                op,
+                self.url,
+                key,
+                state.attempt_number,
+                policy.attempts,
+                exc,
             )
 
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(policy.attempts)
-            | tenacity.stop_after_delay(policy.deadline_s),
-            wait=tenacity.wait_exponential(
-                multiplier=policy.initial_backoff_s, max=policy.max_backoff_s
-            )
+            stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_after_delay(policy.deadline_s),
+            wait=tenacity.wait_exponential(multiplier=policy.initial_backoff_s, max=policy.max_backoff_s)
             + tenacity.wait_random(0, policy.jitter_s),
             retry=tenacity.retry_if_exception(is_transient),
             before_sleep=before_sleep,
@@ -199,7 +204,7 @@ class Storage:
             transient = is_transient(exc)
             kind = TransientStorageError if transient else StorageError
             hint = (
-                f"gave up after {policy.attempts} attempts or {policy.deadline_s:.0f} s"
+                f"gave up after {policy.attempts} attempts or {policy.deadline_s:g} s"
                 if transient
                 else "permanent error, not retried"
             )
@@ -211,7 +216,7 @@ class Storage:
 
     # -- hooks ---------------------------------------------------------------------------------
 
-    def _write(self, key: str, parts: list[Buffer]) -> None:
+    def _write(self, key: str, parts: builtins.list[Buffer]) -> None:
         raise NotImplementedError
 
     def _read(self, key: str) -> bytes:
@@ -221,9 +226,7 @@ class Storage:
         data = self._read(key)
         expected = sum(p.nbytes for p in parts)
         if len(data) != expected:
-            raise TruncatedDataError(
-                f"object is {len(data)} bytes, expected {expected}", url=self.url, key=key
-            )
+            raise TruncatedDataError(f"object is {len(data)} bytes, expected {expected}", url=self.url, key=key)
         offset = 0
         for p in parts:
             p.cast("B")[:] = data[offset : offset + p.nbytes]
@@ -232,19 +235,19 @@ class Storage:
     def _size(self, key: str) -> int:
         raise NotImplementedError
 
-    def _list(self, prefix: str) -> list[str]:
+    def _list(self, prefix: str) -> builtins.list[str]:
         raise NotImplementedError
 
-    def _list_dirs(self, prefix: str) -> list[str]:
+    def _list_dirs(self, prefix: str) -> builtins.list[str]:
         raise NotImplementedError
 
-    def _delete(self, keys: list[str]) -> None:
+    def _delete(self, keys: builtins.list[str]) -> None:
         raise NotImplementedError
 
     def _cleanup_dirs(self, prefix: str) -> None:
         """Remove empty directories left after deleting ``prefix`` (file systems only)."""
 
-    def _barrier(self, keys: list[str]) -> None:
+    def _barrier(self, keys: builtins.list[str]) -> None:
         """Durability barrier for directory entries."""
 
     def __repr__(self) -> str:
@@ -258,9 +261,7 @@ def _as_bytes(view: Buffer) -> memoryview:
 class LocalStorage(Storage):
     """A directory on a local (or mounted) file system: vectored I/O, no copies, fsync."""
 
-    def __init__(
-        self, path: str, retry: RetryPolicy | None = None, *, fsync: bool = True
-    ) -> None:
+    def __init__(self, path: str, retry: RetryPolicy | None = None, *, fsync: bool = True) -> None:
         path = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
         super().__init__(path, retry)
         self.root = path
@@ -277,8 +278,16 @@ class LocalStorage(Storage):
 
     def _write(self, key: str, parts: list[Buffer]) -> None:
         path = self._path(key)
-        self._makedirs(os.path.dirname(path))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        directory = os.path.dirname(path)
+        self._makedirs(directory)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            # the directory was made earlier but removed since (another process pruned it)
+            self._made_dirs.discard(directory)
+            self._makedirs(directory)
+            fd = os.open(path, flags, 0o644)
         try:
             views = [_as_bytes(p) for p in parts]
             total = sum(v.nbytes for v in views)
@@ -291,32 +300,37 @@ class LocalStorage(Storage):
             os.close(fd)
 
     def _read(self, key: str) -> bytes:
-        with open(self._path(key), "rb") as f:
-            return f.read()
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except IsADirectoryError:
+            raise _not_an_object(self._path(key)) from None
 
     def _read_into(self, key: str, parts: Sequence[memoryview]) -> None:
         fd = os.open(self._path(key), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             views = [_as_bytes(p) for p in parts]
             expected = sum(v.nbytes for v in views)
-            actual = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _not_an_object(self._path(key))
+            actual = st.st_size
             if actual != expected:
-                raise TruncatedDataError(
-                    f"object is {actual} bytes, expected {expected}", url=self.url, key=key
-                )
+                raise TruncatedDataError(f"object is {actual} bytes, expected {expected}", url=self.url, key=key)
             done = 0
             while done < expected:
                 n = _readv_into(fd, views, done)
                 if n == 0:
-                    raise TruncatedDataError(
-                        f"object ended after {done} of {expected} bytes", url=self.url, key=key
-                    )
+                    raise TruncatedDataError(f"object ended after {done} of {expected} bytes", url=self.url, key=key)
                 done += n
         finally:
             os.close(fd)
 
     def _size(self, key: str) -> int:
-        return os.stat(self._path(key)).st_size
+        st = os.stat(self._path(key))
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_an_object(self._path(key))
+        return st.st_size
 
     def _list(self, prefix: str) -> list[str]:
         top = self._path(prefix)
@@ -338,18 +352,14 @@ class LocalStorage(Storage):
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(key))
-            except FileNotFoundError:
-                pass
 
     def _cleanup_dirs(self, prefix: str) -> None:
         top = self._path(prefix)
         for dirpath, _dirs, _files in sorted(os.walk(top, topdown=False), key=lambda w: -len(w[0])):
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(dirpath)
-            except OSError:
-                pass
         self._made_dirs = {d for d in self._made_dirs if not d.startswith(top)}
 
     def _barrier(self, keys: list[str]) -> None:
@@ -367,6 +377,11 @@ class LocalStorage(Storage):
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _not_an_object(path: str) -> FileNotFoundError:
+    # a key names an object; a directory (a prefix with objects below) is not one, as on S3
+    return FileNotFoundError(errno.ENOENT, "no object here (it is a directory)", path)
 
 
 def _slice_views(views: list[memoryview], offset: int) -> list[memoryview]:
@@ -394,12 +409,12 @@ def _readv_into(fd: int, views: list[memoryview], offset: int) -> int:
 class FsspecStorage(Storage):
     """Any fsspec file system: object stores, memory, wrappers. Writes whole objects only."""
 
-    def __init__(
-        self, fs: fsspec.AbstractFileSystem, root: str, url: str, retry: RetryPolicy | None = None
-    ) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str, retry: RetryPolicy | None = None) -> None:
         super().__init__(url, retry)
         self.fs = fs
-        self.root = root.rstrip("/")
+        # the file system's own spelling of the root (absolute for a local path, even when a
+        # wrapper's URL held a relative one), so the paths it returns can be made relative
+        self.root = fs._strip_protocol(root).rstrip("/")
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -415,7 +430,10 @@ class FsspecStorage(Storage):
         self.fs.pipe_file(self._path(key), bytes(data) if isinstance(data, memoryview) else data)
 
     def _read(self, key: str) -> bytes:
-        return bytes(self.fs.cat_file(self._path(key)))
+        try:
+            return bytes(self.fs.cat_file(self._path(key)))
+        except IsADirectoryError:
+            raise _not_an_object(self._path(key)) from None
 
     def _size(self, key: str) -> int:
         info = self.fs.info(self._path(key))
@@ -443,10 +461,8 @@ class FsspecStorage(Storage):
             self.fs.rm(paths)
         except FileNotFoundError:
             for p in paths:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(p)
-                except FileNotFoundError:
-                    pass
 
     def _cleanup_dirs(self, prefix: str) -> None:
         path = self._path(prefix)
@@ -470,19 +486,17 @@ def open_storage(
     scratch disks. Other URLs go to fsspec with ``storage_options`` (for example
     ``endpoint_url`` for ``s3://``).
     """
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    # a chained URL (``faulty::/data/run``, ``simplecache::s3://b/run``) is its outermost protocol's
+    head = url.split("::", 1)[0]
+    protocol = head.split("://", 1)[0] if "://" in head else ("file" if head == url else head)
     if protocol == "file" and set(storage_options) <= {"fsync"}:
         return LocalStorage(url, retry, fsync=bool(storage_options.get("fsync", True)))
     try:
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
     except ImportError as exc:
-        raise StorageError(
-            f"no fsspec back end for {protocol}://: {exc}", url=url
-        ) from exc
+        raise StorageError(f"no fsspec back end for {protocol}://: {exc}", url=url) from exc
     except ValueError as exc:
         raise StorageError(f"cannot open storage: {exc}", url=url) from exc
     if protocol == "file":
         fs = fsspec.filesystem("file", auto_mkdir=True)
     return FsspecStorage(fs, root, url, retry)
-
-

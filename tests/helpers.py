@@ -106,7 +106,9 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     for key in a:
         x, y = a[key], b[key]
         assert x.dtype == y.dtype and x.shape == y.shape, key
-        assert torch.equal(x.reshape(-1).view(torch.uint8) if x.numel() else x, y.reshape(-1).view(torch.uint8) if y.numel() else y), key
+        assert torch.equal(
+            x.reshape(-1).view(torch.uint8) if x.numel() else x, y.reshape(-1).view(torch.uint8) if y.numel() else y
+        ), key
 
 
 def full_state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:

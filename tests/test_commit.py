@@ -16,7 +16,6 @@ import torch
 import moai_ckpt
 from moai_ckpt.format import snapshot_dir
 
-
 SAVER = r"""
 import sys, torch, moai_ckpt
 run_dir, start = sys.argv[1], int(sys.argv[2])

@@ -11,7 +11,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quickstart_resumes_bitwise_identically(tmp_path) -> None:
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "quickstart.py"), "--dir", str(tmp_path / "run"), "--steps", "12"],
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "quickstart.py"),
+            "--dir",
+            str(tmp_path / "run"),
+            "--steps",
+            "12",
+        ],
         capture_output=True,
         text=True,
         timeout=240,

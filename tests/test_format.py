@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -17,7 +18,11 @@ import moai_ckpt
 from moai_ckpt.dtypes import stored_dtype
 from moai_ckpt.format import snapshot_dir
 
-FLOAT8 = [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)]
+FLOAT8 = [
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, n)
+]
 DTYPES = [
     torch.float64,
     torch.float32,
@@ -123,14 +128,24 @@ def test_chunks_are_byte_identical_to_what_zarr_itself_writes(run_dir: str, tmp_
     ckpt.save(1, {"h": Holder({"t": t})})
     ours = os.path.join(run_dir, snapshot_dir(1), "h", "t")
     ref = zarr.create_array(
-        str(tmp_path / "ref"), shape=(50, 3), chunks=(17, 3), dtype="float32", compressors=[Crc32cCodec()], fill_value=0.0
+        str(tmp_path / "ref"),
+        shape=(50, 3),
+        chunks=(17, 3),
+        dtype="float32",
+        compressors=[Crc32cCodec()],
+        fill_value=0.0,
     )
     ref[...] = t.numpy()
-    our_meta, ref_meta = (json.load(open(os.path.join(p, "zarr.json"))) for p in (ours, str(tmp_path / "ref")))
+    our_meta, ref_meta = (
+        json.loads(Path(os.path.join(p, "zarr.json")).read_text()) for p in (ours, str(tmp_path / "ref"))
+    )
     for field in ("shape", "data_type", "chunk_grid", "chunk_key_encoding", "codecs", "fill_value", "zarr_format"):
         assert our_meta[field] == ref_meta[field], field
     for i in range(3):
-        with open(os.path.join(ours, "c", str(i), "0"), "rb") as a, open(tmp_path / "ref" / "c" / str(i) / "0", "rb") as b:
+        with (
+            open(os.path.join(ours, "c", str(i), "0"), "rb") as a,
+            open(tmp_path / "ref" / "c" / str(i) / "0", "rb") as b,
+        ):
             assert a.read() == b.read()
 
 
@@ -184,9 +199,9 @@ def test_state_keys_with_path_characters_stay_inside_the_run_directory(run_dir: 
 def test_format_version_is_recorded(run_dir: str) -> None:
     ckpt = moai_ckpt.Checkpointer(run_dir)
     ckpt.save(1, {"x": {"a": 1}})
-    marker = json.load(open(os.path.join(run_dir, snapshot_dir(1), "commit.json")))
-    group = json.load(open(os.path.join(run_dir, snapshot_dir(1), "zarr.json")))
-    manifest = json.load(open(os.path.join(run_dir, snapshot_dir(1), "manifest.json")))
+    marker = json.loads(Path(run_dir, snapshot_dir(1), "commit.json").read_text())
+    group = json.loads(Path(run_dir, snapshot_dir(1), "zarr.json").read_text())
+    manifest = json.loads(Path(run_dir, snapshot_dir(1), "manifest.json").read_text())
     assert marker["body"]["format_version"] == moai_ckpt.FORMAT_VERSION
     assert group["attributes"]["moai_ckpt"]["format_version"] == moai_ckpt.FORMAT_VERSION
     assert manifest["format_version"] == moai_ckpt.FORMAT_VERSION

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,17 +30,17 @@ def first_chunk(run_dir: str, step: int, array: str = "model/body.0.weight") -> 
 def reseal(run_dir: str, step: int, **changes: object) -> None:
     """Rewrite the commit marker with a valid checksum (a careful tamperer)."""
     path = snapshot_path(run_dir, step, "commit.json")
-    body = {**json.load(open(path))["body"], **changes}
+    body = {**json.loads(Path(path).read_text())["body"], **changes}
     with open(path, "w") as f:
         json.dump({"body": body, "checksum": sha256(canonical_json(body))}, f)
 
 
 def edit_manifest(run_dir: str, step: int, edit) -> None:
     path = snapshot_path(run_dir, step, "manifest.json")
-    manifest = json.load(open(path))
+    manifest = json.loads(Path(path).read_text())
     edit(manifest)
     data = json.dumps(manifest).encode()
-    open(path, "wb").write(data)
+    Path(path).write_bytes(data)
     reseal(run_dir, step, manifest_sha256=sha256(data))
 
 
@@ -78,9 +79,9 @@ def assert_untouched(ckpt: moai_ckpt.Checkpointer, error: type[Exception], **kwa
 
 def test_a_flipped_bit_in_a_chunk_is_caught_and_named(saved: moai_ckpt.Checkpointer, run_dir: str) -> None:
     path = first_chunk(run_dir, 2)
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[3] ^= 0x10
-    open(path, "wb").write(data)
+    Path(path).write_bytes(data)
     info = assert_untouched(saved, moai_ckpt.ChecksumError)
     assert info.value.step == 2 and "model/body.0.weight" in (info.value.key or "")
     report = saved.verify(2)
@@ -90,8 +91,8 @@ def test_a_flipped_bit_in_a_chunk_is_caught_and_named(saved: moai_ckpt.Checkpoin
 
 def test_a_truncated_chunk_is_caught(saved: moai_ckpt.Checkpointer, run_dir: str) -> None:
     path = first_chunk(run_dir, 2)
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[:-7])
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:-7])
     assert_untouched(saved, moai_ckpt.TruncatedDataError)
     assert any(f.kind == "TruncatedDataError" for f in saved.verify(2).faults)
 
@@ -106,9 +107,9 @@ def test_a_missing_chunk_or_array_is_caught(saved: moai_ckpt.Checkpointer, run_d
 
 def test_a_tampered_manifest_fails_its_hash(saved: moai_ckpt.Checkpointer, run_dir: str) -> None:
     path = snapshot_path(run_dir, 2, "manifest.json")
-    manifest = json.load(open(path))
+    manifest = json.loads(Path(path).read_text())
     manifest["arrays"]["model/body.0.weight"]["shape"] = [16, 16]
-    json.dump(manifest, open(path, "w"))
+    Path(path).write_text(json.dumps(manifest))
     assert_untouched(saved, moai_ckpt.CorruptSnapshotError)
 
 
@@ -131,14 +132,16 @@ def test_a_manifest_that_disagrees_with_its_arrays_is_refused_even_when_resealed
 
 def test_an_array_whose_metadata_was_edited_is_refused(saved: moai_ckpt.Checkpointer, run_dir: str) -> None:
     path = snapshot_path(run_dir, 2, "model", "norm.weight", "zarr.json")
-    meta = json.load(open(path))
+    meta = json.loads(Path(path).read_text())
     meta["data_type"] = "int32"
-    json.dump(meta, open(path, "w"))
+    Path(path).write_text(json.dumps(meta))
     info = assert_untouched(saved, moai_ckpt.ManifestMismatchError)
     assert "data_type" in str(info.value)
 
 
-@pytest.mark.parametrize("bad", ["../../../etc/passwd", "/etc/passwd", "model/../../x", "model/we ird", "a\\b", "model//x"])
+@pytest.mark.parametrize(
+    "bad", ["../../../etc/passwd", "/etc/passwd", "model/../../x", "model/we ird", "a\\b", "model//x"]
+)
 def test_a_manifest_key_that_tries_to_leave_the_run_directory_is_refused(
     saved: moai_ckpt.Checkpointer, run_dir: str, bad: str
 ) -> None:
@@ -155,14 +158,14 @@ def test_a_manifest_key_that_tries_to_leave_the_run_directory_is_refused(
 
 def test_a_corrupt_commit_marker_means_the_snapshot_does_not_exist(saved: moai_ckpt.Checkpointer, run_dir: str) -> None:
     path = snapshot_path(run_dir, 2, "commit.json")
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[data.index(b'"total_bytes": ') + 15] ^= 0x01
-    open(path, "wb").write(data)
+    Path(path).write_bytes(data)
     assert saved.steps() == [1]
     assert [e.status for e in saved.scan()] == ["committed", "invalid"]
     with pytest.raises(moai_ckpt.ChecksumError):
         saved.restore(Trainer.build(seed=3).state(), step=2)
-    fresh, _ = restore_into_fresh(saved)
+    restore_into_fresh(saved)
     assert saved.latest_step() == 1
 
 
@@ -197,11 +200,13 @@ def test_restoring_an_entry_the_snapshot_lacks_is_refused(saved: moai_ckpt.Check
         saved.restore({"model": Trainer.build(0).model, "ema": torch.nn.Linear(2, 2)})
 
 
-def test_a_corrupt_newest_snapshot_raises_unless_fallback_is_asked_for(saved: moai_ckpt.Checkpointer, run_dir: str) -> None:
+def test_a_corrupt_newest_snapshot_raises_unless_fallback_is_asked_for(
+    saved: moai_ckpt.Checkpointer, run_dir: str
+) -> None:
     path = first_chunk(run_dir, 2)
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[0] ^= 0xFF
-    open(path, "wb").write(data)
+    Path(path).write_bytes(data)
     assert_untouched(saved, moai_ckpt.ChecksumError)
     fresh = Trainer.build(seed=5)
     with warnings.catch_warnings(record=True) as caught:
@@ -211,7 +216,10 @@ def test_a_corrupt_newest_snapshot_raises_unless_fallback_is_asked_for(saved: mo
     assert any("restored step 1" in str(w.message) and "step 2" in str(w.message) for w in caught)
     reference = Trainer.build(seed=0)
     reference.step()
-    assert all(torch.equal(a, b) for a, b in zip(reference.model.state_dict().values(), fresh.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(reference.model.state_dict().values(), fresh.model.state_dict().values(), strict=True)
+    )
 
 
 def test_errors_belong_to_one_hierarchy_and_to_the_builtins_callers_catch() -> None:
@@ -219,5 +227,21 @@ def test_errors_belong_to_one_hierarchy_and_to_the_builtins_callers_catch() -> N
     assert issubclass(moai_ckpt.CorruptSnapshotError, ValueError)
     assert issubclass(moai_ckpt.StorageError, OSError)
     assert issubclass(moai_ckpt.SnapshotNotFoundError, FileNotFoundError)
-    for cls in (moai_ckpt.ChecksumError, moai_ckpt.StorageError, moai_ckpt.UnsafeKeyError, moai_ckpt.StateMismatchError):
+    for cls in (
+        moai_ckpt.ChecksumError,
+        moai_ckpt.StorageError,
+        moai_ckpt.UnsafeKeyError,
+        moai_ckpt.StateMismatchError,
+    ):
         assert issubclass(cls, moai_ckpt.MoaiCkptError)
+
+
+def test_verify_checks_the_zarr_group_documents_that_plain_zarr_needs(
+    saved: moai_ckpt.Checkpointer, run_dir: str
+) -> None:
+    path = snapshot_path(run_dir, 2, "zarr.json")
+    Path(path).write_text('{"zarr_format": 3, "node_ty')
+    report = saved.verify(2)
+    assert [f.key for f in report.faults] == [f"{snapshot_dir(2)}/zarr.json"]
+    os.unlink(snapshot_path(run_dir, 1, "optim", "zarr.json"))
+    assert [f.kind for f in saved.verify(1).faults] == ["MissingDataError"]

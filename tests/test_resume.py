@@ -51,7 +51,10 @@ def test_restored_run_continues_bitwise_identically(run_dir: str) -> None:
 def test_optimizer_param_group_hyperparameters_round_trip(run_dir: str) -> None:
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.SGD(
-        [{"params": [model.weight], "lr": 0.5, "momentum": 0.9}, {"params": [model.bias], "lr": 0.01, "nesterov": False}],
+        [
+            {"params": [model.weight], "lr": 0.5, "momentum": 0.9},
+            {"params": [model.bias], "lr": 0.01, "nesterov": False},
+        ],
         lr=0.1,
     )
     model(torch.randn(2, 4)).sum().backward()
@@ -62,7 +65,9 @@ def test_optimizer_param_group_hyperparameters_round_trip(run_dir: str) -> None:
     opt2 = torch.optim.SGD([{"params": [model2.weight]}, {"params": [model2.bias]}], lr=7.0)
     ckpt.restore({"model": model2, "optim": opt2})
     assert opt2.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
-    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert torch.equal(
+        opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"]
+    )
 
 
 def test_restore_without_rng_leaves_global_generators_alone(run_dir: str) -> None:
