@@ -51,7 +51,14 @@ def fresh(path: str) -> str:
     return path
 
 
+def settle(seconds: float = 1.0) -> None:
+    """Let earlier writes drain so that each timed operation starts on a quiet disk."""
+    os.sync()
+    time.sleep(seconds)
+
+
 def timed(fn: Callable[[], object]) -> float:
+    settle()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

@@ -9,7 +9,9 @@ save:    raw sequential write+fsync of the same bytes (the floor), torch.save + 
 restore: raw sequential read into preallocated memory (the floor), torch.load(weights_only) +
          load_state_dict, DCP load in place, Checkpointer.restore (all checks, then copy in)
 
-Every restore reads cold data: the written files are evicted from the page cache first.
+Each repetition runs every method once, in an order rotated from the last (saves first, then the
+restores): a noisy disk gets spread over all methods alike. Every restore reads cold data: the
+written files are evicted from the page cache first (``posix_fadvise(DONTNEED)`` after fsync).
 
     python benchmarks/save_restore.py --size-gb 1.2 --reps 3 --dir bench_out
 """
@@ -162,18 +164,25 @@ def main() -> None:
     restores = {k: common.Series(k) for k in restore_fns if k not in skip}
     written: dict[str, int] = {}
     for rep in range(args.reps):
-        for name in saves:  # interleaved: every method once per repetition
+        # interleaved and rotated: every method once per repetition, starting from a different one
+        order = list(saves)[rep % len(saves) :] + list(saves)[: rep % len(saves)]
+        for name in order:
             common.fresh(paths[name])
             saves[name].seconds.append(common.timed(save_fns[name]))
             written[name] = common.tree_bytes(paths[name])
+        for name in order:
             common.drop_cache(paths[name])
+        for name in order:
             if name in restores:
                 restores[name].seconds.append(common.timed(restore_fns[name]))
-            console.print(
-                f"rep {rep + 1}/{args.reps} {name:>10}: save {saves[name].seconds[-1]:.2f} s"
-                + (f", restore {restores[name].seconds[-1]:.2f} s" if name in restores else "")
+        console.print(
+            f"rep {rep + 1}/{args.reps}: "
+            + ", ".join(
+                f"{n} save {saves[n].seconds[-1]:.2f}"
+                + (f" / restore {restores[n].seconds[-1]:.2f}" if n in restores else "")
+                for n in order
             )
-        time.sleep(0.5)
+        )
     check = moai_ckpt.Checkpointer(paths["moai-ckpt"], capture_rng=False).verify(1)
     assert check.ok, check.faults
     assert all(
