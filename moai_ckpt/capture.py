@@ -69,15 +69,16 @@ class Captured:
     devices: set[str] = field(default_factory=set)
 
 
-def capture(state: Mapping[str, Any], *, rng: Any | None = None) -> Captured:
-    """Encode ``state`` (and the global RNG state if ``rng`` is given)."""
+def capture(state: Mapping[str, Any], *, rng: Any | None = None, rng_key: str = RNG_KEY) -> Captured:
+    """Encode ``state`` (and the global RNG state under ``rng_key`` if ``rng`` is given)."""
     if not isinstance(state, Mapping):
         raise UnserializableStateError(f"state must be a dict of named objects, got {type(state).__name__}")
     items: list[tuple[str, Any]] = list(state.items())
+    reserved = [k for k in state if isinstance(k, str) and (k == RNG_KEY or k.startswith(RNG_KEY + "."))]
+    if reserved:
+        raise UnserializableStateError(f"state key {reserved[0]!r} is reserved for the RNG state", key=reserved[0])
     if rng is not None:
-        if RNG_KEY in state:
-            raise UnserializableStateError(f"state key {RNG_KEY!r} is reserved for the RNG state", key=RNG_KEY)
-        items.append((RNG_KEY, rng))
+        items.append((rng_key, rng))
     used: set[str] = set()
     groups: dict[str, str] = {}
     for key, _ in items:
@@ -96,7 +97,7 @@ def capture(state: Mapping[str, Any], *, rng: Any | None = None) -> Captured:
             return _unique(f"{group}/{leaf}", names)
 
         sink = tree.TensorSink(name_for)
-        kind = "stateful" if key == RNG_KEY else kind_of(obj)
+        kind = "stateful" if key == rng_key and rng is not None else kind_of(obj)
         encoded = tree.encode(state_of(obj, kind), key, sink)
         objects[key] = ObjectRecord(kind=kind, type=_type_name(obj), tree=encoded)
         all_tensors.update(sink.tensors)

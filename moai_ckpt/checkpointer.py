@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
 import warnings
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import timedelta
+from typing import Any, Protocol, TypeVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from moai_ckpt.arrays import ChunkSpan
 from moai_ckpt.capture import RNG_KEY, Restorer, capture
+from moai_ckpt.distributed import CoordinationError, World, current_world
+from moai_ckpt.dtypes import from_name, stored_dtype
 from moai_ckpt.errors import (
     CorruptSnapshotError,
     MoaiCkptError,
@@ -27,18 +33,20 @@ from moai_ckpt.format import (
     SNAPSHOTS,
     CommitMarker,
     Manifest,
+    ObjectRecord,
+    RankIndex,
     load_commit,
     now_iso,
     parse_snapshot_dir,
     snapshot_dir,
 )
 from moai_ckpt.rng import GlobalRNG
+from moai_ckpt.sharding import Piece, WritePlan, live_targets, local_bytes, local_piece, plan_writes
 from moai_ckpt.snapshot import (
     Fault,
     Progress,
     SnapshotReader,
     SnapshotWriter,
-    array_record,
     host_tensor,
     manifest_for,
     writer_info,
@@ -47,9 +55,38 @@ from moai_ckpt.storage import LocalStorage, RetryPolicy, Storage, open_storage
 from moai_ckpt.tree import tensor_refs
 
 log = logging.getLogger("moai_ckpt")
+T = TypeVar("T")
+
+
+class Stager(Protocol):
+    """Copies tensors to host memory for a save that returns before it writes."""
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def wait(self) -> None: ...
+
+
+@dataclass
+class Staged:
+    """One rank's captured state, ready to persist."""
+
+    step: int
+    objects: dict[str, ObjectRecord]
+    info: dict[str, Any]
+    rng_key: str
+    pieces: dict[str, Piece] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
+    host: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 _LISTED = ("committed", "unsupported")
+
+
+def _device_of(t: torch.Tensor | None) -> torch.device | None:
+    if t is None:
+        return None
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return None if local.device.type == "meta" else local.device
 
 
 class CheckpointerOptions(BaseModel):
@@ -64,6 +101,9 @@ class CheckpointerOptions(BaseModel):
         default=600.0,
         ge=0,
         description="prune leaves uncommitted snapshots newer than the latest commit alone this long",
+    )
+    collective_timeout_s: float = Field(
+        default=300.0, gt=0, description="bound on every collective of a distributed save or restore"
     )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
 
@@ -106,7 +146,10 @@ class Checkpointer:
     Args:
         url: the run directory: a local path, or any fsspec URL (``memory://``, ``s3://``...).
         options: a `CheckpointerOptions`; keyword options below override its fields.
-        **storage_options: passed to the fsspec file system (e.g. ``endpoint_url``), or
+        process_group: under torch.distributed, a gloo group spanning all ranks to coordinate
+            over (by default one is created; every rank must build its Checkpointer together).
+        **storage_options: any `CheckpointerOptions` field (``collective_timeout_s=60``);
+            everything else goes to the fsspec file system (e.g. ``endpoint_url``), or
             ``fsync=False`` for a local path on a scratch disk.
 
     Example::
@@ -125,23 +168,19 @@ class Checkpointer:
         io_threads: int | None = None,
         capture_rng: bool | None = None,
         retry: RetryPolicy | None = None,
+        process_group: Any | None = None,
         **storage_options: Any,
     ) -> None:
-        overrides = {
-            k: v
-            for k, v in {
-                "chunk_bytes": chunk_bytes,
-                "io_threads": io_threads,
-                "capture_rng": capture_rng,
-                "retry": retry,
-            }.items()
-            if v is not None
-        }
+        named = {"chunk_bytes": chunk_bytes, "io_threads": io_threads, "capture_rng": capture_rng, "retry": retry}
+        overrides = {k: v for k, v in named.items() if v is not None}
+        # keyword arguments that are option fields set options; the rest go to the storage back end
+        overrides |= {k: storage_options.pop(k) for k in list(storage_options) if k in CheckpointerOptions.model_fields}
         base = options or CheckpointerOptions()
         self.options = CheckpointerOptions.model_validate({**dict(base), **overrides}) if overrides else base
         self.storage: Storage = open_storage(url, self.options.retry, **storage_options)
         self.url = self.storage.url
         self._executor = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="moai-io")
+        self.world: World = current_world(timedelta(seconds=self.options.collective_timeout_s), process_group)
         self._writing: set[int] = set()
         self._lock = threading.Lock()
 
@@ -209,41 +248,144 @@ class Checkpointer:
             StorageError: storage failed permanently or after retries; nothing is committed.
         """
         started = time.perf_counter()
-        captured = capture(state, rng=GlobalRNG() if self.options.capture_rng else None)
-        host = {name: host_tensor(t) for name, t in captured.tensors.items()}
-        records = {name: array_record(name, t, self.options.chunk_bytes) for name, t in captured.tensors.items()}
+        staged = self._stage(step, state, info)
+        marker = self._persist(staged, overwrite=overwrite, progress=progress)
+        log.info(
+            "saved step %d to %s: %d arrays, %.1f MB in %.2f s",
+            step,
+            self.url,
+            marker.body.array_count,
+            marker.body.total_bytes / 1e6,
+            time.perf_counter() - started,
+        )
+        return marker
+
+    def _rng_key(self, rank: int) -> str:
+        return RNG_KEY if rank == 0 else f"{RNG_KEY}.{rank}"
+
+    def _stage(
+        self, step: int, state: Mapping[str, Any], info: Mapping[str, Any] | None, copy: Stager | None = None
+    ) -> Staged:
+        """Capture ``state`` on this rank: its pieces of every array, as contiguous host tensors.
+
+        With ``copy`` the host tensors are copies (for a save that returns before it writes);
+        otherwise CPU tensors are written straight from the live memory.
+        """
+        rng_key = self._rng_key(self.world.rank)
+        captured = capture(state, rng=GlobalRNG() if self.options.capture_rng else None, rng_key=rng_key)
+        staged = Staged(step=step, objects=captured.objects, info=dict(info or {}), rng_key=rng_key)
+        for name, tensor in captured.tensors.items():
+            shape, start, stop, local = local_piece(tensor)
+            staged.pieces[name] = Piece(stored_dtype(tensor.dtype, key=name).logical, shape, start, stop)
+            staged.devices[name] = str(tensor.device)
+            staged.host[name] = copy(name, local) if copy is not None else host_tensor(local)
+        if copy is not None:
+            copy.wait()
+        return staged
+
+    def _persist(self, staged: Staged, *, overwrite: bool = False, progress: Progress | None = None) -> CommitMarker:
+        """Plan, write this rank's chunks, vote, and (coordinator) commit. Collective."""
+        world, step = self.world, staged.step
         with self._lock:
             if step in self._writing:
                 raise SnapshotExistsError("a save of this step is already in progress", url=self.url, step=step)
             self._writing.add(step)
         try:
-            self._clear_for_write(step, overwrite)
-            writer = SnapshotWriter(self.storage, self._executor, step)
-            device_types = sorted(captured.devices) or ["cpu"]
-            index = writer.write_arrays(records, host, device_type=device_types[0], progress=progress)
-            manifest = manifest_for(
-                step,
-                now_iso(),
-                captured.objects,
-                records,
-                world_size=1,
-                device_types=device_types,
-                info=dict(info or {}),
+            mine = {
+                "pieces": {n: p.to_json() for n, p in staged.pieces.items()},
+                "devices": staged.devices,
+                "rng": staged.objects[staged.rng_key].model_dump(mode="json")
+                if staged.rng_key in staged.objects
+                else None,
+            }
+            everyone = world.all_gather_json(mine, f"save of step {step}: planning")
+            devices = {n: d for rank in everyone for n, d in rank["devices"].items()}
+            plan = plan_writes(
+                [{n: Piece.from_json(p) for n, p in rank["pieces"].items()} for rank in everyone],
+                self.options.chunk_bytes,
+                devices,
             )
-            manifest_bytes = writer.write_groups(manifest)
-            marker = writer.commit(manifest_bytes, manifest, [index], writer_info())
+            if world.rank == 0:
+                self._agree(f"save of step {step}: preparing", lambda: self._clear_for_write(step, overwrite), step)
+            else:
+                self._agree(f"save of step {step}: preparing", lambda: None, step)
+            writer = SnapshotWriter(self.storage, self._executor, step)
+            device_type = sorted({d.split(":")[0] for d in staged.devices.values()} or {"cpu"})[0]
+            index = self._agree(
+                f"save of step {step}: writing",
+                lambda: writer.write_chunks(
+                    self._jobs(plan, staged),
+                    rank=world.rank,
+                    world_size=world.world_size,
+                    device_type=device_type,
+                    progress=progress,
+                ),
+                step,
+            )
+            indexes = world.all_gather_json(index.model_dump(mode="json"), f"save of step {step}: collecting indexes")
+            objects = dict(staged.objects)
+            for rank, sent in enumerate(everyone):
+                if rank > 0 and sent["rng"] is not None:
+                    objects[self._rng_key(rank)] = ObjectRecord.model_validate(sent["rng"])
+
+            def commit() -> CommitMarker | None:
+                if world.rank != 0:
+                    return None
+                manifest = manifest_for(
+                    step,
+                    now_iso(),
+                    objects,
+                    plan.records,
+                    world_size=world.world_size,
+                    device_types=sorted({d.split(":")[0] for d in devices.values()} or {"cpu"}),
+                    info=staged.info,
+                )
+                manifest_bytes = writer.write_metadata(manifest)
+                return writer.commit(
+                    manifest_bytes, manifest, [RankIndex.model_validate(i) for i in indexes], writer_info()
+                )
+
+            marker = self._agree(f"save of step {step}: committing", commit, step)
+            sealed = world.broadcast_json(
+                marker.to_json() if marker is not None else None, f"save of step {step}: done"
+            )
+            return CommitMarker.model_validate(sealed)
         finally:
             with self._lock:
                 self._writing.discard(step)
-        log.info(
-            "saved step %d to %s: %d arrays, %.1f MB in %.2f s",
-            step,
-            self.url,
-            len(records),
-            marker.body.total_bytes / 1e6,
-            time.perf_counter() - started,
-        )
-        return marker
+
+    def _jobs(self, plan: WritePlan, staged: Staged) -> list[tuple[str, ChunkSpan, memoryview]]:
+        jobs = []
+        for a in plan.for_rank(self.world.rank):
+            record = plan.records[a.name]
+            itemsize = from_name(record.dtype).itemsize
+            row_bytes = math.prod(record.shape[1:]) * itemsize if record.shape else itemsize
+            jobs.append((a.name, a.span, local_bytes(staged.host[a.name], staged.pieces[a.name], a.span, row_bytes)))
+        return jobs
+
+    def _agree(self, what: str, fn: Callable[[], T], step: int | None = None) -> T:
+        """Run ``fn`` on every rank; if it fails anywhere, fail everywhere, naming the ranks.
+
+        The failing rank raises its own error; the others raise `CoordinationError`.
+        """
+        try:
+            result, error = fn(), None
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+            result, error = None, exc
+        if self.world.world_size > 1:
+            self.world.barrier(what)  # names ranks that died or hung (on rank 0) instead of a bare socket error
+            verdicts = self.world.all_gather_json(None if error is None else f"{type(error).__name__}: {error}", what)
+            failed = {rank: msg for rank, msg in enumerate(verdicts) if msg}
+            if failed and error is None:
+                raise CoordinationError(
+                    f"{what} failed on rank(s) {sorted(failed)}: "
+                    + "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items())),
+                    url=self.url,
+                    step=step,
+                )
+        if error is not None:
+            raise error
+        return result  # type: ignore[return-value]
 
     def _clear_for_write(self, step: int, overwrite: bool) -> None:
         prefix = snapshot_dir(step)
@@ -290,19 +432,27 @@ class Checkpointer:
             CorruptSnapshotError: the snapshot fails a check (names URL, step and key).
             StateMismatchError: the snapshot does not fit the objects (names, shapes).
         """
-        candidates = [self._resolve(step)]
-        if fallback and step is None:
-            candidates += [s for s in reversed(self.steps()) if s != candidates[0]]
+        first = self._resolve(step)  # every rank lists; rank 0's answer is the one all use
+        order = [first] + ([s for s in reversed(self.steps()) if s != first] if fallback and step is None else [])
+        chosen = self.world.broadcast_json(order, "restore: choosing the step")
         errors: list[str] = []
-        for candidate in candidates:
+        for candidate in chosen:
+
+            def prepare(candidate: int = candidate) -> tuple[dict[str, Any], Restorer]:
+                return self._prepare(candidate, state, restore_rng, progress)
+
             try:
-                self._restore_step(candidate, state, restore_rng, progress)
-            except (CorruptSnapshotError, UnsupportedFormatError, SnapshotNotFoundError) as exc:
-                if not fallback:
+                prepared = self._agree(f"restore of step {candidate}", prepare, candidate)
+            except (CorruptSnapshotError, UnsupportedFormatError, SnapshotNotFoundError, CoordinationError) as exc:
+                if not fallback or (isinstance(exc, CoordinationError) and "lost contact" in str(exc)):
                     raise
                 errors.append(f"step {candidate}: {exc}")
                 log.warning("snapshot at step %d is unusable, trying an older one: %s", candidate, exc)
                 continue
+            wanted, restorer = prepared
+            restorer.apply(wanted)
+            for key in state:
+                state[key] = wanted[key]
             if errors:
                 warnings.warn(
                     f"restored step {candidate} from {self.url} instead of newer corrupt snapshot(s): "
@@ -312,28 +462,39 @@ class Checkpointer:
             return candidate
         raise CorruptSnapshotError("no committed snapshot could be restored: " + "; ".join(errors), url=self.url)
 
-    def _restore_step(
+    def _prepare(
         self, step: int, state: MutableMapping[str, Any], restore_rng: bool | None, progress: Progress | None
-    ) -> None:
+    ) -> tuple[dict[str, Any], Restorer]:
+        """Read and check everything this rank needs of ``step``; touch nothing yet."""
         reader = self._reader(step)
+        manifest = reader.manifest
         wanted = dict(state)
         rng = self.options.capture_rng if restore_rng is None else restore_rng
-        if rng and RNG_KEY in reader.manifest.objects:
-            wanted[RNG_KEY] = GlobalRNG()
-        names = sorted(
-            {
-                ref
-                for key in wanted
-                if key in reader.manifest.objects
-                for ref in tensor_refs(reader.manifest.objects[key].tree)
-            }
-        )
-        tensors = reader.read_arrays(names, progress)
-        restorer = Restorer(reader.manifest.objects, tensors, url=self.url, step=step)
+        rng_key = self._rng_key(self.world.rank)
+        records = dict(manifest.objects)
+        if rng and rng_key in records:
+            wanted[rng_key] = GlobalRNG()
+        elif rng and RNG_KEY in records:
+            log.warning(
+                "snapshot has no RNG state for rank %d (saved with %d ranks); RNGs of this rank are not restored",
+                self.world.rank,
+                manifest.world_size,
+            )
+        names = sorted({ref for key in wanted if key in records for ref in tensor_refs(records[key].tree)})
+        targets = live_targets(records, wanted, manifest.arrays)
+        rows = {name: (t.start, t.stop) for name, t in targets.items()}
+        raw = reader.read_arrays(names, progress, rows)
+        tensors = {}
+        for name, rows_read in raw.items():
+            target = targets.get(name)
+            tensors[name] = (
+                rows_read
+                if target is None
+                else target.wrap(rows_read, manifest.arrays[name].shape, _device_of(target.like))
+            )
+        restorer = Restorer(records, tensors, url=self.url, step=step)
         restorer.check(wanted)
-        restorer.apply(wanted)
-        for key in state:
-            state[key] = wanted[key]
+        return wanted, restorer
 
     def _resolve(self, step: int | None) -> int:
         if step is not None:

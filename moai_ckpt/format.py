@@ -188,8 +188,11 @@ class CommitMarker(BaseModel):
     def seal(cls, body: CommitBody) -> CommitMarker:
         return cls(body=body, checksum=sha256(canonical_json(body.model_dump(mode="json"))))
 
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
     def to_bytes(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True).encode()
+        return json.dumps(self.to_json(), indent=1, sort_keys=True).encode()
 
 
 def load_commit(data: bytes, *, url: str, step: int) -> CommitMarker:

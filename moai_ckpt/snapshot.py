@@ -105,43 +105,27 @@ class SnapshotWriter:
     def prefix(self) -> str:
         return snapshot_dir(self.step)
 
-    def write_arrays(
+    def write_chunks(
         self,
-        records: dict[str, ArrayRecord],
-        tensors: dict[str, torch.Tensor],
+        jobs: list[tuple[str, za.ChunkSpan, memoryview]],
         *,
         rank: int = 0,
         world_size: int = 1,
         device_type: str = "cpu",
         progress: Progress | None = None,
     ) -> RankIndex:
-        """Write the chunks and metadata of the given arrays; returns this rank's index."""
-        futures: list[tuple[str, Future[ChunkEntry]]] = []
-        for name, record in records.items():
-            data = za.tensor_bytes(tensors[name])
-            stored = from_name(record.dtype)
-            for span in za.chunk_spans(record.shape, record.chunks, stored.itemsize):
-                key = f"{self.prefix}/{name}/{span.key}"
-                futures.append(
-                    (name, self.executor.submit(self._write_chunk, key, span, data[span.start : span.stop], progress))
-                )
-        meta = [
-            self.executor.submit(
-                self.storage.write,
-                f"{self.prefix}/{name}/zarr.json",
-                json.dumps(za.array_metadata(rec, from_name(rec.dtype)), indent=1).encode(),
-            )
-            for name, rec in records.items()
+        """Write this rank's chunks (array name, span, bytes), then its rank index, then make them durable."""
+        futures = [
+            (name, self.executor.submit(self._write_chunk, f"{self.prefix}/{name}/{span.key}", span, data, progress))
+            for name, span, data in jobs
         ]
-        chunks: dict[str, list[ChunkEntry]] = {name: [] for name in records}
+        chunks: dict[str, list[ChunkEntry]] = {}
         written = 0
-        with settle([f for _, f in futures] + meta):
+        with settle([f for _, f in futures]):
             for name, fut in futures:
                 entry = fut.result()
-                chunks[name].append(entry)
+                chunks.setdefault(name, []).append(entry)
                 written += entry.nbytes
-            for f in meta:
-                f.result()
         index = RankIndex(
             step=self.step,
             rank=rank,
@@ -150,7 +134,9 @@ class SnapshotWriter:
             bytes_written=written,
             device_type=device_type,
         )
-        self.storage.write(rank_index_key(self.step, rank), index.model_dump_json().encode())
+        key = rank_index_key(self.step, rank)
+        self.storage.write(key, index.model_dump_json().encode())
+        self.storage.barrier([key])
         return index
 
     def _write_chunk(self, key: str, span: za.ChunkSpan, data: memoryview, progress: Progress | None) -> ChunkEntry:
@@ -161,11 +147,19 @@ class SnapshotWriter:
             progress(data.nbytes)
         return ChunkEntry(index=span.index, nbytes=span.encoded_size, crc32c=crc)
 
-    def write_groups(self, manifest: Manifest) -> bytes:
-        """Coordinator: write group metadata and the manifest; returns the manifest bytes."""
+    def write_metadata(self, manifest: Manifest) -> bytes:
+        """Coordinator: write every array's and group's ``zarr.json`` and the manifest; returns its bytes."""
         groups = {name.split("/", 1)[0] for name in manifest.arrays}
         attrs = group_attributes(self.step)
-        writes = [self.executor.submit(self.storage.write, f"{self.prefix}/zarr.json", za.group_metadata(attrs))]
+        writes = [
+            self.executor.submit(
+                self.storage.write,
+                f"{self.prefix}/{name}/zarr.json",
+                json.dumps(za.array_metadata(rec, from_name(rec.dtype)), indent=1).encode(),
+            )
+            for name, rec in manifest.arrays.items()
+        ]
+        writes.append(self.executor.submit(self.storage.write, f"{self.prefix}/zarr.json", za.group_metadata(attrs)))
         writes += [
             self.executor.submit(self.storage.write, f"{self.prefix}/{g}/zarr.json", za.group_metadata())
             for g in sorted(groups)
@@ -324,26 +318,54 @@ class SnapshotReader:
         """Read one array into a new CPU tensor, checking metadata, coverage and every crc32c."""
         return self.read_arrays([name], progress)[name]
 
-    def _start_array(self, name: str, progress: Progress | None) -> tuple[torch.Tensor, list[Future[None]]]:
-        """Check chunk coverage, allocate the tensor, queue its chunk reads."""
+    def _start_array(
+        self, name: str, progress: Progress | None, rows: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, list[Future[None]]]:
+        """Check chunk coverage, allocate the tensor (``rows`` of dimension 0, or all), queue its reads.
+
+        Chunks wholly inside the rows are read straight into the tensor; a chunk that straddles
+        the edge is read whole (its checksum covers all of it) and the overlap copied.
+        """
         record = self.arrays[name]
         if not is_known(record.dtype):
             raise self._error(ManifestMismatchError, f"unknown dtype {record.dtype!r}", name)
         spans = self._spans(record)
-        out = torch.empty(record.shape, dtype=torch_dtype(record.dtype))
+        itemsize = from_name(record.dtype).itemsize
+        total_rows = record.shape[0] if record.shape else 1
+        first, last = rows if rows is not None else (0, total_rows)
+        if not 0 <= first <= last <= total_rows:
+            raise self._error(ManifestMismatchError, f"rows {first}..{last} outside 0..{total_rows}", name)
+        shape = (last - first, *record.shape[1:]) if record.shape else ()
+        out = torch.empty(shape, dtype=torch_dtype(record.dtype))
         data = za.tensor_bytes(out)
-        futures = [
-            self.executor.submit(
-                self._read_chunk,
-                f"{self.prefix}/{name}/{span.key}",
-                data[span.start : span.stop],
-                span.pad,
-                entry,
-                progress,
-            )
-            for span, entry in spans
-        ]
+        row_bytes = math.prod(record.shape[1:]) * itemsize if record.shape else itemsize
+        lo, hi = first * row_bytes, last * row_bytes
+        futures = []
+        for span, entry in spans:
+            if span.stop <= lo or span.start >= hi:
+                continue
+            key = f"{self.prefix}/{name}/{span.key}"
+            if lo <= span.start and span.stop <= hi:
+                target = data[span.start - lo : span.stop - lo]
+                futures.append(self.executor.submit(self._read_chunk, key, target, span.pad, entry, progress))
+            else:
+                futures.append(self.executor.submit(self._read_overlap, key, span, entry, data, lo, hi, progress))
         return out, futures
+
+    def _read_overlap(
+        self,
+        key: str,
+        span: za.ChunkSpan,
+        entry: ChunkEntry,
+        data: memoryview,
+        lo: int,
+        hi: int,
+        progress: Progress | None,
+    ) -> None:
+        whole = bytearray(span.stop - span.start)
+        self._read_chunk(key, memoryview(whole), span.pad, entry, progress)
+        a, b = max(lo, span.start), min(hi, span.stop)
+        data[a - lo : b - lo] = whole[a - span.start : b - span.start]
 
     def _read_chunk(self, key: str, out: memoryview, pad: int, entry: ChunkEntry, progress: Progress | None) -> None:
         crc = bytearray(za.CRC.size)
@@ -359,9 +381,12 @@ class SnapshotReader:
             progress(out.nbytes)
 
     def read_arrays(
-        self, names: Iterable[str] | None = None, progress: Progress | None = None
+        self,
+        names: Iterable[str] | None = None,
+        progress: Progress | None = None,
+        rows: dict[str, tuple[int, int]] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Read many arrays with all their chunk reads in flight at once."""
+        """Read many arrays (or ``rows`` of them) with all their chunk reads in flight at once."""
         names = list(self.arrays) if names is None else list(names)
         for name in names:
             if name not in self.arrays:
@@ -374,7 +399,7 @@ class SnapshotReader:
         pending: list[Future[None]] = []
         with settle(pending):
             for name in names:
-                out[name], futures = self._start_array(name, progress)
+                out[name], futures = self._start_array(name, progress, (rows or {}).get(name))
                 pending.extend(futures)
             for f in pending:
                 f.result()

@@ -160,3 +160,11 @@ def test_prune_never_touches_a_save_in_progress(run_dir: str) -> None:
     assert pruned == [1]
     assert ckpt.steps() == [2, 3]
     assert ckpt.verify(3).ok
+
+
+def test_option_fields_passed_as_keywords_set_options_and_the_rest_reach_storage(run_dir: str) -> None:
+    ckpt = moai_ckpt.Checkpointer(run_dir, collective_timeout_s=7, leftover_grace_s=1, fsync=False)
+    assert ckpt.options.collective_timeout_s == 7 and ckpt.options.leftover_grace_s == 1
+    assert isinstance(ckpt.storage, moai_ckpt.storage.LocalStorage) and not ckpt.storage.durable
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        moai_ckpt.Checkpointer(run_dir, chunk_bytes=0)

@@ -1,0 +1,106 @@
+"""Coordination between the ranks of a collective save or restore.
+
+Messages are small JSON documents carried as byte tensors over a dedicated gloo group (CPU only,
+its own timeout, safe to use from a background thread while training runs NCCL collectives).
+Nothing is pickled, unlike ``all_gather_object``. A rank that dies or hangs turns into a
+`CoordinationError` that names it, within the timeout, instead of a hang.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from moai_ckpt.errors import MoaiCkptError
+
+
+class CoordinationError(MoaiCkptError, RuntimeError):
+    """Ranks could not agree: one died, hung past the timeout, or reported a failure."""
+
+
+class World(Protocol):
+    """The ranks taking part in a save or restore."""
+
+    rank: int
+    world_size: int
+
+    def all_gather_json(self, obj: Any, what: str) -> list[Any]: ...
+
+    def broadcast_json(self, obj: Any, what: str, src: int = 0) -> Any: ...
+
+    def barrier(self, what: str) -> None: ...
+
+
+class SingleProcess:
+    """A world of one: every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def all_gather_json(self, obj: Any, what: str) -> list[Any]:
+        return [obj]
+
+    def broadcast_json(self, obj: Any, what: str, src: int = 0) -> Any:
+        return obj
+
+    def barrier(self, what: str) -> None:
+        return None
+
+
+class ProcessGroupWorld:
+    """All ranks of the default process group, talking over their own gloo group.
+
+    Args:
+        timeout: bound on every collective; a rank silent for longer is reported as lost.
+        group: an existing gloo group to use instead of creating one (it must span the world).
+    """
+
+    def __init__(self, timeout: timedelta = timedelta(minutes=5), group: dist.ProcessGroup | None = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise CoordinationError("torch.distributed is not initialised")
+        self.timeout = timeout
+        # creating a group is itself collective: every rank builds its Checkpointer in the same order
+        self.group = group if group is not None else dist.new_group(backend="gloo", timeout=timeout)
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+
+    def _fail(self, what: str, exc: BaseException) -> CoordinationError:
+        return CoordinationError(
+            f"{what}: rank {self.rank} lost contact with the other ranks (one died, hung past "
+            f"{self.timeout.total_seconds():.0f} s, or failed): {exc}"
+        )
+
+    def all_gather_json(self, obj: Any, what: str) -> list[Any]:
+        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        try:
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+            dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64), group=self.group)
+            longest = int(max(s.item() for s in sizes))
+            padded = torch.zeros(longest, dtype=torch.uint8)
+            padded[: data.numel()] = data
+            gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+            dist.all_gather(gathered, padded, group=self.group)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise self._fail(what, exc) from exc
+        return [json.loads(bytes(g[: int(n.item())].numpy())) for g, n in zip(gathered, sizes, strict=True)]
+
+    def broadcast_json(self, obj: Any, what: str, src: int = 0) -> Any:
+        return self.all_gather_json(obj if self.rank == src else None, what)[src]
+
+    def barrier(self, what: str) -> None:
+        """A barrier that names the ranks that did not arrive (on rank 0) instead of hanging."""
+        try:
+            dist.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
+        except (RuntimeError, dist.DistBackendError) as exc:
+            raise self._fail(what, exc) from exc
+
+
+def current_world(timeout: timedelta, group: dist.ProcessGroup | None = None) -> World:
+    """The world a Checkpointer built now takes part in."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return ProcessGroupWorld(timeout, group)
+    return SingleProcess()

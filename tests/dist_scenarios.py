@@ -1,0 +1,143 @@
+"""Per-rank programs for the multi-process tests (run by moai_ckpt.testing.dist.launch)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import moai_ckpt
+from moai_ckpt.sampler import GlobalSampler
+
+SAMPLES, BATCH = 64, 16
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_model() -> nn.Module:
+    """Row counts 10, 7, 5 and 3 shard unevenly over 2, 3 and 4 ranks."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 7), nn.LayerNorm(7), nn.Linear(7, 5), nn.Linear(5, 3)
+    )
+
+
+def wrap(model: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
+    """(the module to train, the module whose state is saved/restored)."""
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer)
+        fully_shard(model)
+        return model, model
+    if mode == "ddp":
+        ddp = nn.parallel.DistributedDataParallel(model)
+        return ddp, model
+    return model, model
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(SAMPLES, 6, generator=g), torch.randn(SAMPLES, 3, generator=g)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, sampler: GlobalSampler, steps: int) -> None:
+    rank, world = rank_and_world()
+    x, y = data()
+    for _ in range(steps):
+        idx = sampler.next_batch(rank, world)
+        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, np.ndarray]:
+    """Every parameter and optimizer state tensor, gathered whole (a collective under FSDP)."""
+
+    def whole(t: torch.Tensor) -> np.ndarray:
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        return t.detach().cpu().numpy().copy()
+
+    out = {}
+    for name, p in model.named_parameters():
+        out[f"model.{name}"] = whole(p)
+        for key, value in sorted(opt.state.get(p, {}).items()):
+            if isinstance(value, torch.Tensor):
+                out[f"optim.{name}.{key}"] = whole(value)
+    return out
+
+
+def save(run_dir: str, ref_path: str, mode: str, steps: int = 2, chunk_bytes: int = 64) -> dict[str, Any]:
+    rank, world = rank_and_world()
+    trained, saved = wrap(build_model(), mode)
+    opt = torch.optim.AdamW(saved.parameters(), lr=1e-2)
+    sampler = GlobalSampler(SAMPLES, BATCH, seed=1)
+    train(trained, opt, sampler, steps)
+    ckpt = moai_ckpt.Checkpointer(run_dir, chunk_bytes=chunk_bytes, collective_timeout_s=60)
+    written = [0]
+    marker = ckpt.save(
+        steps,
+        {"model": saved, "optim": opt, "data": sampler},
+        progress=lambda n: written.__setitem__(0, written[0] + n),
+    )
+    full = full_state(saved, opt)
+    if rank == 0:
+        np.savez(ref_path, **full)
+    return {"rank": rank, "bytes_written": written[0], "world_size": marker.body.world_size}
+
+
+def restore(run_dir: str, ref_path: str, mode: str, train_after: int = 0) -> dict[str, Any]:
+    rank, world = rank_and_world()
+    trained, target = wrap(build_model(), mode)
+    opt = torch.optim.AdamW(target.parameters(), lr=1e-2)
+    sampler = GlobalSampler(SAMPLES, BATCH, seed=1)
+    ckpt = moai_ckpt.Checkpointer(run_dir, collective_timeout_s=60)
+    read = [0]
+    step = ckpt.restore(
+        {"model": target, "optim": opt, "data": sampler}, progress=lambda n: read.__setitem__(0, read[0] + n)
+    )
+    full = full_state(target, opt)
+    with np.load(ref_path, allow_pickle=False) as ref:
+        expected = {k: ref[k] for k in ref.files}
+    mismatches = sorted(k for k in expected if k not in full or not np.array_equal(expected[k], full[k]))
+    extra = sorted(set(full) - set(expected))
+    return {
+        "rank": rank,
+        "step": step,
+        "mismatches": mismatches,
+        "extra": extra,
+        "compared": len(expected),
+        "bytes_read": read[0],
+        "sampler": sampler.state_dict(),
+        "next_batch": sampler.global_batch(),
+    }
+
+
+def save_with_dying_rank(run_dir: str, victim: int) -> dict[str, Any]:
+    rank, _ = rank_and_world()
+    _, model = wrap(build_model(), "fsdp")
+    ckpt = moai_ckpt.Checkpointer(run_dir, chunk_bytes=64, collective_timeout_s=15)
+    ckpt.save(1, {"model": model})  # one good snapshot first
+    if rank == victim:
+        from moai_ckpt import snapshot
+
+        def die(*args: Any, **kwargs: Any) -> None:
+            os._exit(17)  # killed in the middle of writing its chunks
+
+        snapshot.SnapshotWriter._write_chunk = die  # type: ignore[method-assign]
+    try:
+        ckpt.save(2, {"model": model})
+    except moai_ckpt.MoaiCkptError as exc:
+        return {"rank": rank, "error": f"{type(exc).__name__}: {exc}"}
+    return {"rank": rank, "error": None}
