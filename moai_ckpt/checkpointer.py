@@ -8,8 +8,9 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
@@ -51,6 +52,7 @@ from moai_ckpt.snapshot import (
     manifest_for,
     writer_info,
 )
+from moai_ckpt.staging import HostPool
 from moai_ckpt.storage import LocalStorage, RetryPolicy, Storage, open_storage
 from moai_ckpt.tree import tensor_refs
 
@@ -106,6 +108,40 @@ class CheckpointerOptions(BaseModel):
         default=300.0, gt=0, description="bound on every collective of a distributed save or restore"
     )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+
+
+class SaveHandle:
+    """A snapshot being written in the background by `Checkpointer.save_async`.
+
+    Attributes:
+        step: the step being saved.
+        stall_s: how long `save_async` blocked the caller (capture and host copies).
+    """
+
+    def __init__(self, step: int, future: Future[CommitMarker], stall_s: float) -> None:
+        self.step = step
+        self.stall_s = stall_s
+        self._future = future
+        self.observed = False
+
+    def done(self) -> bool:
+        """True once the snapshot is committed or has failed."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> CommitMarker:
+        """Wait for the commit and return its marker; raises the background error, if any."""
+        self.observed = True
+        return self._future.result(timeout)
+
+    def exception(self) -> BaseException | None:
+        return self._future.exception() if self._future.done() else None
+
+    def wait(self, timeout: float | None = None) -> None:
+        wait([self._future], timeout)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "writing"
+        return f"SaveHandle(step={self.step}, {state}, stall {self.stall_s * 1e3:.1f} ms)"
 
 
 @dataclass(frozen=True)
@@ -183,6 +219,9 @@ class Checkpointer:
         self.world: World = current_world(timedelta(seconds=self.options.collective_timeout_s), process_group)
         self._writing: set[int] = set()
         self._lock = threading.Lock()
+        self._pool = HostPool()
+        self._background = ThreadPoolExecutor(1, thread_name_prefix="moai-save")
+        self._inflight: SaveHandle | None = None
 
     # -- listing -------------------------------------------------------------------------------
 
@@ -247,9 +286,11 @@ class Checkpointer:
             UnserializableStateError: a value is neither a tensor nor JSON-able (names its key).
             StorageError: storage failed permanently or after retries; nothing is committed.
         """
+        self._settle_inflight()
         started = time.perf_counter()
         staged = self._stage(step, state, info)
-        marker = self._persist(staged, overwrite=overwrite, progress=progress)
+        with self._claim(step):
+            marker = self._persist(staged, overwrite=overwrite, progress=progress)
         log.info(
             "saved step %d to %s: %d arrays, %.1f MB in %.2f s",
             step,
@@ -259,6 +300,77 @@ class Checkpointer:
             time.perf_counter() - started,
         )
         return marker
+
+    def save_async(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        if_busy: str = "wait",
+        info: Mapping[str, Any] | None = None,
+        progress: Progress | None = None,
+    ) -> SaveHandle | None:
+        """Snapshot ``state`` at ``step``, blocking only while its tensors are copied to host memory.
+
+        Encoding, checksums, writes and the commit run in a background thread; the returned handle
+        gives the commit marker (`SaveHandle.result`) or the error. Changes made to the state after
+        this returns do not reach the snapshot. At most one save is in flight per Checkpointer.
+
+        Args:
+            if_busy: when the previous save is still writing, ``"wait"`` for it or ``"skip"`` this
+                one with a warning (returns None; single process only: every rank must agree).
+
+        Raises:
+            The error of an earlier background save that nobody has looked at yet.
+        """
+        if if_busy not in ("wait", "skip"):
+            raise ValueError(f"if_busy must be 'wait' or 'skip', got {if_busy!r}")
+        if if_busy == "skip" and self.world.world_size > 1:
+            raise ValueError("if_busy='skip' needs every rank to agree; use 'wait' under torch.distributed")
+        previous = self._inflight
+        if if_busy == "skip" and previous is not None and not previous.done():
+            warnings.warn(f"save of step {step} skipped: step {previous.step} is still being written", stacklevel=2)
+            return None
+        self._settle_inflight()
+        started = time.perf_counter()
+        staged = self._stage(step, state, info, copy=self._pool)
+        stall = time.perf_counter() - started
+        claim = self._claim(step)
+        claim.__enter__()
+
+        def persist() -> CommitMarker:
+            try:
+                return self._persist(staged, progress=progress)
+            finally:
+                claim.__exit__(None, None, None)
+
+        handle = SaveHandle(step, self._background.submit(persist), stall)
+        self._inflight = handle
+        return handle
+
+    def _settle_inflight(self) -> None:
+        """Wait for the save in flight; raise its error if nobody has seen it yet."""
+        previous, self._inflight = self._inflight, None
+        if previous is None:
+            return
+        previous.wait()
+        error = previous.exception()
+        if error is not None and not previous.observed:
+            previous.observed = True
+            raise error
+
+    @contextmanager
+    def _claim(self, step: int) -> Iterator[None]:
+        """Mark ``step`` as being written by this process (prune leaves it alone)."""
+        with self._lock:
+            if step in self._writing:
+                raise SnapshotExistsError("a save of this step is already in progress", url=self.url, step=step)
+            self._writing.add(step)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._writing.discard(step)
 
     def _rng_key(self, rank: int) -> str:
         return RNG_KEY if rank == 0 else f"{RNG_KEY}.{rank}"
@@ -286,73 +398,61 @@ class Checkpointer:
     def _persist(self, staged: Staged, *, overwrite: bool = False, progress: Progress | None = None) -> CommitMarker:
         """Plan, write this rank's chunks, vote, and (coordinator) commit. Collective."""
         world, step = self.world, staged.step
-        with self._lock:
-            if step in self._writing:
-                raise SnapshotExistsError("a save of this step is already in progress", url=self.url, step=step)
-            self._writing.add(step)
-        try:
-            mine = {
-                "pieces": {n: p.to_json() for n, p in staged.pieces.items()},
-                "devices": staged.devices,
-                "rng": staged.objects[staged.rng_key].model_dump(mode="json")
-                if staged.rng_key in staged.objects
-                else None,
-            }
-            everyone = world.all_gather_json(mine, f"save of step {step}: planning")
-            devices = {n: d for rank in everyone for n, d in rank["devices"].items()}
-            plan = plan_writes(
-                [{n: Piece.from_json(p) for n, p in rank["pieces"].items()} for rank in everyone],
-                self.options.chunk_bytes,
-                devices,
-            )
-            if world.rank == 0:
-                self._agree(f"save of step {step}: preparing", lambda: self._clear_for_write(step, overwrite), step)
-            else:
-                self._agree(f"save of step {step}: preparing", lambda: None, step)
-            writer = SnapshotWriter(self.storage, self._executor, step)
-            device_type = sorted({d.split(":")[0] for d in staged.devices.values()} or {"cpu"})[0]
-            index = self._agree(
-                f"save of step {step}: writing",
-                lambda: writer.write_chunks(
-                    self._jobs(plan, staged),
-                    rank=world.rank,
-                    world_size=world.world_size,
-                    device_type=device_type,
-                    progress=progress,
-                ),
+        mine = {
+            "pieces": {n: p.to_json() for n, p in staged.pieces.items()},
+            "devices": staged.devices,
+            "rng": staged.objects[staged.rng_key].model_dump(mode="json") if staged.rng_key in staged.objects else None,
+        }
+        everyone = world.all_gather_json(mine, f"save of step {step}: planning")
+        devices = {n: d for rank in everyone for n, d in rank["devices"].items()}
+        plan = plan_writes(
+            [{n: Piece.from_json(p) for n, p in rank["pieces"].items()} for rank in everyone],
+            self.options.chunk_bytes,
+            devices,
+        )
+        if world.rank == 0:
+            self._agree(f"save of step {step}: preparing", lambda: self._clear_for_write(step, overwrite), step)
+        else:
+            self._agree(f"save of step {step}: preparing", lambda: None, step)
+        writer = SnapshotWriter(self.storage, self._executor, step)
+        device_type = sorted({d.split(":")[0] for d in staged.devices.values()} or {"cpu"})[0]
+        index = self._agree(
+            f"save of step {step}: writing",
+            lambda: writer.write_chunks(
+                self._jobs(plan, staged),
+                rank=world.rank,
+                world_size=world.world_size,
+                device_type=device_type,
+                progress=progress,
+            ),
+            step,
+        )
+        indexes = world.all_gather_json(index.model_dump(mode="json"), f"save of step {step}: collecting indexes")
+        objects = dict(staged.objects)
+        for rank, sent in enumerate(everyone):
+            if rank > 0 and sent["rng"] is not None:
+                objects[self._rng_key(rank)] = ObjectRecord.model_validate(sent["rng"])
+
+        def commit() -> CommitMarker | None:
+            if world.rank != 0:
+                return None
+            manifest = manifest_for(
                 step,
+                now_iso(),
+                objects,
+                plan.records,
+                world_size=world.world_size,
+                device_types=sorted({d.split(":")[0] for d in devices.values()} or {"cpu"}),
+                info=staged.info,
             )
-            indexes = world.all_gather_json(index.model_dump(mode="json"), f"save of step {step}: collecting indexes")
-            objects = dict(staged.objects)
-            for rank, sent in enumerate(everyone):
-                if rank > 0 and sent["rng"] is not None:
-                    objects[self._rng_key(rank)] = ObjectRecord.model_validate(sent["rng"])
-
-            def commit() -> CommitMarker | None:
-                if world.rank != 0:
-                    return None
-                manifest = manifest_for(
-                    step,
-                    now_iso(),
-                    objects,
-                    plan.records,
-                    world_size=world.world_size,
-                    device_types=sorted({d.split(":")[0] for d in devices.values()} or {"cpu"}),
-                    info=staged.info,
-                )
-                manifest_bytes = writer.write_metadata(manifest)
-                return writer.commit(
-                    manifest_bytes, manifest, [RankIndex.model_validate(i) for i in indexes], writer_info()
-                )
-
-            marker = self._agree(f"save of step {step}: committing", commit, step)
-            sealed = world.broadcast_json(
-                marker.to_json() if marker is not None else None, f"save of step {step}: done"
+            manifest_bytes = writer.write_metadata(manifest)
+            return writer.commit(
+                manifest_bytes, manifest, [RankIndex.model_validate(i) for i in indexes], writer_info()
             )
-            return CommitMarker.model_validate(sealed)
-        finally:
-            with self._lock:
-                self._writing.discard(step)
+
+        marker = self._agree(f"save of step {step}: committing", commit, step)
+        sealed = world.broadcast_json(marker.to_json() if marker is not None else None, f"save of step {step}: done")
+        return CommitMarker.model_validate(sealed)
 
     def _jobs(self, plan: WritePlan, staged: Staged) -> list[tuple[str, ChunkSpan, memoryview]]:
         jobs = []
@@ -576,8 +676,19 @@ class Checkpointer:
         times = [os.stat(os.path.join(d, f)).st_mtime for d, _, files in os.walk(path) for f in files]
         return time.time() - max(times, default=os.stat(path).st_mtime)
 
+    def wait(self) -> CommitMarker | None:
+        """Wait for the save in flight, if any; returns its marker (raises its error)."""
+        handle, self._inflight = self._inflight, None
+        return handle.result() if handle is not None else None
+
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        """Finish the save in flight (raising its unseen error), then release threads and buffers."""
+        try:
+            self._settle_inflight()
+        finally:
+            self._background.shutdown(wait=True)
+            self._executor.shutdown(wait=True)
+            self._pool.clear()
 
     def __enter__(self) -> Checkpointer:
         return self

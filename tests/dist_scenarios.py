@@ -79,7 +79,7 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, np.nda
 
 
 def save(run_dir: str, ref_path: str, mode: str, steps: int = 2, chunk_bytes: int = 64) -> dict[str, Any]:
-    rank, world = rank_and_world()
+    rank, _ = rank_and_world()
     trained, saved = wrap(build_model(), mode)
     opt = torch.optim.AdamW(saved.parameters(), lr=1e-2)
     sampler = GlobalSampler(SAMPLES, BATCH, seed=1)
@@ -98,8 +98,8 @@ def save(run_dir: str, ref_path: str, mode: str, steps: int = 2, chunk_bytes: in
 
 
 def restore(run_dir: str, ref_path: str, mode: str, train_after: int = 0) -> dict[str, Any]:
-    rank, world = rank_and_world()
-    trained, target = wrap(build_model(), mode)
+    rank, _ = rank_and_world()
+    _, target = wrap(build_model(), mode)
     opt = torch.optim.AdamW(target.parameters(), lr=1e-2)
     sampler = GlobalSampler(SAMPLES, BATCH, seed=1)
     ckpt = moai_ckpt.Checkpointer(run_dir, collective_timeout_s=60)
