@@ -30,8 +30,15 @@ def build_model() -> nn.Module:
     )
 
 
+def device() -> torch.device:
+    if os.environ.get("MOAI_TEST_BACKEND") == "nccl" or os.environ.get("MOAI_TEST_DEVICE") == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def wrap(model: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
     """(the module to train, the module whose state is saved/restored)."""
+    model = model.to(device())
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -41,7 +48,7 @@ def wrap(model: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
         fully_shard(model)
         return model, model
     if mode == "ddp":
-        ddp = nn.parallel.DistributedDataParallel(model)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device().index] if device().type == "cuda" else None)
         return ddp, model
     return model, model
 
@@ -53,7 +60,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, sampler: GlobalSampler, steps: int) -> None:
     rank, world = rank_and_world()
-    x, y = data()
+    x, y = (t.to(device()) for t in data())
     for _ in range(steps):
         idx = sampler.next_batch(rank, world)
         loss = nn.functional.mse_loss(model(x[idx]), y[idx])

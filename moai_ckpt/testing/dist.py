@@ -34,8 +34,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(target: str, world_size: int, *, timeout: float = 240.0, **kwargs: Any) -> list[RankResult]:
-    """Start ``world_size`` ranks running ``target`` and wait for all of them (or the timeout)."""
+def launch(
+    target: str, world_size: int, *, timeout: float = 240.0, backend: str = "gloo", **kwargs: Any
+) -> list[RankResult]:
+    """Start ``world_size`` ranks running ``target`` and wait for all of them (or the timeout).
+
+    With ``backend="nccl"`` rank ``r`` uses CUDA device ``r``.
+    """
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="moai-dist-") as scratch:
         procs = []
@@ -48,6 +53,7 @@ def launch(target: str, world_size: int, *, timeout: float = 240.0, **kwargs: An
                 "WORLD_SIZE": str(world_size),
                 "LOCAL_RANK": str(rank),
                 "OMP_NUM_THREADS": "1",
+                "MOAI_TEST_BACKEND": backend,
             }
             out = os.path.join(scratch, f"{rank}.json")
             cmd = [sys.executable, "-m", "moai_ckpt.testing.dist", target, json.dumps(kwargs), out]
@@ -76,8 +82,13 @@ def _main() -> None:
     import torch.distributed as dist
 
     world_size = int(os.environ["WORLD_SIZE"])
+    backend = os.environ.get("MOAI_TEST_BACKEND", "gloo")
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if world_size > 1:
-        dist.init_process_group("gloo", init_method="env://")
+        dist.init_process_group(backend, init_method="env://")
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     value = func(**json.loads(raw_kwargs))
