@@ -25,10 +25,10 @@ from torch import nn
 import moai_ckpt
 
 
-def build(layers: int, d_model: int) -> tuple[nn.Module, list[nn.Module]]:
+def build(layers: int, d_model: int, device: str) -> tuple[nn.Module, list[nn.Module]]:
     torch.manual_seed(0)
     blocks = [nn.TransformerEncoderLayer(d_model, 16, 4 * d_model, batch_first=True) for _ in range(layers)]
-    return nn.Sequential(*blocks).cuda(), blocks
+    return nn.Sequential(*blocks).to(device), blocks
 
 
 def populate(model: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -47,7 +47,7 @@ def digests(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, str]:
         for key, t in sorted(tensors.items()):
             full = t.full_tensor() if hasattr(t, "full_tensor") else t
             out[f"{name}.{key}"] = hashlib.sha256(
-                full.detach().cpu().contiguous().view(torch.uint8).numpy()
+                full.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             ).hexdigest()
     return out
 
@@ -55,10 +55,12 @@ def digests(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, str]:
 def save_phase(args: argparse.Namespace) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("nccl")
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
-    torch.cuda.set_device(rank)
-    model, blocks = build(args.layers, args.d_model)
+    if cuda:
+        torch.cuda.set_device(rank)
+    model, blocks = build(args.layers, args.d_model, f"cuda:{rank}" if cuda else "cpu")
     for block in blocks:
         fully_shard(block)
     fully_shard(model)
@@ -82,6 +84,7 @@ def save_phase(args: argparse.Namespace) -> None:
         marker = handle.result()
     ckpt.prune(keep=1)
     record = digests(model, opt)
+    ckpt.close()
     local = sum(t.to_local().numel() * t.element_size() for t in list(model.parameters()))
     mine = {"rank": rank, "local_param_bytes": local, "stalls": stalls, **timings}
     gathered = ckpt.world.all_gather_json(mine, "benchmark results")
@@ -89,33 +92,37 @@ def save_phase(args: argparse.Namespace) -> None:
         with open(os.path.join(args.dir, "digests.json"), "w") as f:
             json.dump(record, f)
         total = marker.body.total_bytes
-        print(f"\nsharded save on {dist.get_world_size()} x {torch.cuda.get_device_name(0)}: {total / 1e9:.2f} GB")
+        name = torch.cuda.get_device_name(0) if cuda else "CPU"
+        print(f"\nsharded save on {dist.get_world_size()} x {name}: {total / 1e9:.2f} GB")
         print(f"{'rank':>4} {'save 1 s':>9} {'save 2 s':>9} {'GB/s':>6} {'async stalls s':>22}")
         for g in gathered:
             print(
                 f"{g['rank']:>4} {g['save 1']:>9.2f} {g['save 2']:>9.2f} {total / g['save 2'] / 1e9:>6.2f} "
                 f"{' '.join(f'{s:.3f}' for s in g['stalls']):>22}"
             )
-        written = [r.key for r in moai_ckpt.Checkpointer(run).marker().body.ranks]
+        written = [r.key for r in ckpt.marker().body.ranks]
         print(f"rank indexes: {written}")
     dist.destroy_process_group()
 
 
 def restore_phase(args: argparse.Namespace) -> None:
-    model, _ = build(args.layers, args.d_model)
+    cuda = args.device == "cuda"
+    model, _ = build(args.layers, args.d_model, "cuda:0" if cuda else "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ckpt = moai_ckpt.Checkpointer(os.path.join(args.dir, "run"), capture_rng=False)
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     start = time.perf_counter()
     step = ckpt.restore({"model": model, "optim": opt})
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - start
     with open(os.path.join(args.dir, "digests.json")) as f:
         expected = json.load(f)
     actual = digests(model, opt)
     mismatched = sorted(k for k in expected if actual.get(k) != expected[k])
     manifest = ckpt.manifest(step)
-    print(f"\n2 -> 1 restore of step {step} (saved by {manifest.world_size} ranks) on {torch.cuda.get_device_name(0)}")
+    name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    print(f"\n2 -> 1 restore of step {step} (saved by {manifest.world_size} ranks) on {name}")
     print(f"restore {elapsed:.2f} s; tensors compared {len(expected)}; mismatched {len(mismatched)} {mismatched[:3]}")
 
 
@@ -125,6 +132,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--d-model", type=int, default=1024)
     parser.add_argument("--dir", default="bench_out/sharded")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo, for a dry run")
     args = parser.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     (save_phase if args.phase == "save" else restore_phase)(args)

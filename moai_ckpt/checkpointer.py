@@ -184,6 +184,8 @@ class Checkpointer:
         options: a `CheckpointerOptions`; keyword options below override its fields.
         process_group: under torch.distributed, a gloo group spanning all ranks to coordinate
             over (by default one is created; every rank must build its Checkpointer together).
+        local: this process alone, even under torch.distributed: no collectives (for tools that
+            list, inspect or verify a run from one rank).
         **storage_options: any `CheckpointerOptions` field (``collective_timeout_s=60``);
             everything else goes to the fsspec file system (e.g. ``endpoint_url``), or
             ``fsync=False`` for a local path on a scratch disk.
@@ -205,6 +207,7 @@ class Checkpointer:
         capture_rng: bool | None = None,
         retry: RetryPolicy | None = None,
         process_group: Any | None = None,
+        local: bool = False,
         **storage_options: Any,
     ) -> None:
         named = {"chunk_bytes": chunk_bytes, "io_threads": io_threads, "capture_rng": capture_rng, "retry": retry}
@@ -216,7 +219,9 @@ class Checkpointer:
         self.storage: Storage = open_storage(url, self.options.retry, **storage_options)
         self.url = self.storage.url
         self._executor = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="moai-io")
-        self.world: World = current_world(timedelta(seconds=self.options.collective_timeout_s), process_group)
+        self.world: World = current_world(
+            timedelta(seconds=self.options.collective_timeout_s), process_group, local=local
+        )
         self._writing: set[int] = set()
         self._lock = threading.Lock()
         self._pool = HostPool()
@@ -689,6 +694,7 @@ class Checkpointer:
             self._background.shutdown(wait=True)
             self._executor.shutdown(wait=True)
             self._pool.clear()
+            self.world.close()
 
     def __enter__(self) -> Checkpointer:
         return self

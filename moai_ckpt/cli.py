@@ -148,7 +148,7 @@ def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
 
 @contextmanager
 def _open(url: str, pairs: list[str] | None) -> Iterator[Checkpointer]:
-    with Checkpointer(url, **_storage_options(pairs)) as ckpt:
+    with Checkpointer(url, local=True, **_storage_options(pairs)) as ckpt:
         yield ckpt
 
 

@@ -34,6 +34,8 @@ class World(Protocol):
 
     def barrier(self, what: str) -> None: ...
 
+    def close(self) -> None: ...
+
 
 class SingleProcess:
     """A world of one: every collective is the identity."""
@@ -50,6 +52,9 @@ class SingleProcess:
     def barrier(self, what: str) -> None:
         return None
 
+    def close(self) -> None:
+        return None
+
 
 class ProcessGroupWorld:
     """All ranks of the default process group, talking over their own gloo group.
@@ -64,6 +69,7 @@ class ProcessGroupWorld:
             raise CoordinationError("torch.distributed is not initialised")
         self.timeout = timeout
         # creating a group is itself collective: every rank builds its Checkpointer in the same order
+        self._owned = group is None
         self.group = group if group is not None else dist.new_group(backend="gloo", timeout=timeout)
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -91,6 +97,12 @@ class ProcessGroupWorld:
     def broadcast_json(self, obj: Any, what: str, src: int = 0) -> Any:
         return self.all_gather_json(obj if self.rank == src else None, what)[src]
 
+    def close(self) -> None:
+        """Release the coordination group if this world created it."""
+        if self._owned and dist.is_initialized():
+            dist.destroy_process_group(self.group)
+            self._owned = False
+
     def barrier(self, what: str) -> None:
         """A barrier that names the ranks that did not arrive (on rank 0) instead of hanging."""
         try:
@@ -99,8 +111,8 @@ class ProcessGroupWorld:
             raise self._fail(what, exc) from exc
 
 
-def current_world(timeout: timedelta, group: dist.ProcessGroup | None = None) -> World:
-    """The world a Checkpointer built now takes part in."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+def current_world(timeout: timedelta, group: dist.ProcessGroup | None = None, *, local: bool = False) -> World:
+    """The world a Checkpointer built now takes part in (``local``: this process alone)."""
+    if not local and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return ProcessGroupWorld(timeout, group)
     return SingleProcess()

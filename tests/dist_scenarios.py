@@ -48,7 +48,9 @@ def wrap(model: nn.Module, mode: str) -> tuple[nn.Module, nn.Module]:
         fully_shard(model)
         return model, model
     if mode == "ddp":
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device().index] if device().type == "cuda" else None)
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device().index] if device().type == "cuda" else None
+        )
         return ddp, model
     return model, model
 
