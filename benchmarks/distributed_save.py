@@ -54,7 +54,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common
-from save_restore import raw_read, raw_write
+from common import raw_write
+from save_restore import raw_read
 
 import moai_ckpt
 from moai_ckpt.format import CommitMarker, rank_index_key

@@ -67,21 +67,6 @@ def pinned_copy_floor(tensors: list[torch.Tensor], reps: int) -> tuple[float, li
     return statistics.median(times[1:]), buffers
 
 
-def raw_write(path: str, buffers: list[torch.Tensor]) -> float:
-    start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for b in buffers:
-            view = memoryview(b.reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < len(view):
-                done += os.write(fd, view[done:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - start
-
-
 def moai_runs(base: str, state: dict[str, Any], reps: int) -> list[dict[str, float]]:
     path = os.path.join(base, "moai")
     shutil.rmtree(path, ignore_errors=True)
@@ -140,7 +125,7 @@ def main() -> None:
     raws = []
     for _ in range(args.reps):
         common.settle()
-        raws.append(raw_write(os.path.join(args.dir, "raw.bin"), buffers))
+        raws.append(common.raw_write(os.path.join(args.dir, "raw.bin"), buffers))
     raw = statistics.median(raws)
     os.unlink(os.path.join(args.dir, "raw.bin"))
     del buffers

@@ -58,19 +58,6 @@ def state_tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[to
     return out
 
 
-def raw_write(path: str, tensors: list[torch.Tensor]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        for t in tensors:
-            view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < len(view):
-                done += os.write(fd, view[done:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def raw_read(path: str, buffers: list[torch.Tensor]) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -146,7 +133,7 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     state = {"model": model, "optim": opt}
     save_fns = {
-        "raw": lambda: raw_write(paths["raw"], tensors),
+        "raw": lambda: common.raw_write(paths["raw"], tensors),
         "torch.save": lambda: torch_save(paths["torch.save"], model, opt),
         "DCP": lambda: dcp.save(dcp_state(model, opt), checkpoint_id=paths["DCP"]),
         "zarr-naive": lambda: naive_zarr_save(paths["zarr-naive"], tensors),
@@ -220,10 +207,12 @@ def render(
     for peer in peers:
         if peer in series:
             table.add_column(f"x {peer}", justify="right")
+    table.add_column("GB on disk", justify="right")
     table.add_column("all runs (s)")
     for name, s in series.items():
         row = [name, f"{s.median:.2f}", f"{nbytes / s.median / 1e9:.2f}", f"{floor / s.median:.2f}"]
         row += [f"{series[p].median / s.median:.2f}" for p in peers if p in series]
+        row.append(f"{written[name] / 1e9:.2f}" if name in written else "")
         row.append(" ".join(f"{x:.2f}" for x in s.seconds))
         table.add_row(*row)
     return table

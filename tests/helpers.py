@@ -10,6 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from moai_ckpt.testing import assert_bitwise_equal, tensors_of
+
+__all__ = ["TinyNet", "Trainer", "assert_bitwise_equal", "full_state_tensors", "next_randoms", "tensors_of"]
+
 
 class TinyNet(nn.Module):
     """A small model with dropout (draws from torch's CPU RNG) and tied input/output weights."""
@@ -85,30 +89,6 @@ def next_randoms(trainer: Trainer) -> dict[str, Any]:
         "data_gen": torch.rand(4, generator=trainer.data_gen).tolist(),
         "np_rng": trainer.np_rng.random(3).tolist(),
     }
-
-
-def tensors_of(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor in a (nested) state dict, keyed by path."""
-    out: dict[str, torch.Tensor] = {}
-    if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(tensors_of(v, f"{prefix}.{k}"))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(tensors_of(v, f"{prefix}.{i}"))
-    return out
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        x, y = a[key], b[key]
-        assert x.dtype == y.dtype and x.shape == y.shape, key
-        assert torch.equal(
-            x.reshape(-1).view(torch.uint8) if x.numel() else x, y.reshape(-1).view(torch.uint8) if y.numel() else y
-        ), key
 
 
 def full_state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
