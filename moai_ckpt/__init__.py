@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from moai_ckpt.checkpointer import Checkpointer, CheckpointerOptions, SnapshotEntry, VerifyReport
+from moai_ckpt.checkpointer import Checkpointer, CheckpointerOptions, SaveHandle, SnapshotEntry, VerifyReport
+from moai_ckpt.distributed import CoordinationError
 from moai_ckpt.errors import (
     ChecksumError,
     CorruptSnapshotError,
@@ -23,6 +24,7 @@ from moai_ckpt.errors import (
 )
 from moai_ckpt.format import FORMAT_VERSION
 from moai_ckpt.rng import register_generator, unregister_generator
+from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage
 
 __all__ = [
@@ -30,11 +32,14 @@ __all__ = [
     "Checkpointer",
     "CheckpointerOptions",
     "ChecksumError",
+    "CoordinationError",
     "CorruptSnapshotError",
+    "GlobalSampler",
     "ManifestMismatchError",
     "MissingDataError",
     "MoaiCkptError",
     "RetryPolicy",
+    "SaveHandle",
     "SnapshotEntry",
     "SnapshotExistsError",
     "SnapshotNotFoundError",
