@@ -415,10 +415,12 @@ class Checkpointer:
             self.options.chunk_bytes,
             devices,
         )
-        if world.rank == 0:
-            self._agree(f"save of step {step}: preparing", lambda: self._clear_for_write(step, overwrite), step)
-        else:
-            self._agree(f"save of step {step}: preparing", lambda: None, step)
+        # the coordinator clears leftovers of an interrupted save at this step (or refuses to overwrite)
+        self._agree(
+            f"save of step {step}: preparing",
+            lambda: self._clear_for_write(step, overwrite) if world.rank == 0 else None,
+            step,
+        )
         writer = SnapshotWriter(self.storage, self._executor, step)
         device_type = sorted({d.split(":")[0] for d in staged.devices.values()} or {"cpu"})[0]
         index = self._agree(
