@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from moai_ckpt.checkpointer import Checkpointer, CheckpointerOptions, SaveHandle, SnapshotEntry, VerifyReport
+from moai_ckpt.checkpointer import Checkpointer, CheckpointerOptions
 from moai_ckpt.distributed import CoordinationError
 from moai_ckpt.errors import (
     ChecksumError,
@@ -23,6 +23,7 @@ from moai_ckpt.errors import (
     UnsupportedFormatError,
 )
 from moai_ckpt.format import FORMAT_VERSION
+from moai_ckpt.results import SaveHandle, SnapshotEntry, VerifyReport
 from moai_ckpt.rng import register_generator, unregister_generator
 from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage

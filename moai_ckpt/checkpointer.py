@@ -9,11 +9,10 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,6 +40,7 @@ from moai_ckpt.format import (
     parse_snapshot_dir,
     snapshot_dir,
 )
+from moai_ckpt.results import SaveHandle, SnapshotEntry, VerifyReport
 from moai_ckpt.rng import GlobalRNG
 from moai_ckpt.sharding import Piece, WritePlan, live_targets, local_bytes, local_piece, plan_writes
 from moai_ckpt.snapshot import (
@@ -52,33 +52,12 @@ from moai_ckpt.snapshot import (
     manifest_for,
     writer_info,
 )
-from moai_ckpt.staging import HostPool
+from moai_ckpt.staging import HostPool, Staged, Stager
 from moai_ckpt.storage import LocalStorage, RetryPolicy, Storage, open_storage
 from moai_ckpt.tree import tensor_refs
 
 log = logging.getLogger("moai_ckpt")
 T = TypeVar("T")
-
-
-class Stager(Protocol):
-    """Copies tensors to host memory for a save that returns before it writes."""
-
-    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor: ...
-
-    def wait(self) -> None: ...
-
-
-@dataclass
-class Staged:
-    """One rank's captured state, ready to persist."""
-
-    step: int
-    objects: dict[str, ObjectRecord]
-    info: dict[str, Any]
-    rng_key: str
-    pieces: dict[str, Piece] = field(default_factory=dict)
-    devices: dict[str, str] = field(default_factory=dict)
-    host: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 _LISTED = ("committed", "unsupported")
@@ -108,72 +87,6 @@ class CheckpointerOptions(BaseModel):
         default=300.0, gt=0, description="bound on every collective of a distributed save or restore"
     )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
-
-
-class SaveHandle:
-    """A snapshot being written in the background by `Checkpointer.save_async`.
-
-    Attributes:
-        step: the step being saved.
-        stall_s: how long `save_async` blocked the caller (capture and host copies).
-    """
-
-    def __init__(self, step: int, future: Future[CommitMarker], stall_s: float) -> None:
-        self.step = step
-        self.stall_s = stall_s
-        self._future = future
-        self.observed = False
-
-    def done(self) -> bool:
-        """True once the snapshot is committed or has failed."""
-        return self._future.done()
-
-    def result(self, timeout: float | None = None) -> CommitMarker:
-        """Wait for the commit and return its marker; raises the background error, if any."""
-        self.observed = True
-        return self._future.result(timeout)
-
-    def exception(self) -> BaseException | None:
-        return self._future.exception() if self._future.done() else None
-
-    def wait(self, timeout: float | None = None) -> None:
-        wait([self._future], timeout)
-
-    def __repr__(self) -> str:
-        state = "done" if self.done() else "writing"
-        return f"SaveHandle(step={self.step}, {state}, stall {self.stall_s * 1e3:.1f} ms)"
-
-
-@dataclass(frozen=True)
-class SnapshotEntry:
-    """One directory under ``snapshots/`` and what its commit marker says."""
-
-    step: int
-    status: str  # committed | uncommitted | invalid | unsupported
-    marker: CommitMarker | None = None
-    problem: str | None = None
-
-
-@dataclass
-class VerifyReport:
-    """The result of `Checkpointer.verify`."""
-
-    url: str
-    step: int
-    faults: list[Fault] = field(default_factory=list)
-    arrays: int = 0
-    bytes_checked: int = 0  # bytes of chunks that were read and passed their checksums
-
-    @property
-    def ok(self) -> bool:
-        return not self.faults
-
-    def raise_if_failed(self) -> None:
-        if self.faults:
-            first = self.faults[0]
-            raise CorruptSnapshotError(
-                f"{len(self.faults)} fault(s), first: {first.message}", url=self.url, step=self.step, key=first.key
-            )
 
 
 class Checkpointer:

@@ -35,10 +35,11 @@ from rich.progress import (
 from rich.table import Table
 
 from moai_ckpt import __version__
-from moai_ckpt.checkpointer import Checkpointer, SnapshotEntry, VerifyReport
+from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.dtypes import from_name
 from moai_ckpt.errors import MoaiCkptError, SnapshotNotFoundError, UnsupportedFormatError
 from moai_ckpt.format import ArrayRecord, Manifest, snapshot_dir
+from moai_ckpt.results import SnapshotEntry, VerifyReport
 from moai_ckpt.tree import decode, tensor_refs
 
 app = typer.Typer(

@@ -10,8 +10,34 @@ the device-to-host copies run at full bandwidth and can all be queued before a s
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
+
+from moai_ckpt.format import ObjectRecord
+from moai_ckpt.sharding import Piece
+
+
+class Stager(Protocol):
+    """Copies tensors to host memory for a save that returns before it writes."""
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def wait(self) -> None: ...
+
+
+@dataclass
+class Staged:
+    """One rank's captured state, ready to persist."""
+
+    step: int
+    objects: dict[str, ObjectRecord]
+    info: dict[str, Any]
+    rng_key: str
+    pieces: dict[str, Piece] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
+    host: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class HostPool:

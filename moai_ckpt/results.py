@@ -1,0 +1,76 @@
+"""What Checkpointer calls hand back: save handles, directory listings and verification reports."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
+
+from moai_ckpt.errors import CorruptSnapshotError
+from moai_ckpt.format import CommitMarker
+from moai_ckpt.snapshot import Fault
+
+
+class SaveHandle:
+    """A snapshot being written in the background by `Checkpointer.save_async`.
+
+    Attributes:
+        step: the step being saved.
+        stall_s: how long `save_async` blocked the caller (capture and host copies).
+    """
+
+    def __init__(self, step: int, future: Future[CommitMarker], stall_s: float) -> None:
+        self.step = step
+        self.stall_s = stall_s
+        self._future = future
+        self.observed = False
+
+    def done(self) -> bool:
+        """True once the snapshot is committed or has failed."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> CommitMarker:
+        """Wait for the commit and return its marker; raises the background error, if any."""
+        self.observed = True
+        return self._future.result(timeout)
+
+    def exception(self) -> BaseException | None:
+        return self._future.exception() if self._future.done() else None
+
+    def wait(self, timeout: float | None = None) -> None:
+        wait([self._future], timeout)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "writing"
+        return f"SaveHandle(step={self.step}, {state}, stall {self.stall_s * 1e3:.1f} ms)"
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    """One directory under ``snapshots/`` and what its commit marker says."""
+
+    step: int
+    status: str  # committed | uncommitted | invalid | unsupported
+    marker: CommitMarker | None = None
+    problem: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    """The result of `Checkpointer.verify`."""
+
+    url: str
+    step: int
+    faults: list[Fault] = field(default_factory=list)
+    arrays: int = 0
+    bytes_checked: int = 0  # bytes of chunks that were read and passed their checksums
+
+    @property
+    def ok(self) -> bool:
+        return not self.faults
+
+    def raise_if_failed(self) -> None:
+        if self.faults:
+            first = self.faults[0]
+            raise CorruptSnapshotError(
+                f"{len(self.faults)} fault(s), first: {first.message}", url=self.url, step=self.step, key=first.key
+            )
