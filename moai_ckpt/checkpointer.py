@@ -298,19 +298,28 @@ class Checkpointer:
     ) -> Staged:
         """Capture ``state`` on this rank: its pieces of every array, as contiguous host tensors.
 
-        With ``copy`` the host tensors are copies (for a save that returns before it writes);
-        otherwise CPU tensors are written straight from the live memory.
+        With ``copy`` every host tensor is a copy (for a save that returns before it writes).
+        Otherwise CPU tensors are written straight from the live memory, and device tensors go
+        through the pinned staging pool: all copies queued, one wait.
         """
         rng_key = self._rng_key(self.world.rank)
         captured = capture(state, rng=GlobalRNG() if self.options.capture_rng else None, rng_key=rng_key)
         staged = Staged(step=step, objects=captured.objects, info=dict(info or {}), rng_key=rng_key)
+        pooled = False
         for name, tensor in captured.tensors.items():
             shape, start, stop, local = local_piece(tensor)
             staged.pieces[name] = Piece(stored_dtype(tensor.dtype, key=name).logical, shape, start, stop)
             staged.devices[name] = str(tensor.device)
-            staged.host[name] = copy(name, local) if copy is not None else host_tensor(local)
+            if copy is not None:
+                staged.host[name] = copy(name, local)
+            elif local.device.type == "cuda":
+                staged.host[name], pooled = self._pool(name, local), True
+            else:
+                staged.host[name] = host_tensor(local)
         if copy is not None:
             copy.wait()
+        elif pooled:
+            self._pool.wait()
         return staged
 
     def _persist(self, staged: Staged, *, overwrite: bool = False, progress: Progress | None = None) -> CommitMarker:
