@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moai_ckpt.arrays import ChunkSpan
 from moai_ckpt.capture import RNG_KEY, Restorer, capture
-from moai_ckpt.distributed import CoordinationError, World, current_world
+from moai_ckpt.distributed import CoordinationError, RankLostError, World, current_world
 from moai_ckpt.dtypes import from_name, stored_dtype
 from moai_ckpt.errors import (
     CorruptSnapshotError,
@@ -30,11 +32,13 @@ from moai_ckpt.errors import (
 )
 from moai_ckpt.format import (
     COMMIT,
+    RUN_INFO,
     SNAPSHOTS,
     CommitMarker,
     Manifest,
     ObjectRecord,
     RankIndex,
+    RunInfo,
     load_commit,
     now_iso,
     parse_snapshot_dir,
@@ -365,6 +369,7 @@ class Checkpointer:
         def commit() -> CommitMarker | None:
             if world.rank != 0:
                 return None
+            self._ensure_run_info()
             manifest = manifest_for(
                 step,
                 now_iso(),
@@ -382,6 +387,18 @@ class Checkpointer:
         marker = self._agree(f"save of step {step}: committing", commit, step)
         sealed = world.broadcast_json(marker.to_json() if marker is not None else None, f"save of step {step}: done")
         return CommitMarker.model_validate(sealed)
+
+    def _ensure_run_info(self) -> None:
+        """Write ``run.json`` (the run's identity) with the first snapshot of a run directory."""
+        if self.storage.exists(RUN_INFO):
+            return
+        info = RunInfo(
+            run_id=uuid.uuid4().hex,
+            created=now_iso(),
+            entrypoint=" ".join(sys.argv) or None,
+            versions=writer_info(),
+        )
+        self.storage.write(RUN_INFO, info.model_dump_json(indent=1).encode())
 
     def _jobs(self, plan: WritePlan, staged: Staged) -> list[tuple[str, ChunkSpan, memoryview]]:
         jobs = []
@@ -473,7 +490,7 @@ class Checkpointer:
             try:
                 prepared = self._agree(f"restore of step {candidate}", prepare, candidate)
             except (CorruptSnapshotError, UnsupportedFormatError, SnapshotNotFoundError, CoordinationError) as exc:
-                if not fallback or (isinstance(exc, CoordinationError) and "lost contact" in str(exc)):
+                if not fallback or isinstance(exc, RankLostError):
                     raise
                 errors.append(f"step {candidate}: {exc}")
                 log.warning("snapshot at step %d is unusable, trying an older one: %s", candidate, exc)

@@ -22,6 +22,10 @@ class CoordinationError(MoaiCkptError, RuntimeError):
     """Ranks could not agree: one died, hung past the timeout, or reported a failure."""
 
 
+class RankLostError(CoordinationError):
+    """A collective failed: a rank died or hung past the timeout. The group is unusable now."""
+
+
 class World(Protocol):
     """The ranks taking part in a save or restore."""
 
@@ -74,8 +78,8 @@ class ProcessGroupWorld:
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
 
-    def _fail(self, what: str, exc: BaseException) -> CoordinationError:
-        return CoordinationError(
+    def _fail(self, what: str, exc: BaseException) -> RankLostError:
+        return RankLostError(
             f"{what}: rank {self.rank} lost contact with the other ranks (one died, hung past "
             f"{self.timeout.total_seconds():.0f} s, or failed): {exc}"
         )

@@ -33,11 +33,6 @@ def check_key(key: str, *, url: str | None = None) -> str:
     return key
 
 
-def join(*parts: str) -> str:
-    """Join key parts with ``/`` and check the result."""
-    return check_key("/".join(p.strip("/") for p in parts if p))
-
-
 def sanitize_segment(name: str) -> str:
     """Map an arbitrary state name to a readable, safe key segment (not guaranteed unique)."""
     cleaned = _UNSAFE_CHAR.sub("_", name)[:180]

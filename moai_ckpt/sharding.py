@@ -120,12 +120,6 @@ class WritePlan:
     def for_rank(self, rank: int) -> list[Assignment]:
         return [a for a in self.assignments if a.rank == rank]
 
-    def bytes_per_rank(self, world_size: int) -> list[int]:
-        out = [0] * world_size
-        for a in self.assignments:
-            out[a.rank] += a.span.stop - a.span.start
-        return out
-
 
 def plan_writes(pieces_by_rank: list[dict[str, Piece]], chunk_bytes: int, devices: dict[str, str]) -> WritePlan:
     """Decide chunking and writers from every rank's pieces (deterministic: all ranks agree)."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from moai_ckpt import arrays as za
-from moai_ckpt.dtypes import from_name, is_known, stored_dtype, torch_dtype
+from moai_ckpt.dtypes import from_name, is_known, torch_dtype
 from moai_ckpt.errors import (
     CorruptSnapshotError,
     ManifestMismatchError,
@@ -79,18 +79,6 @@ def host_tensor(t: torch.Tensor) -> torch.Tensor:
     if t.device.type != "cpu":
         t = t.to("cpu")
     return t if t.is_contiguous() else t.contiguous()
-
-
-def array_record(name: str, t: torch.Tensor, chunk_bytes: int) -> ArrayRecord:
-    stored = stored_dtype(t.dtype, key=name)
-    shape = tuple(t.shape)
-    return ArrayRecord(
-        path=name,
-        dtype=stored.logical,
-        shape=shape,
-        chunks=za.choose_chunks(shape, stored.itemsize, chunk_bytes),
-        device=str(t.device),
-    )
 
 
 @dataclass

@@ -205,3 +205,15 @@ def test_format_version_is_recorded(run_dir: str) -> None:
     assert marker["body"]["format_version"] == moai_ckpt.FORMAT_VERSION
     assert group["attributes"]["moai_ckpt"]["format_version"] == moai_ckpt.FORMAT_VERSION
     assert manifest["format_version"] == moai_ckpt.FORMAT_VERSION
+
+
+def test_the_first_snapshot_records_the_run_identity(run_dir: str) -> None:
+    from moai_ckpt.format import RunInfo
+
+    ckpt = moai_ckpt.Checkpointer(run_dir)
+    ckpt.save(1, {"x": {"a": 1}})
+    first = RunInfo.model_validate_json(Path(run_dir, "run.json").read_text())
+    ckpt.save(2, {"x": {"a": 2}})
+    again = RunInfo.model_validate_json(Path(run_dir, "run.json").read_text())
+    assert first == again and len(first.run_id) == 32
+    assert first.versions["moai_ckpt"] == moai_ckpt.__version__ and "torch" in first.versions
