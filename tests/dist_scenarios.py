@@ -148,5 +148,9 @@ def save_with_dying_rank(run_dir: str, victim: int) -> dict[str, Any]:
     try:
         ckpt.save(2, {"model": model})
     except moai_ckpt.MoaiCkptError as exc:
-        return {"rank": rank, "error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "rank": rank,
+            "error": f"{type(exc).__name__}: {exc}",
+            "coordination": isinstance(exc, moai_ckpt.CoordinationError),
+        }
     return {"rank": rank, "error": None}
