@@ -8,6 +8,7 @@ Nothing is pickled, unlike ``all_gather_object``. A rank that dies or hangs turn
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import timedelta
 from typing import Any, Protocol
@@ -24,6 +25,9 @@ class CoordinationError(MoaiCkptError, RuntimeError):
 
 class RankLostError(CoordinationError):
     """A collective failed: a rank died or hung past the timeout. The group is unusable now."""
+
+
+_WORLDS = itertools.count()
 
 
 class World(Protocol):
@@ -77,6 +81,9 @@ class ProcessGroupWorld:
         self.group = group if group is not None else dist.new_group(backend="gloo", timeout=timeout)
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
+        self._store = _default_store()
+        self._arrivals = 0
+        self._serial = next(_WORLDS)  # the same on every rank: worlds are built collectively, in order
 
     def _fail(self, what: str, exc: BaseException) -> RankLostError:
         return RankLostError(
@@ -108,11 +115,41 @@ class ProcessGroupWorld:
             self._owned = False
 
     def barrier(self, what: str) -> None:
-        """A barrier that names the ranks that did not arrive (on rank 0) instead of hanging."""
+        """A barrier that names the ranks that did not arrive instead of hanging.
+
+        Each rank also marks its arrival in the job's key-value store, so whichever way the
+        barrier breaks (a timeout, a closed connection) the ranks that never came are named.
+        """
+        self._arrivals += 1
+        mark = f"moai-ckpt/arrived/{self._serial}/{self._arrivals}"
+        if self._store is not None:
+            self._store.set(f"{mark}/{self.rank}", "1")
         try:
             dist.monitored_barrier(group=self.group, timeout=self.timeout, wait_all_ranks=True)
         except (RuntimeError, dist.DistBackendError) as exc:
-            raise self._fail(what, exc) from exc
+            missing = self._missing(mark)
+            error = self._fail(what, exc)
+            if missing:
+                error = RankLostError(f"{what}: rank(s) {missing} never arrived (died or hung); {error}")
+            raise error from exc
+
+    def _missing(self, mark: str) -> list[int]:
+        if self._store is None:
+            return []
+        try:
+            return [r for r in range(self.world_size) if not self._store.check([f"{mark}/{r}"])]
+        except RuntimeError:  # the store's host may be the rank that died
+            return []
+
+
+def _default_store() -> dist.Store | None:
+    """The job's key-value store (where torchrun's rendezvous lives), if it can be reached."""
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except (ImportError, RuntimeError, ValueError):
+        return None
 
 
 def current_world(timeout: timedelta, group: dist.ProcessGroup | None = None, *, local: bool = False) -> World:
