@@ -25,6 +25,7 @@ from moai_ckpt.errors import (
 from moai_ckpt.format import FORMAT_VERSION
 from moai_ckpt.results import SaveHandle, SnapshotEntry, VerifyReport
 from moai_ckpt.rng import register_generator, unregister_generator
+from moai_ckpt.run import ReplayDivergenceError, Run, fault_tolerant
 from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage
 
@@ -39,7 +40,9 @@ __all__ = [
     "ManifestMismatchError",
     "MissingDataError",
     "MoaiCkptError",
+    "ReplayDivergenceError",
     "RetryPolicy",
+    "Run",
     "SaveHandle",
     "SnapshotEntry",
     "SnapshotExistsError",
@@ -54,6 +57,7 @@ __all__ = [
     "UnsupportedFormatError",
     "VerifyReport",
     "__version__",
+    "fault_tolerant",
     "open_storage",
     "register_generator",
     "unregister_generator",
