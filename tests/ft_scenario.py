@@ -22,8 +22,11 @@ from tests.helpers import TinyNet
 
 
 def die(step: int, phase: str, at: int | None, wanted: str | None, run: Run) -> None:
-    if at == step and wanted == phase and not run.replaying:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if at == step and not run.replaying:
+        if wanted == phase:
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif wanted == f"sigterm-{phase}":
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler preempting the job would
 
 
 def main() -> None:

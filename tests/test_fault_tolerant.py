@@ -56,6 +56,18 @@ def test_a_run_killed_mid_step_resumes_at_its_last_completed_step_bitwise(
     assert all(out["losses"][s] == reference["losses"][s] for s in out["losses"])
 
 
+def test_sigterm_takes_a_snapshot_and_flushes_the_log_before_exiting(tmp_path: Path, reference: dict) -> None:
+    run_dir = tmp_path / "run"
+    stopped = run_scenario(run_dir, 14, "6", "sigterm-backward")
+    assert stopped.returncode == 128 + 15, stopped.stderr[-3000:]
+    ckpt = moai_ckpt.Checkpointer(str(run_dir))
+    assert ckpt.latest_step() == 6  # the step in progress finished, then the emergency snapshot
+    resumed = run_scenario(run_dir, 14)
+    out = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert out["first_step"] == 7 and out["replayed"] == 0
+    assert out["digest"] == reference["digest"]
+
+
 def test_a_replay_that_diverges_is_an_error_naming_the_step(tmp_path: Path, reference: dict) -> None:
     run_dir = tmp_path / "run"
     assert run_scenario(run_dir, 6).returncode == 0  # snapshot at 4; steps 5, 6 logged after it
