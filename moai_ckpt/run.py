@@ -27,12 +27,14 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from types import FrameType
 from typing import Any, TypeVar
 
 import torch
 
 from moai_ckpt.checkpointer import Checkpointer
+from moai_ckpt.distributed import current_world
 from moai_ckpt.errors import MoaiCkptError
 from moai_ckpt.format import LOG
 from moai_ckpt.rng import GlobalRNG
@@ -55,6 +57,8 @@ class Run:
         self, storage: str, *, snapshot_every: int, async_snapshots: bool, log_flush_every: int, **options: Any
     ) -> None:
         self.ckpt = Checkpointer(storage, **options)
+        # per-step agreement travels on a group of its own: background saves use the Checkpointer's
+        self.world = current_world(timedelta(seconds=self.ckpt.options.collective_timeout_s))
         self.snapshot_every = snapshot_every
         self.async_snapshots = async_snapshots
         self.log_flush_every = log_flush_every
@@ -126,14 +130,20 @@ class Run:
         else:
             self.ckpt.restore(self.tracked, step=latest)
         self.step = latest
-        self._writer, contents = LogWriter.resume(self.ckpt.storage, latest, flush_every=self.log_flush_every)
-        if contents.torn_tail:
-            log.warning("dropped a torn log tail: %s", contents.torn_tail)
-        records = contents.records or self._carried_over(latest)
-        if records and not contents.records:  # the snapshot committed before its log was rebased
-            for r in records:
-                self._writer.append(r)
-            self._writer.flush()
+        if self.world.rank == 0:  # one writer of the log; the others read it once it is settled
+            self._writer, contents = LogWriter.resume(self.ckpt.storage, latest, flush_every=self.log_flush_every)
+            if contents.torn_tail:
+                log.warning("dropped a torn log tail: %s", contents.torn_tail)
+            records = contents.records or self._carried_over(latest)
+            if records and not contents.records:  # the snapshot committed before its log was rebased
+                for r in records:
+                    self._writer.append(r)
+                self._writer.flush()
+        self.world.barrier("resuming the log")
+        if self.world.rank != 0:
+            self._writer = LogWriter(self.ckpt.storage, latest, flush_every=self.log_flush_every)
+            self._writer.last_step = latest
+            records = read_log(self.ckpt.storage, latest).records
         self._records = {r.step: r for r in records}
         if self._records:
             log.info("resuming at step %d: replaying steps %d..%d from the log", latest, latest + 1, max(self._records))
@@ -153,9 +163,11 @@ class Run:
         self.replaying = record is not None
         self._result = None
         self._batch = None
+        key = f"rank{self.world.rank}"
         if record is not None:
-            GlobalRNG().load_state_dict(_load_rng(get_blob(self.ckpt.storage, record.rng["global"])))
-            self._rng_digest = record.rng["global"]
+            self._rng_digest = record.rng.get(key, "")
+            if self._rng_digest:
+                GlobalRNG().load_state_dict(_load_rng(get_blob(self.ckpt.storage, self._rng_digest)))
         else:
             assert self._writer is not None
             self._rng_digest = self._writer.put_blob(_dump_rng(GlobalRNG().state_dict()))
@@ -163,7 +175,22 @@ class Run:
     def _end(self, step: int) -> None:
         if self._result is None:
             raise RuntimeError(f"step {step} ended without run.record(loss=...)")
-        digests = Digests(loss=self._result["loss"], grad_norm=self._result["grad_norm"], state=self._state_digest())
+        mine = {
+            "loss": self._result["loss"],
+            "grad_norm": self._result["grad_norm"],
+            "state": self._state_sum(),
+            "rng": self._rng_digest,
+            "stop": self._stop_signal,
+        }
+        everyone = self.world.all_gather_json(mine, f"step {step}")
+        stops = [e["stop"] for e in everyone if e["stop"] is not None]
+        if stops and self._stop_signal is None:
+            self._stop_signal = stops[0]  # every rank stops after the same step
+        digests = Digests(
+            loss=sum(e["loss"] for e in everyone) / len(everyone),
+            grad_norm=everyone[0]["grad_norm"],
+            state=float.hex(sum(e["state"] for e in everyone)),
+        )
         record = self._records.get(step)
         if record is not None:
             if record.digests != digests:
@@ -173,13 +200,13 @@ class Run:
                     step=step,
                 )
             self.replayed += 1
-        else:
+        elif self.world.rank == 0:
             assert self._writer is not None
             self._writer.append(
                 StepRecord(
                     step=step,
                     samples=self._batch,
-                    rng={"global": self._rng_digest},
+                    rng={f"rank{r}": e["rng"] for r, e in enumerate(everyone) if e["rng"]},
                     hparams=self._hparams(),
                     digests=digests,
                     wall_time=time.time(),
@@ -213,6 +240,9 @@ class Run:
     def _rebase(self, base: int) -> None:
         """Continue the log after the snapshot at ``base`` (re-logging the steps done since)."""
         assert self._writer is not None
+        if self.world.rank != 0:
+            self._writer = LogWriter(self.ckpt.storage, base, flush_every=self.log_flush_every)
+            return
         self._writer.flush()
         carried = [r for r in read_log(self.ckpt.storage, self._writer.base_step).records if r.step > base]
         self._writer = LogWriter(self.ckpt.storage, base, flush_every=self.log_flush_every)
@@ -227,7 +257,7 @@ class Run:
         log.warning("signal %s: snapshot of step %d taken, log flushed; exiting", self._stop_signal, self.step)
 
     def _flush(self) -> None:
-        if self._writer is not None:
+        if self._writer is not None and self.world.rank == 0:
             self._writer.flush()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -242,15 +272,15 @@ class Run:
                 out[f"{name}.scale"] = float(obj.get_scale())
         return out
 
-    def _state_digest(self) -> str:
-        """A cheap digest of the updated parameters: the float64 sum of every tracked module's parameters."""
+    def _state_sum(self) -> float:
+        """A cheap digest of this rank's updated parameters: the float64 sum of its tracked modules'."""
         total = 0.0
         for obj in self.tracked.values():
             if isinstance(obj, torch.nn.Module):
                 for p in obj.parameters():
                     local = p.to_local() if hasattr(p, "to_local") else p
                     total += float(local.detach().double().sum())
-        return float.hex(total)
+        return total
 
     def close(self) -> None:
         try:
@@ -258,6 +288,7 @@ class Run:
             self._flush()
         finally:
             self.ckpt.close()
+            self.world.close()
 
 
 def fault_tolerant(

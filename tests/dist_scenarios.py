@@ -154,3 +154,40 @@ def save_with_dying_rank(run_dir: str, victim: int) -> dict[str, Any]:
             "coordination": isinstance(exc, moai_ckpt.CoordinationError),
         }
     return {"rank": rank, "error": None}
+
+
+def fault_tolerant_train(run_dir: str, total: int, die_at: int = -1, die_rank: int = -1) -> dict[str, Any]:
+    """FSDP2 training under `fault_tolerant` on every rank; rank ``die_rank`` SIGKILLs itself at ``die_at``."""
+    import hashlib
+    import signal
+
+    rank, _ = rank_and_world()
+    info: dict[str, Any] = {}
+
+    @moai_ckpt.fault_tolerant(storage=run_dir, snapshot_every=4, collective_timeout_s=20)
+    def train(run: moai_ckpt.Run) -> str:
+        trained, model = wrap(build_model(), "fsdp")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        run.track(model=model, optim=opt)
+        run.sampler(SAMPLES, BATCH, seed=1)
+        x, y = data()
+        for step in run.steps(total):
+            info.setdefault("first_step", step)
+            idx = run.batch()
+            if step == die_at and rank == die_rank and not run.replaying:
+                os.kill(os.getpid(), signal.SIGKILL)
+            loss = nn.functional.mse_loss(trained(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            run.record(loss=loss)
+        info["replayed"] = run.replayed
+        digest = hashlib.sha256()
+        for value in full_state(model, opt).values():
+            digest.update(value.tobytes())
+        return digest.hexdigest()
+
+    try:
+        return {"rank": rank, "digest": train(), **info}
+    except moai_ckpt.MoaiCkptError as exc:
+        return {"rank": rank, "error": f"{type(exc).__name__}: {exc}"}

@@ -84,3 +84,19 @@ def test_a_replay_that_diverges_is_an_error_naming_the_step(tmp_path: Path, refe
     result = run_scenario(run_dir, 8)
     assert result.returncode != 0
     assert "ReplayDivergenceError" in result.stderr and "step 5" in result.stderr
+
+
+def test_two_fsdp_ranks_one_killed_resume_bitwise_after_relaunch(tmp_path: Path) -> None:
+    from moai_ckpt.testing.dist import launch
+
+    target = "tests.dist_scenarios:fault_tolerant_train"
+    reference = launch(target, 2, run_dir=str(tmp_path / "reference"), total=10)
+    assert all(r.returncode == 0 for r in reference), reference[0].output[-3000:]
+    run_dir = str(tmp_path / "run")
+    killed = launch(target, 2, run_dir=run_dir, total=10, die_at=7, die_rank=1, timeout=120)
+    assert killed[1].returncode == -9 and killed[0].returncode != 0  # the survivor does not hang
+    resumed = launch(target, 2, run_dir=run_dir, total=10)
+    assert all(r.returncode == 0 for r in resumed), resumed[0].output[-3000:]
+    for r in resumed:
+        assert r.value["digest"] == reference[0].value["digest"]
+        assert r.value["first_step"] + r.value["replayed"] == 7  # steps 1..6 were done: none lost
