@@ -220,6 +220,7 @@ class LogWriter:
         self._pending: list[tuple[int, bytes]] = []
         self._pending_since = 0.0
         self._blobs: set[str] = set()
+        self._unsynced: list[str] = []  # blobs written since the last segment, made durable with it
         self.last_step = base_step
 
     @classmethod
@@ -264,7 +265,8 @@ class LogWriter:
     def _write(self, records: list[tuple[int, bytes]]) -> None:
         key = segment_key(self.base_step, records[0][0], records[-1][0])
         self.storage.write(key, b"".join(frame(payload) for _, payload in records))
-        self.storage.barrier([key])
+        self.storage.barrier([key, *self._unsynced])  # the records' blobs become durable with them
+        self._unsynced = []
 
     def put_blob(self, data: bytes) -> str:
         """Store ``data`` once under its sha256 and return the digest."""
@@ -273,12 +275,15 @@ class LogWriter:
             key = blob_key(digest)
             if not self.storage.exists(key):
                 self.storage.write(key, data)
-                self.storage.barrier([key])
+                self._unsynced.append(key)
             self._blobs.add(digest)
         return digest
 
     def close(self) -> None:
         self.flush()
+        if self._unsynced:
+            self.storage.barrier(self._unsynced)
+            self._unsynced = []
 
 
 def get_blob(storage: Storage, digest: str) -> bytes:
