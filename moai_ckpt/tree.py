@@ -80,10 +80,12 @@ def encode(value: Any, path: str, sink: TensorSink) -> Any:
         return {"$size": list(value)}
     if isinstance(value, (bytes, bytearray)):
         return {"$bytes": base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, tuple):
-        return {"$tuple": [encode(v, f"{path}.{i}", sink) for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [encode(v, f"{path}.{i}", sink) for i, v in enumerate(value)]
+    if isinstance(value, (tuple, list)):
+        if all(type(v) is int for v in value):  # fast path: RNG states are long runs of ints
+            items = list(value)
+        else:
+            items = [encode(v, f"{path}.{i}", sink) for i, v in enumerate(value)]
+        return {"$tuple": items} if isinstance(value, tuple) else items
     if isinstance(value, Mapping):
         if all(isinstance(k, str) and not k.startswith("$") for k in value):
             return {k: encode(v, f"{path}.{k}", sink) for k, v in value.items()}
