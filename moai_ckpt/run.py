@@ -279,7 +279,7 @@ class Run:
             if isinstance(obj, torch.nn.Module):
                 for p in obj.parameters():
                     local = p.to_local() if hasattr(p, "to_local") else p
-                    total += float(local.detach().double().sum())
+                    total += float(local.detach().sum(dtype=torch.float64))  # no float64 copy
         return total
 
     def close(self) -> None:

@@ -124,7 +124,8 @@ class SnapshotWriter:
         )
         key = rank_index_key(self.step, rank)
         self.storage.write(key, index.model_dump_json().encode())
-        self.storage.barrier([key])
+        # each rank makes its own writes durable before it votes: the commit need not list them
+        self.storage.barrier([key, *(f"{self.prefix}/{name}/{span.key}" for name, span, _ in jobs)])
         return index
 
     def _write_chunk(self, key: str, span: za.ChunkSpan, data: memoryview, progress: Progress | None) -> ChunkEntry:
@@ -139,32 +140,27 @@ class SnapshotWriter:
         """Coordinator: write every array's and group's ``zarr.json`` and the manifest; returns its bytes."""
         groups = {name.split("/", 1)[0] for name in manifest.arrays}
         attrs = group_attributes(self.step)
-        writes = [
-            self.executor.submit(
-                self.storage.write,
-                f"{self.prefix}/{name}/zarr.json",
-                json.dumps(za.array_metadata(rec, from_name(rec.dtype)), indent=1).encode(),
-            )
-            for name, rec in manifest.arrays.items()
-        ]
-        writes.append(self.executor.submit(self.storage.write, f"{self.prefix}/zarr.json", za.group_metadata(attrs)))
-        writes += [
-            self.executor.submit(self.storage.write, f"{self.prefix}/{g}/zarr.json", za.group_metadata())
-            for g in sorted(groups)
-        ]
         data = manifest.model_dump_json(indent=1).encode()
-        writes.append(self.executor.submit(self.storage.write, f"{self.prefix}/{MANIFEST}", data))
+        documents = {
+            f"{self.prefix}/{name}/zarr.json": json.dumps(
+                za.array_metadata(rec, from_name(rec.dtype)), indent=1
+            ).encode()
+            for name, rec in manifest.arrays.items()
+        }
+        documents[f"{self.prefix}/zarr.json"] = za.group_metadata(attrs)
+        documents |= {f"{self.prefix}/{g}/zarr.json": za.group_metadata() for g in sorted(groups)}
+        documents[f"{self.prefix}/{MANIFEST}"] = data
+        writes = [self.executor.submit(self.storage.write, key, doc) for key, doc in documents.items()]
         with settle(writes):
             for w in writes:
                 w.result()
+        self.storage.barrier(list(documents))
         return data
 
     def commit(
         self, manifest_bytes: bytes, manifest: Manifest, indexes: list[RankIndex], writer: dict[str, str]
     ) -> CommitMarker:
-        """Coordinator: make everything durable, then write the commit marker last."""
-        keys = self.storage.list(self.prefix)
-        self.storage.barrier(keys)
+        """Coordinator: write the commit marker last (every writer made its parts durable already)."""
         refs = []
         for index in sorted(indexes, key=lambda i: i.rank):
             key = rank_index_key(self.step, index.rank)
