@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
 from moai_ckpt.checkpointer import Checkpointer, CheckpointerOptions
@@ -25,9 +27,26 @@ from moai_ckpt.errors import (
 from moai_ckpt.format import FORMAT_VERSION
 from moai_ckpt.results import SaveHandle, SnapshotEntry, VerifyReport
 from moai_ckpt.rng import register_generator, unregister_generator
-from moai_ckpt.run import ReplayDivergenceError, Run, fault_tolerant
 from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage
+
+if TYPE_CHECKING:
+    from moai_ckpt.run import ReplayDivergenceError, Run, fault_tolerant
+
+_LAZY = {"Run": "moai_ckpt.run", "fault_tolerant": "moai_ckpt.run", "ReplayDivergenceError": "replay.recorder"}
+
+
+def __getattr__(name: str) -> Any:
+    # the run layer sits on top of the replay package, which itself uses this package's format and
+    # storage layers: importing it lazily keeps `import replay.log` free of import cycles
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moai_ckpt' has no attribute {name!r}")
+
 
 __all__ = [
     "FORMAT_VERSION",

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from moai_ckpt import faults
 from moai_ckpt.arrays import ChunkSpan
 from moai_ckpt.capture import RNG_KEY, Restorer, capture
 from moai_ckpt.distributed import CoordinationError, RankLostError, World, current_world
@@ -32,15 +33,19 @@ from moai_ckpt.errors import (
 )
 from moai_ckpt.format import (
     COMMIT,
+    LOG,
     RUN_INFO,
     SNAPSHOTS,
+    STEP_DIGITS,
     CommitMarker,
     Manifest,
     ObjectRecord,
     RankIndex,
     RunInfo,
     load_commit,
+    log_dir,
     now_iso,
+    parse_log_segment,
     parse_snapshot_dir,
     snapshot_dir,
 )
@@ -144,6 +149,8 @@ class Checkpointer:
         self._pool = HostPool()
         self._background = ThreadPoolExecutor(1, thread_name_prefix="moai-save")
         self._inflight: SaveHandle | None = None
+        #: what ``run.json`` records about the training function (set by `fault_tolerant`)
+        self.run_entry: dict[str, Any] | None = None
 
     # -- listing -------------------------------------------------------------------------------
 
@@ -306,6 +313,7 @@ class Checkpointer:
         Otherwise CPU tensors are written straight from the live memory, and device tensors go
         through the pinned staging pool: all copies queued, one wait.
         """
+        faults.point("snapshot.stage")
         rng_key = self._rng_key(self.world.rank)
         captured = capture(state, rng=GlobalRNG() if self.options.capture_rng else None, rng_key=rng_key)
         staged = Staged(step=step, objects=captured.objects, info=dict(info or {}), rng_key=rng_key)
@@ -396,6 +404,7 @@ class Checkpointer:
             run_id=uuid.uuid4().hex,
             created=now_iso(),
             entrypoint=" ".join(sys.argv) or None,
+            entry=self.run_entry,
             versions=writer_info(),
         )
         self.storage.write(RUN_INFO, info.model_dump_json(indent=1).encode())
@@ -608,7 +617,31 @@ class Checkpointer:
                 self.storage.delete([f"{prefix}/{COMMIT}"])  # un-commit first
                 self.storage.delete_prefix(prefix)
                 log.info("pruned step %d from %s", s, self.url)
+            kept = [s for s in committed if s not in doomed]
+            if kept:
+                self._prune_logs(kept[0])
         return sorted(doomed)
+
+    def _prune_logs(self, oldest_kept: int) -> None:
+        """Delete the op-stream logs of snapshots older than ``oldest_kept``.
+
+        Kept: the newest such log if it runs past ``oldest_kept`` further than any later log
+        (a run that died after a snapshot committed, before its log moved over, has those
+        records there alone).
+        """
+        last_steps: dict[int, int] = {}
+        for name in self.storage.list_dirs(LOG):
+            if name.isdigit() and len(name) == STEP_DIGITS:
+                names = [k.rsplit("/", 1)[-1] for k in self.storage.list(log_dir(int(name)))]
+                ends = [p[1] for p in map(parse_log_segment, names) if p is not None]
+                last_steps[int(name)] = max(ends, default=int(name))
+        later_end = max((end for base, end in last_steps.items() if base >= oldest_kept), default=-1)
+        older = sorted(b for b in last_steps if b < oldest_kept)
+        for base in older:
+            if base == older[-1] and last_steps[base] > max(later_end, oldest_kept):
+                continue
+            self.storage.delete_prefix(log_dir(base))
+            log.info("pruned the log after step %d from %s", base, self.url)
 
     def _idle_for(self, step: int) -> float:
         """Seconds since anything in an uncommitted snapshot changed.

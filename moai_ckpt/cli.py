@@ -580,10 +580,17 @@ def prune_snapshots(
     out.print(f"kept {len(kept)} committed snapshot{'s' if len(kept) != 1 else ''}: {', '.join(map(str, kept)) or '-'}")
 
 
+# the commands that re-run training live in modules of their own; importing them registers them
+from moai_ckpt import cli_replay  # noqa: E402, F401
+
+
 def main() -> None:
     """Entry point of the ``moai-ckpt`` console script."""
     app(prog_name="moai-ckpt")
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m moai_ckpt.cli`: run the importable module, where every command is registered
+    from moai_ckpt.cli import main as _main
+
+    _main()

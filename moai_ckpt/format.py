@@ -11,7 +11,9 @@ Layout of a run directory::
         manifest.json                state tree (JSON, tensors referenced by array path)
         ranks/<rank:05d>.json        per-rank shard index: chunks written, with sizes and crc32c
         commit.json                  commit marker, written last by the coordinator
-    log/...                          op-stream log segments (the replay package)
+    log/<base:012d>/<a>-<b>.seg      op-stream log: records of steps a..b after the snapshot at
+                                     base, in immutable framed segments (the replay package)
+    reports/replay-<time>-from-<base>.json   what each replay after a restart checked
 
 A snapshot exists if and only if ``commit.json`` exists, parses, carries a known format version,
 matches its own checksum and names the step of its directory. The marker holds the sha256 of the
@@ -34,6 +36,7 @@ FORMAT_VERSION = 1
 SNAPSHOTS = "snapshots"
 LOG = "log"
 RUN_INFO = "run.json"
+REPORTS = "reports"
 MANIFEST = "manifest.json"
 COMMIT = "commit.json"
 RANKS = "ranks"
@@ -51,6 +54,30 @@ def parse_snapshot_dir(name: str) -> int | None:
     if len(name) == STEP_DIGITS and name.isdigit():
         return int(name)
     return None
+
+
+def log_dir(base_step: int) -> str:
+    """The folder of the log records that follow the snapshot at ``base_step``."""
+    return f"{LOG}/{base_step:0{STEP_DIGITS}d}"
+
+
+def log_segment_key(base_step: int, first: int, last: int) -> str:
+    return f"{log_dir(base_step)}/{first:0{STEP_DIGITS}d}-{last:0{STEP_DIGITS}d}.seg"
+
+
+def parse_log_segment(name: str) -> tuple[int, int] | None:
+    """(first, last) step of a log segment's file name, or None for anything else."""
+    head, _, ext = name.partition(".")
+    first, dash, last = head.partition("-")
+    if (
+        ext != "seg"
+        or not dash
+        or not (first + last).isdigit()
+        or len(first) != STEP_DIGITS
+        or len(last) != STEP_DIGITS
+    ):
+        return None
+    return int(first), int(last)
 
 
 def rank_index_key(step: int, rank: int) -> str:
@@ -250,4 +277,7 @@ class RunInfo(BaseModel):
     run_id: str
     created: str
     entrypoint: str | None = None
+    entry: dict[str, Any] | None = Field(
+        default=None, description="the training function to re-run for a restore: function, args, kwargs, cwd"
+    )
     versions: dict[str, str] = Field(default_factory=dict)

@@ -4,77 +4,129 @@
     def train(run):
         model, opt = build()
         run.track(model=model, optim=opt)
-        sampler = run.sampler(len(dataset), global_batch_size=256)
+        run.sampler(len(dataset), global_batch_size=256)
         for step in run.steps(10_000):
             indices = run.batch()                 # this rank's samples of the global batch
             loss = ...
-            run.record(loss=loss)                 # completes the step (logged, or checked on replay)
+            run.record(loss=loss)                 # the step's results (logged, or checked on replay)
 
 On start, the run restores the newest committed snapshot S, then *replays* steps S+1..F from the
-op-stream log (``run.replaying`` is True: skip side effects), checking every step's digests, and
-continues live from F+1. Each completed step appends one log record (durable on return by default);
-snapshots are taken every ``snapshot_every`` steps (asynchronously by default). SIGTERM/SIGINT take a
-snapshot and flush the log before exiting; a user exception flushes the log and propagates.
+op-stream log (``run.replaying`` is True: skip side effects), checking every step against its
+record, and continues live from F+1. Each completed step is logged by a background thread; with
+the default policy its record is durable before the next step completes. Snapshots are taken
+every ``snapshot_every`` steps and/or ``snapshot_every_s`` seconds (asynchronously by default).
+SIGTERM/SIGINT take a snapshot and flush the log before exiting; a user exception flushes the log
+and propagates.
 """
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from types import FrameType
 from typing import Any, TypeVar
 
 import torch
 
+from moai_ckpt import faults
 from moai_ckpt.checkpointer import Checkpointer
-from moai_ckpt.distributed import current_world
-from moai_ckpt.errors import MoaiCkptError
-from moai_ckpt.format import LOG
-from moai_ckpt.rng import GlobalRNG
+from moai_ckpt.distributed import World, current_world
+from moai_ckpt.errors import MoaiCkptError, SnapshotNotFoundError
+from moai_ckpt.format import REPORTS, RUN_INFO, STEP_DIGITS
 from moai_ckpt.sampler import GlobalSampler
-from moai_ckpt.tree import TensorSink, decode, encode
-from replay.log import Digests, LogWriter, StepRecord, get_blob, read_log
+from moai_ckpt.session import DEVICE_ENV, RestoreComplete, Session, entry_of, report_progress
+from replay import codec
+from replay.check import ReplayReport
+from replay.log import LogContents, LogWriter, Placement, SegmentHeader, StepRecord, records_after
+from replay.recorder import Recorder, ReplayDivergenceError, StepWork
+from replay.stepstate import Hyperparameters, StepValues, load_rng_components, parameters_of, rng_components
 
 log = logging.getLogger("moai_ckpt.run")
 R = TypeVar("R")
 
+__all__ = ["ReplayDivergenceError", "Run", "fault_tolerant"]
 
-class ReplayDivergenceError(MoaiCkptError, RuntimeError):
-    """A replayed step produced a different result than the logged one (same placement and device)."""
+
+def current_placement(world_size: int, device: torch.device) -> Placement:
+    """The placement this process runs on: world size, device type and model, torch release."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return Placement(world_size=world_size, device_type=device.type, device_name=name, torch=torch.__version__)
 
 
 class Run:
     """The handle a `fault_tolerant` training function receives."""
 
     def __init__(
-        self, storage: str, *, snapshot_every: int, async_snapshots: bool, log_flush_every: int, **options: Any
+        self,
+        storage: str,
+        *,
+        snapshot_every: int | None = 100,
+        snapshot_every_s: float | None = None,
+        async_snapshots: bool = True,
+        log_flush_every: int = 1,
+        log_flush_seconds: float | None = None,
+        log_sync: bool = False,
+        **options: Any,
     ) -> None:
+        self.session = Session.from_env()
+        if self.session is not None:
+            storage = self.session.storage
         self.ckpt = Checkpointer(storage, **options)
-        # per-step agreement travels on a group of its own: background saves use the Checkpointer's
-        self.world = current_world(timedelta(seconds=self.ckpt.options.collective_timeout_s))
+        timeout = timedelta(seconds=self.ckpt.options.collective_timeout_s)
+        self.world: World = current_world(timeout)  # agreement on the training thread
+        self._log_world: World = current_world(timeout)  # the recorder thread's own group
         self.snapshot_every = snapshot_every
+        self.snapshot_every_s = snapshot_every_s
         self.async_snapshots = async_snapshots
         self.log_flush_every = log_flush_every
+        self.log_flush_seconds = log_flush_seconds
+        self.lag = 0 if log_sync else 1
         self.tracked: dict[str, Any] = {}
         self.step = 0  # the last completed step
         self.replaying = False
         self.replayed = 0
+        self.report: ReplayReport | None = None
+        self.entry: dict[str, Any] | None = None
         self._sampler: GlobalSampler | None = None
         self._records: dict[int, StepRecord] = {}
-        self._writer: LogWriter | None = None
+        self._contents: LogContents | None = None
+        self._recorder: Recorder | None = None
         self._pending: tuple[int, Any] | None = None  # (step, save handle) of a snapshot being written
-        self._result: dict[str, Any] | None = None
+        self._last_snapshot = time.monotonic()
         self._stop_signal: int | None = None
-        self._batch: list[int] | None = None
+        self._params: tuple[list[str], list[torch.Tensor], list[bool]] | None = None
+        self._step_state: dict[str, Any] = {}
+        self._user_hparams: dict[str, Any] = {}
+        self._started = 0.0
+        self._replay_started = 0.0
+        self._rng_skipped: set[str] = set()
 
-    # -- what the training function calls ------------------------------------------------------
+    # -- what the training function uses -------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.world.world_size
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank should put its model: ``cuda:<LOCAL_RANK>`` when CUDA is there, else CPU.
+
+        ``moai-ckpt restore --device`` overrides it (entrypoints that use it follow).
+        """
+        wanted = os.environ.get(DEVICE_ENV)
+        if wanted == "cpu" or (wanted is None and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
 
     def track(self, **objects: Any) -> None:
         """Objects whose state is snapshotted (modules, optimizers, schedulers, extras...)."""
@@ -87,137 +139,287 @@ class Run:
         return self._sampler
 
     def batch(self) -> list[int]:
-        """This rank's sample indices for the current step (from the log while replaying)."""
+        """This rank's sample indices for the current step (the logged ones while replaying)."""
         if self._sampler is None:
             raise RuntimeError("call run.sampler(...) before run.batch()")
-        world = self.ckpt.world
         indices = self._sampler.global_batch()
         record = self._records.get(self.step + 1)
-        if record is not None and record.samples is not None and record.samples != indices:
-            raise ReplayDivergenceError(f"step {self.step + 1}: the sampler's batch differs from the logged one")
+        if record is not None and record.samples is not None:
+            indices = record.samples  # a mismatch with the sampler is reported by the step's check
         self._sampler.advance(len(indices))
-        self._batch = indices
-        return GlobalSampler.split(indices, world.rank, world.world_size)
+        self._step_state["samples"] = indices
+        return GlobalSampler.split(indices, self.rank, self.world_size)
+
+    def next_batch(self, source: Iterable[Any] | Iterator[Any]) -> Any:
+        """This rank's next batch from a data source that cannot be indexed (a stream).
+
+        Live, the batch comes from ``source`` and is logged (every rank's part joins one global
+        batch, stored once by content). While replaying it comes from the log, and ``source``
+        is not touched: a stream that was not restored with the snapshot is where it was.
+        """
+        record = self._records.get(self.step + 1)
+        if record is not None and record.batch is not None and self._contents is not None:
+            global_batch, parts = codec.unpack(self._contents.blob(record.batch))
+            return codec.part_of(global_batch, parts, self.rank, self.world_size)
+        iterator = source if isinstance(source, Iterator) else iter(source)
+        batch = next(iterator)
+        self._step_state["batch"] = codec.pack(batch)
+        return batch
+
+    def hparam(self, **values: float | int | bool) -> None:
+        """Log extra scalars in force for the current step (e.g. ``accumulation=4``)."""
+        self._user_hparams.update(values)
 
     def record(self, *, loss: float | torch.Tensor, grad_norm: float | torch.Tensor | None = None) -> None:
-        """Complete the current step with its results."""
-        self._result = {"loss": _scalar(loss), "grad_norm": None if grad_norm is None else _scalar(grad_norm)}
+        """The current step's results (tensors are read without waiting for the device)."""
+        self._step_state["loss"] = loss
+        self._step_state["grad_norm"] = grad_norm
 
     def steps(self, total: int) -> Iterator[int]:
         """Step numbers to run, resuming after the last completed one (replaying logged steps first)."""
         self._start()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        hooks = self._fault_hooks() if faults.active() else []
         try:
+            if self.session is not None and self._target() == self.step:
+                self._finish_session()
             for step in range(self.step + 1, total + 1):
                 self._begin(step)
                 yield step
                 self._end(step)
-                if self._stop_signal is not None:
-                    self._emergency_snapshot()
-                    raise SystemExit(128 + self._stop_signal)
+            if self.replaying:
+                self._replay_done()
         finally:
+            for handle in hooks:
+                handle.remove()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            self._flush()
 
-    # -- the machinery --------------------------------------------------------------------------
+    # -- start: restore, read the log ------------------------------------------------------------
 
     def _start(self) -> None:
-        latest = self.ckpt.latest_step()
+        self._started = time.perf_counter()
+        target = self._target_step_bound()
+        steps = [s for s in self.ckpt.steps() if target is None or s <= target]
+        latest = self.world.broadcast_json(steps[-1] if steps else None, "choosing the snapshot to resume")
         if latest is None:
+            if self.session is not None:
+                raise SnapshotNotFoundError("no committed snapshot to restore from", url=self.ckpt.url)
+            self.ckpt.run_entry = self.entry
             self.ckpt.save(0, self.tracked)  # the log needs a base: the initial state
             latest = 0
         else:
             self.ckpt.restore(self.tracked, step=latest)
         self.step = latest
-        if self.world.rank == 0:  # one writer of the log; the others read it once it is settled
-            self._writer, contents = LogWriter.resume(self.ckpt.storage, latest, flush_every=self.log_flush_every)
-            if contents.torn_tail:
-                log.warning("dropped a torn log tail: %s", contents.torn_tail)
-            records = contents.records or self._carried_over(latest)
-            if records and not contents.records:  # the snapshot committed before its log was rebased
-                for r in records:
-                    self._writer.append(r)
-                self._writer.flush()
+        self._last_snapshot = time.monotonic()
+        restore_s = time.perf_counter() - self._started
+        # a restore or verify session reads the log as it is; only a live run settles it
+        writer, problem = self._open_log(latest) if self.world.rank == 0 and self.session is None else (None, None)
         self.world.barrier("resuming the log")
-        if self.world.rank != 0:
-            self._writer = LogWriter(self.ckpt.storage, latest, flush_every=self.log_flush_every)
-            self._writer.last_step = latest
-            records = read_log(self.ckpt.storage, latest).records
-        self._records = {r.step: r for r in records}
-        if self._records:
-            log.info("resuming at step %d: replaying steps %d..%d from the log", latest, latest + 1, max(self._records))
+        contents = records_after(self.ckpt.storage, latest)  # rank 0 has settled it
+        if problem is None and contents.corruption is not None:
+            problem = str(contents.corruption)
+        self._contents = contents
+        usable = contents.records
+        if self.session is not None:
+            usable = [r for r in usable if r.step <= self._target()]
+        self._records = {r.step: r for r in usable}
+        placement = current_placement(self.world_size, self.device)
+        changed = sorted({d for r in usable for d in (contents.placement(r.step) or placement).differences(placement)})
+        strict = not changed and (self.session is None or self.session.mode == "restore")
+        self.report = ReplayReport(
+            base_step=latest,
+            first_step=latest + 1,
+            last_step=latest,
+            logged_last_step=contents.last_step,
+            strict=strict,
+            placement_logged=contents.placement(usable[0].step) if usable else None,
+            placement_now=placement,
+            placement_changes=changed,
+            log_problem=problem,
+            restore_s=restore_s,
+        )
+        self._recorder = Recorder(
+            self._log_world,
+            writer,
+            contents,
+            strict=strict,
+            names=[],
+            sharded=[],
+            flush_seconds=self.log_flush_seconds,
+        )
+        self._recorder.done_step = latest
+        self._placement = placement
+        self._replay_started = time.perf_counter()
+        if usable:
+            log.info(
+                "resumed from the snapshot of step %d in %.2f s; replaying steps %d..%d from the log%s",
+                latest,
+                restore_s,
+                latest + 1,
+                usable[-1].step,
+                f" on a changed placement ({'; '.join(changed)}): drift is reported" if changed else "",
+            )
 
-    def _carried_over(self, base: int) -> list[StepRecord]:
-        """Records after ``base`` still only in an older snapshot's log (a crash right after an
-        asynchronous snapshot committed, before the log moved over)."""
-        bases = sorted((int(n) for n in self.ckpt.storage.list_dirs(LOG) if n.isdigit()), reverse=True)
-        for older in (b for b in bases if b < base):
-            tail = [r for r in read_log(self.ckpt.storage, older).records if r.step > base]
-            if tail and tail[0].step == base + 1:
-                return tail
-        return []
+    def _open_log(self, base: int) -> tuple[LogWriter, str | None]:
+        """Rank 0: continue the log after ``base``; set damaged records aside (nothing is deleted).
+
+        Returns the writer and, if the log is damaged, what is wrong with it.
+        """
+        storage = self.ckpt.storage
+        contents = records_after(storage, base)
+        if contents.torn_tail:
+            log.warning("dropped a torn log tail (a write cut short by the crash): %s", contents.torn_tail)
+        problem = None
+        if contents.corruption is not None:
+            problem = f"{contents.corruption}"
+            if contents.carried_from is None:
+                quarantine(storage, base, contents.last_step)
+                contents = records_after(storage, base)  # an older log may hold intact copies
+            log.warning(
+                "the log is damaged: %s. The damaged segments are kept under log/quarantine/; replaying up "
+                "to step %d, the steps after it run again live",
+                problem,
+                contents.last_step,
+            )
+        writer, resumed = LogWriter.resume(storage, base, flush_every=self.log_flush_every)
+        if contents.last_step > resumed.last_step:  # the snapshot committed before its log moved over
+            writer.copy([r for r in contents.records if r.step > resumed.last_step], contents)
+        return writer, problem
+
+    def _target(self) -> int:
+        """The step a restore or verify session stops at."""
+        assert self.session is not None and self._contents is not None
+        last = self._contents.last_step
+        if self.session.step is None:
+            return last
+        if self.session.step > last:
+            raise SnapshotNotFoundError(
+                f"step {self.session.step} is past the end of the log (step {last})", url=self.ckpt.url
+            )
+        return self.session.step
+
+    def _target_step_bound(self) -> int | None:
+        return self.session.step if self.session is not None else None
+
+    # -- each step ------------------------------------------------------------------------------
 
     def _begin(self, step: int) -> None:
+        faults.set_step(step)
         record = self._records.get(step)
+        if record is None and self.replaying:
+            self._replay_done()
         self.replaying = record is not None
-        self._result = None
-        self._batch = None
-        key = f"rank{self.world.rank}"
+        self._step_state = {"rng": rng_components()}
+        self._user_hparams = {}
         if record is not None:
-            self._rng_digest = record.rng.get(key, "")
-            if self._rng_digest:
-                GlobalRNG().load_state_dict(_load_rng(get_blob(self.ckpt.storage, self._rng_digest)))
-        else:
-            assert self._writer is not None
-            self._rng_digest = self._writer.put_blob(_dump_rng(GlobalRNG().state_dict()))
+            mine = record.rng.get(f"rank{self.rank}", {})
+            if mine and self._contents is not None:
+                states = {gen: self._contents.blob(digest) for gen, digest in mine.items()}
+                self._rng_skipped.update(load_rng_components(states))
+        self._step_state["hparams"] = Hyperparameters.capture(self.tracked)
+        faults.point("step.begin")
 
     def _end(self, step: int) -> None:
-        if self._result is None:
+        state = self._step_state
+        if "loss" not in state:
             raise RuntimeError(f"step {step} ended without run.record(loss=...)")
-        mine = {
-            "loss": self._result["loss"],
-            "grad_norm": self._result["grad_norm"],
-            "state": self._state_sum(),
-            "rng": self._rng_digest,
-            "stop": self._stop_signal,
-        }
-        everyone = self.world.all_gather_json(mine, f"step {step}")
-        stops = [e["stop"] for e in everyone if e["stop"] is not None]
-        if stops and self._stop_signal is None:
-            self._stop_signal = stops[0]  # every rank stops after the same step
-        digests = Digests(
-            loss=sum(e["loss"] for e in everyone) / len(everyone),
-            grad_norm=everyone[0]["grad_norm"],
-            state=float.hex(sum(e["state"] for e in everyone)),
+        faults.point("step.end")
+        if self._params is None:
+            self._params = parameters_of(self.tracked)
+            assert self._recorder is not None
+            self._recorder.names, self._recorder.sharded = self._params[0], self._params[2]
+            if self._recorder.writer is not None:
+                self._install_header(self._recorder.writer)
+        hp: Hyperparameters = state["hparams"]
+        for key, value in self._user_hparams.items():
+            hp._add(key, value)
+        work = StepWork(
+            step=step,
+            rng=state["rng"],
+            hparams=hp.host,
+            values=StepValues.capture(self._params[1], state["loss"], state["grad_norm"], hp),
+            samples=state.get("samples"),
+            batch=state.get("batch"),
+            stop=self._stop_signal,
+            snapshot_due=self.snapshot_every_s is not None
+            and time.monotonic() - self._last_snapshot >= self.snapshot_every_s,
         )
-        record = self._records.get(step)
-        if record is not None:
-            if record.digests != digests:
-                raise ReplayDivergenceError(
-                    f"step {step} replayed to {digests.model_dump()} but the log holds {record.digests.model_dump()}: "
-                    "non-determinism or silent data corruption",
-                    step=step,
-                )
+        recorder = self._recorder
+        assert recorder is not None
+        recorder.submit(work)
+        recorder.wait(step - self.lag, timeout=2 * self.ckpt.options.collective_timeout_s)
+        if self.replaying:
             self.replayed += 1
-        elif self.world.rank == 0:
-            assert self._writer is not None
-            self._writer.append(
-                StepRecord(
-                    step=step,
-                    samples=self._batch,
-                    rng={f"rank{r}": e["rng"] for r, e in enumerate(everyone) if e["rng"]},
-                    hparams=self._hparams(),
-                    digests=digests,
-                    wall_time=time.time(),
-                )
-            )
         self.step = step
-        self._maybe_switch_log()
-        if step % self.snapshot_every == 0 and step not in self._records:
+        if self.session is not None:
+            if self.replaying and self.session.progress:
+                report_progress(step, self._target(), self.rank)
+            if step == self._target():
+                self._finish_session()
+        decision = recorder.decision(step - self.lag)
+        self._maybe_settle_snapshot()
+        if not self.replaying and self._snapshot_due(step, decision is not None and decision.snapshot):
             self._snapshot(step)
+        # one process stops after the step in progress; several agree on a step from the results
+        # they all gathered (the step in progress or the next one)
+        stop = self._stop_signal if self.world_size == 1 else decision.stop if decision is not None else None
+        if stop is not None:
+            self._emergency_stop(stop)
+
+    def _install_header(self, writer: LogWriter) -> None:
+        names = self._params[0] if self._params else []
+        digest = writer.put_blob(json.dumps(names).encode()) if names else None
+        writer.set_header(SegmentHeader(base_step=writer.base_step, placement=self._placement, params=digest))
+
+    def _replay_done(self) -> None:
+        """The first live step is about to run: settle and report the replay."""
+        assert self._recorder is not None and self.report is not None
+        self._recorder.wait(self.step)
+        self._seal_report()
+        report = self.report
+        if report.strict:
+            log.info(
+                "replayed %d steps in %.2f s: every step bitwise equal to the log", report.replayed, report.replay_s
+            )
+        else:
+            drift = report.max_drift()
+            log.warning(
+                "replayed %d steps on a changed placement (%s) in %.2f s; largest drift: loss %.3g, "
+                "grad norm %.3g, parameter norm %.3g (relative)",
+                report.replayed,
+                "; ".join(report.placement_changes),
+                report.replay_s,
+                drift["loss_rel"],
+                drift["grad_norm_rel"],
+                drift["state_rel"],
+            )
+        self._write_report()
+
+    def _seal_report(self) -> None:
+        assert self._recorder is not None and self.report is not None
+        self.report.steps = list(self._recorder.checks)
+        self.report.last_step = self.report.base_step + len(self.report.steps)
+        self.report.replay_s = time.perf_counter() - self._replay_started
+        self.report.rng_not_restored = sorted(self._rng_skipped)
+
+    def _write_report(self) -> None:
+        if self.rank != 0 or self.report is None or not self.report.steps:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        key = f"{REPORTS}/replay-{stamp}-from-{self.report.base_step:0{STEP_DIGITS}d}.json"
+        try:
+            self.ckpt.storage.write(key, self.report.model_dump_json(indent=1).encode())
+        except MoaiCkptError as exc:  # a report is worth a warning, not the run
+            log.warning("could not write the replay report %s: %s", key, exc)
+
+    # -- snapshots, signals, sessions -----------------------------------------------------------
+
+    def _snapshot_due(self, step: int, timed: bool) -> bool:
+        return timed or (self.snapshot_every is not None and step % self.snapshot_every == 0)
 
     def _snapshot(self, step: int) -> None:
+        self._last_snapshot = time.monotonic()
         if self.async_snapshots:
             self._settle_snapshot()
             self._pending = (step, self.ckpt.save_async(step, self.tracked))
@@ -225,7 +427,7 @@ class Run:
             self.ckpt.save(step, self.tracked)
             self._rebase(step)
 
-    def _maybe_switch_log(self) -> None:
+    def _maybe_settle_snapshot(self) -> None:
         if self._pending is not None and self._pending[1] is not None and self._pending[1].done():
             self._settle_snapshot()
 
@@ -238,80 +440,136 @@ class Run:
         self._rebase(step)
 
     def _rebase(self, base: int) -> None:
-        """Continue the log after the snapshot at ``base`` (re-logging the steps done since)."""
-        assert self._writer is not None
-        if self.world.rank != 0:
-            self._writer = LogWriter(self.ckpt.storage, base, flush_every=self.log_flush_every)
-            return
-        self._writer.flush()
-        carried = [r for r in read_log(self.ckpt.storage, self._writer.base_step).records if r.step > base]
-        self._writer = LogWriter(self.ckpt.storage, base, flush_every=self.log_flush_every)
-        for r in carried:
-            self._writer.append(r)
-        self._writer.flush()
+        assert self._recorder is not None
+        self._recorder.rebase(base)
 
-    def _emergency_snapshot(self) -> None:
+    def _emergency_stop(self, signum: int) -> None:
+        assert self._recorder is not None
+        self._recorder.drain()
         self._settle_snapshot()
         if self.ckpt.latest_step() != self.step:
             self.ckpt.save(self.step, self.tracked)
-        log.warning("signal %s: snapshot of step %d taken, log flushed; exiting", self._stop_signal, self.step)
+        log.warning("signal %s: snapshot of step %d taken, log flushed; exiting", signum, self.step)
+        raise SystemExit(128 + signum)
 
-    def _flush(self) -> None:
-        if self._writer is not None and self.world.rank == 0:
-            self._writer.flush()
+    def _finish_session(self) -> None:
+        """Restore / verify session: the target step is reached. Commit it (restore), report, stop."""
+        assert self.session is not None and self._recorder is not None and self.report is not None
+        self._recorder.drain()
+        self._seal_report()
+        if self.session.mode == "restore":
+            started = time.perf_counter()
+            target = Checkpointer(self.session.to, **self._ckpt_options()) if self.session.to else self.ckpt
+            try:
+                copy_info = self.session.to and self.rank == 0 and not target.storage.exists(RUN_INFO)
+                if copy_info and self.ckpt.storage.exists(RUN_INFO):
+                    target.storage.write(RUN_INFO, self.ckpt.storage.read(RUN_INFO))
+                if target.latest_step() != self.step or self.session.to:
+                    target.save(self.step, self.tracked, overwrite=bool(self.session.to))
+            finally:
+                if target is not self.ckpt:
+                    target.close()
+            self.report.snapshot_s = time.perf_counter() - started
+        if self.rank == 0 and self.session.report:
+            with open(self.session.report, "w") as f:
+                f.write(self.report.model_dump_json(indent=1))
+        raise RestoreComplete(self.report)
+
+    def _ckpt_options(self) -> dict[str, Any]:
+        return {"collective_timeout_s": self.ckpt.options.collective_timeout_s}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stop_signal = signum
 
-    def _hparams(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, obj in self.tracked.items():
-            if isinstance(obj, torch.optim.Optimizer):
-                out[f"{name}.lr"] = [float(g["lr"]) for g in obj.param_groups]
-            elif isinstance(obj, torch.amp.GradScaler) and obj.is_enabled():
-                out[f"{name}.scale"] = float(obj.get_scale())
-        return out
-
-    def _state_sum(self) -> float:
-        """A cheap digest of this rank's updated parameters: the float64 sum of its tracked modules'."""
-        total = 0.0
+    def _fault_hooks(self) -> list[Any]:
+        """Fault points in the user's forward, backward and optimizer step (chaos testing)."""
+        handles = []
         for obj in self.tracked.values():
             if isinstance(obj, torch.nn.Module):
-                for p in obj.parameters():
-                    local = p.to_local() if hasattr(p, "to_local") else p
-                    total += float(local.detach().sum(dtype=torch.float64))  # no float64 copy
-        return total
+                handles.append(obj.register_forward_pre_hook(lambda *_: faults.point("forward")))
+                handles.append(obj.register_full_backward_pre_hook(lambda *_: faults.point("backward")))
+            elif isinstance(obj, torch.optim.Optimizer):
+                handles.append(obj.register_step_pre_hook(lambda *_: faults.point("optimizer")))
+        return handles
 
-    def close(self) -> None:
+    def close(self, *, failing: bool = False) -> None:
+        """Flush the log and finish the snapshot in flight (called by `fault_tolerant`).
+
+        With ``failing`` (an exception is on its way out) problems are logged, not raised.
+        """
         try:
+            if self._recorder is not None and self._recorder.error is None:
+                self._recorder.drain(timeout=2 * self.ckpt.options.collective_timeout_s)
             self._settle_snapshot()
-            self._flush()
+        except Exception:
+            if not failing:
+                raise
+            log.exception("while closing the run after an error")
         finally:
+            if self._recorder is not None:
+                self._recorder.close()
             self.ckpt.close()
             self.world.close()
+            self._log_world.close()
+
+
+def quarantine(storage: Any, base: int, last_good: int) -> None:
+    """Move the segments of ``log/<base>`` from the damaged one on aside, keeping the good records.
+
+    The segments are copied under ``log/quarantine/<base>/`` (for a post-mortem), then deleted;
+    the valid records of a damaged segment are rewritten first, as after a torn tail.
+    """
+    from replay.log import read_log, segments
+
+    contents = read_log(storage, base)
+    writer = LogWriter(storage, base)
+    all_segments = segments(storage, base)
+    damaged = [(first, key) for first, last, key in all_segments if last > last_good]
+    # a damaged segment's valid records: those not also held by a surviving segment
+    held = max((last for _, last, key in all_segments if last <= last_good), default=base)
+    keep = [r for r in contents.records if r.step > held]
+    for _, key in damaged:
+        storage.write(f"log/quarantine/{key.split('/', 1)[1]}", storage.read(key))
+    if keep:
+        writer.last_step = keep[0].step - 1
+        writer.copy(keep, contents)
+    storage.delete([key for _, key in damaged])
 
 
 def fault_tolerant(
     storage: str,
     *,
-    snapshot_every: int = 100,
+    snapshot_every: int | None = 100,
+    snapshot_every_s: float | None = None,
     async_snapshots: bool = True,
     log_flush_every: int = 1,
+    log_flush_seconds: float | None = None,
+    log_sync: bool = False,
     deterministic: bool = False,
     **options: Any,
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Make a training function resumable at its last completed step (see the module docstring).
 
     Args:
-        storage: the run directory (any fsspec URL).
-        snapshot_every: steps between snapshots.
+        storage: the run directory (any fsspec URL). ``{name}`` fields are filled from the keyword
+            arguments of the call (``storage="{run_dir}"`` with ``train(run_dir="runs/7")``).
+        snapshot_every: steps between snapshots (None: only ``snapshot_every_s``).
+        snapshot_every_s: also snapshot once this many seconds have passed since the last one
+            (rank 0's clock decides, so every rank snapshots at the same step).
         async_snapshots: take snapshots with `Checkpointer.save_async`.
-        log_flush_every: log records per durable segment (1: every step durable when it ends).
+        log_flush_every: log records per durable segment (1: a segment per step).
+        log_flush_seconds: with ``log_flush_every > 1``, a group is never older than this.
+        log_sync: make each step's record durable before the next step starts (default: before
+            the next step completes, so logging overlaps training).
         deterministic: ``torch.use_deterministic_algorithms(True)`` and the environment it needs.
         **options: `Checkpointer` options and storage options.
     """
-    if snapshot_every < 1:
-        raise ValueError("snapshot_every must be at least 1")
+    if snapshot_every is not None and snapshot_every < 1:
+        raise ValueError("snapshot_every must be at least 1 (or None)")
+    if snapshot_every is None and snapshot_every_s is None:
+        raise ValueError("set snapshot_every, snapshot_every_s or both")
+    if snapshot_every_s is not None and snapshot_every_s <= 0:
+        raise ValueError("snapshot_every_s must be positive")
 
     def wrap(fn: Callable[..., R]) -> Callable[..., R]:
         @functools.wraps(fn)
@@ -320,43 +578,28 @@ def fault_tolerant(
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
                 torch.use_deterministic_algorithms(True)
             run = Run(
-                storage,
+                storage.format(**kwargs) if "{" in storage else storage,
                 snapshot_every=snapshot_every,
+                snapshot_every_s=snapshot_every_s,
                 async_snapshots=async_snapshots,
                 log_flush_every=log_flush_every,
+                log_flush_seconds=log_flush_seconds,
+                log_sync=log_sync,
                 **options,
             )
+            run.entry = entry_of(fn, args, kwargs)
             try:
-                return fn(run, *args, **kwargs)
-            finally:
+                result = fn(run, *args, **kwargs)
+            except RestoreComplete as done:
                 run.close()
+                return done.report
+            except BaseException:
+                run.close(failing=True)
+                raise
+            run.close()
+            return result
 
+        runner.__wrapped_storage__ = storage  # type: ignore[attr-defined]
         return runner
 
     return wrap
-
-
-def _scalar(x: float | torch.Tensor) -> float:
-    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
-
-
-def _dump_rng(state: dict[str, Any]) -> bytes:
-    sink = TensorSink(lambda path: path)
-    tree = encode(state, "rng", sink)
-    tensors = {k: base64.b64encode(v.contiguous().numpy().tobytes()).decode() for k, v in sink.tensors.items()}
-    meta = {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in sink.tensors.items()}
-    return json.dumps({"tree": tree, "tensors": tensors, "meta": meta}, sort_keys=True).encode()
-
-
-def _load_rng(data: bytes) -> dict[str, Any]:
-    raw = json.loads(data)
-    tensors = {}
-    for name, b64 in raw["tensors"].items():
-        dtype, shape = raw["meta"][name]
-        buf = bytearray(base64.b64decode(b64))
-        tensors[name] = (
-            torch.frombuffer(buf, dtype=getattr(torch, dtype)).reshape(shape).clone()
-            if buf
-            else torch.empty(shape, dtype=getattr(torch, dtype))
-        )
-    return decode(raw["tree"], tensors)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from moai_ckpt import arrays as za
+from moai_ckpt import faults
 from moai_ckpt.dtypes import from_name, is_known, torch_dtype
 from moai_ckpt.errors import (
     CorruptSnapshotError,
@@ -129,6 +130,7 @@ class SnapshotWriter:
         return index
 
     def _write_chunk(self, key: str, span: za.ChunkSpan, data: memoryview, progress: Progress | None) -> ChunkEntry:
+        faults.point("snapshot.persist")
         pad = bytes(span.pad)
         crc = za.chunk_crc(data, pad)
         self.storage.write(key, [data, pad, za.CRC.pack(crc)] if pad else [data, za.CRC.pack(crc)])
@@ -186,6 +188,7 @@ class SnapshotWriter:
             writer=writer,
         )
         marker = CommitMarker.seal(body)
+        faults.point("snapshot.commit")
         commit_key = f"{self.prefix}/{COMMIT}"
         self.storage.write(commit_key, marker.to_bytes())
         self.storage.barrier([commit_key])

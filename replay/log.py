@@ -4,45 +4,77 @@ Layout below the run directory::
 
     log/<base step:012d>/<first:012d>-<last:012d>.seg   records of steps first..last after the
                                                          snapshot at base, framed (see below)
-    log/blobs/<aa>/<sha256>                              content-addressed values (RNG states,
-                                                         batches that are not indexable)
 
 Every segment is written whole, once: no append, no rename, so object stores work as local disks
-do. A record is durable when `LogWriter.append` returns under the default policy
-(``flush_every=1``); with group commit (``flush_every=N`` or ``flush_seconds=T``) at most the last
-N-1 records, or T seconds of them, can be lost in a crash.
+do. A segment is a sequence of frames::
 
-Framing: ``MLOG | length (u32 LE) | crc32c(payload) (u32 LE) | payload (JSON)``. Reading stops at
-the first damaged frame: a frame cut short, or a bad last frame of the newest segment, is a torn
-tail (the writer died mid-write) and is dropped; damage anywhere else is corruption, and the
-records before it are all a replay may use.
+    magic (4 bytes) | length (u32 LE) | crc32c(payload) (u32 LE) | payload
+
+``MSEG`` opens every segment: a JSON `SegmentHeader` (who wrote it, on which placement).
+``MBLB`` is a content-addressed value: the sha256 of the data (32 bytes), then the data (RNG
+states, batches that are not indexable, parameter names). A blob is written once per log, in the
+first segment that needs it, before the records that name it. ``MLOG`` is a JSON `StepRecord`.
+
+Reading stops at the first damaged frame: a frame cut short, or a bad last frame of the newest
+segment, is a torn tail (the writer died mid-write) and is dropped; damage anywhere else is
+corruption, and the records before it are all a replay may use.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import crc32c as _crc32c
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moai_ckpt.errors import CorruptSnapshotError
-from moai_ckpt.format import LOG, STEP_DIGITS
+from moai_ckpt import faults
+from moai_ckpt.errors import CorruptSnapshotError, UnsupportedFormatError
+from moai_ckpt.format import LOG, STEP_DIGITS, log_dir, log_segment_key, parse_log_segment
 from moai_ckpt.storage import Storage
 
-MAGIC = b"MLOG"
-HEADER = struct.Struct("<4sII")
-MAX_RECORD = 64 << 20
-RECORD_VERSION = 1
-_SEGMENT = re.compile(rf"^(\d{{{STEP_DIGITS}}})-(\d{{{STEP_DIGITS}}})\.seg$")
+HEADER_FRAME, BLOB_FRAME, RECORD_FRAME = b"MSEG", b"MBLB", b"MLOG"
+FRAME = struct.Struct("<4sII")
+MAX_FRAME = 256 << 20
+LOG_VERSION = 2
 
 
 class CorruptLogError(CorruptSnapshotError):
     """A log record or blob fails its checks (not a torn tail): replay must stop before it."""
+
+
+class Placement(BaseModel):
+    """Where records were produced: replay on the same placement must reproduce them bitwise."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    world_size: int = 1
+    device_type: str = "cpu"
+    device_name: str = ""
+    torch: str = ""
+
+    def differences(self, other: Placement) -> list[str]:
+        """What differs between two placements, as ``"field: a -> b"``; empty when the same."""
+        fields = ("world_size", "device_type", "device_name", "torch")
+        return [
+            f"{f}: {getattr(self, f)} -> {getattr(other, f)}" for f in fields if getattr(self, f) != getattr(other, f)
+        ]
+
+
+class SegmentHeader(BaseModel):
+    """The first frame of every segment."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = LOG_VERSION
+    base_step: int = Field(ge=0)
+    placement: Placement = Field(default_factory=Placement)
+    params: str | None = Field(default=None, description="blob digest of the parameter names (JSON list)")
+    created: float = Field(default_factory=time.time)
 
 
 class Digests(BaseModel):
@@ -52,32 +84,51 @@ class Digests(BaseModel):
 
     loss: float | None = None
     grad_norm: float | None = None
-    state: str | None = Field(default=None, description="a cheap digest of the updated state")
+    state: str | None = Field(default=None, description="float.hex of the L2 norm of every parameter")
+    params: str | None = Field(default=None, description="blob digest of each parameter's L2 norm (float64 LE)")
 
 
 class StepRecord(BaseModel):
     """One completed step: its logical inputs and its result digests.
 
-    Samples are *global* indices (see `moai_ckpt.GlobalSampler`), never ranks: a log written on
-    8 ranks replays on 3.
+    Samples are *global* indices (see `moai_ckpt.GlobalSampler`), and a non-indexable batch is the
+    global batch (every rank's part, concatenated): a log written on 8 ranks replays on 3.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    version: int = RECORD_VERSION
+    version: int = LOG_VERSION
     step: int = Field(ge=1, description="the state after this record is the state at `step`")
     samples: list[int] | None = Field(default=None, description="global sample indices of the batch")
-    batch: str | None = Field(default=None, description="blob digest of the batch, when not indexable")
-    rng: dict[str, str] = Field(default_factory=dict, description="generator -> blob digest of its state at step start")
+    batch: str | None = Field(default=None, description="blob digest of the global batch, when not indexable")
+    rng: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="rank -> generator -> blob digest of its state at step start"
+    )
     hparams: dict[str, Any] = Field(default_factory=dict, description="scalars in force: lr per group, loss scale...")
     digests: Digests = Field(default_factory=Digests)
     wall_time: float | None = None
 
+    def blob_refs(self) -> set[str]:
+        refs = {d for gens in self.rng.values() for d in gens.values()}
+        if self.batch:
+            refs.add(self.batch)
+        if self.digests.params:
+            refs.add(self.digests.params)
+        return refs
 
-def frame(payload: bytes) -> bytes:
-    if len(payload) > MAX_RECORD:
-        raise ValueError(f"log record of {len(payload)} bytes exceeds {MAX_RECORD}")
-    return HEADER.pack(MAGIC, len(payload), _crc32c.crc32c(payload)) + payload
+
+def frame(kind: bytes, payload: bytes) -> bytes:
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"log frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+    return FRAME.pack(kind, len(payload), _crc32c.crc32c(payload)) + payload
+
+
+def blob_frame(digest: str, data: bytes) -> bytes:
+    return frame(BLOB_FRAME, bytes.fromhex(digest) + data)
+
+
+def digest_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -89,65 +140,182 @@ class Damage:
     at_end: bool  # nothing valid could follow: the shape of a write cut short
 
 
-def unframe(data: bytes) -> tuple[list[bytes], Damage | None]:
-    """Split a segment into payloads, stopping at the first damaged frame."""
-    out: list[bytes] = []
+def unframe(data: bytes) -> tuple[list[tuple[bytes, bytes]], Damage | None]:
+    """Split a segment into (kind, payload) frames, stopping at the first damaged frame."""
+    out: list[tuple[bytes, bytes]] = []
     offset = 0
+    view = memoryview(data)
     while offset < len(data):
-        rest = data[offset:]
-        if len(rest) < HEADER.size:
+        rest = len(data) - offset
+        if rest < FRAME.size:
             return out, Damage(offset, "incomplete frame header", True)
-        magic, length, crc = HEADER.unpack_from(data, offset)
-        if magic != MAGIC or length > MAX_RECORD:
-            return out, Damage(offset, "bad frame header", not any(rest))  # zeros: unwritten blocks
-        end = offset + HEADER.size + length
+        kind, length, crc = FRAME.unpack_from(data, offset)
+        if kind not in (HEADER_FRAME, BLOB_FRAME, RECORD_FRAME) or length > MAX_FRAME:
+            return out, Damage(offset, "bad frame header", not any(view[offset:]))  # zeros: unwritten blocks
+        end = offset + FRAME.size + length
         if end > len(data):
             return out, Damage(offset, f"frame of {length} bytes cut short", True)
-        payload = data[offset + HEADER.size : end]
+        payload = bytes(view[offset + FRAME.size : end])
         if _crc32c.crc32c(payload) != crc:
             return out, Damage(offset, "frame crc32c mismatch", end == len(data))
-        out.append(payload)
+        out.append((kind, payload))
         offset = end
     return out, None
 
 
+# keys -----------------------------------------------------------------------------------------
+
+
 def segment_prefix(base_step: int) -> str:
-    return f"{LOG}/{base_step:0{STEP_DIGITS}d}"
+    return log_dir(base_step)
 
 
 def segment_key(base_step: int, first: int, last: int) -> str:
-    return f"{segment_prefix(base_step)}/{first:0{STEP_DIGITS}d}-{last:0{STEP_DIGITS}d}.seg"
+    return log_segment_key(base_step, first, last)
 
 
-def blob_key(digest: str) -> str:
-    if not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise CorruptLogError(f"not a blob digest: {digest!r}", key=digest)
-    return f"{LOG}/blobs/{digest[:2]}/{digest}"
+def segments(storage: Storage, base_step: int) -> list[tuple[int, int, str]]:
+    """(first, last, key) of every segment after ``base_step``, in order."""
+    found = []
+    for key in storage.list(segment_prefix(base_step)):
+        parsed = parse_log_segment(key.rsplit("/", 1)[-1])
+        if parsed is not None:
+            found.append((*parsed, key))
+    return sorted(found)
+
+
+def log_bases(storage: Storage) -> list[int]:
+    """Base steps of every log in the run directory, ascending."""
+    return sorted(int(n) for n in storage.list_dirs(LOG) if n.isdigit() and len(n) == STEP_DIGITS)
+
+
+# reading --------------------------------------------------------------------------------------
 
 
 @dataclass
 class LogContents:
-    """What a log holds after a snapshot: valid records in order, and why reading stopped."""
+    """What a log holds after a snapshot: valid records in order, their blobs, why reading stopped."""
 
     base_step: int
     records: list[StepRecord] = field(default_factory=list)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    headers: dict[int, SegmentHeader] = field(default_factory=dict)  # step -> header of its segment
     torn_tail: str | None = None  # a write cut short at the end: expected after a crash, dropped
     corruption: CorruptLogError | None = None  # replay must stop before this
+    url: str = ""
+    carried_from: int | None = None  # the older log the last records were found in (see `records_after`)
 
     @property
     def last_step(self) -> int:
         return self.records[-1].step if self.records else self.base_step
 
+    def blob(self, digest: str) -> bytes:
+        try:
+            return self.blobs[digest]
+        except KeyError:
+            raise CorruptLogError(f"blob {digest} named by the log is missing", url=self.url) from None
 
-def segments(storage: Storage, base_step: int) -> list[tuple[int, int, str]]:
-    """(first, last, key) of every segment after ``base_step``, in order."""
-    prefix = segment_prefix(base_step)
-    found = []
-    for key in storage.list(prefix):
-        match = _SEGMENT.match(key.rsplit("/", 1)[-1])
-        if match is not None:
-            found.append((int(match.group(1)), int(match.group(2)), key))
-    return sorted(found)
+    def placement(self, step: int) -> Placement | None:
+        header = self.headers.get(step)
+        return header.placement if header is not None else None
+
+
+class _Reader:
+    def __init__(self, storage: Storage, base_step: int) -> None:
+        self.storage = storage
+        self.contents = LogContents(base_step, url=storage.url)
+        self.by_step: dict[int, bytes] = {}
+
+    def read(self) -> LogContents:
+        found = segments(self.storage, self.contents.base_step)
+        for i, (_first, _last, key) in enumerate(found):
+            frames, damage = unframe(self.storage.read(key))
+            header: SegmentHeader | None = None
+            for kind, payload in frames:
+                header, problem = self._take(kind, payload, header, key)
+                if problem is not None:
+                    self.contents.corruption = problem
+                    return self.contents
+            if damage is not None:
+                where = f"{damage.reason} at byte {damage.offset} after step {self.contents.last_step}"
+                if damage.at_end and i == len(found) - 1:
+                    self.contents.torn_tail = f"{key}: {where}"
+                else:
+                    self.contents.corruption = CorruptLogError(
+                        f"log record damaged ({where}); replay stops at step {self.contents.last_step}",
+                        url=self.storage.url,
+                        key=key,
+                    )
+                return self.contents
+        return self.contents
+
+    def _take(
+        self, kind: bytes, payload: bytes, header: SegmentHeader | None, key: str
+    ) -> tuple[SegmentHeader | None, CorruptLogError | None]:
+        url, at = self.storage.url, self.contents.last_step
+        if kind == HEADER_FRAME:
+            if header is not None:
+                return header, CorruptLogError(f"second segment header; replay stops at step {at}", url=url, key=key)
+            try:
+                return SegmentHeader.model_validate_json(payload), _check_version(payload, url, key)
+            except ValidationError as exc:
+                return None, CorruptLogError(f"segment header does not validate: {exc}", url=url, key=key)
+        if header is None:
+            return None, CorruptLogError(f"segment has no header; replay stops at step {at}", url=url, key=key)
+        if kind == BLOB_FRAME:
+            digest, data = payload[:32].hex(), payload[32:]
+            if digest_of(data) != digest:
+                return header, CorruptLogError(f"blob {digest} does not match its digest", url=url, key=key)
+            self.contents.blobs[digest] = data
+            return header, None
+        return header, self._record(payload, header, key)
+
+    def _record(self, payload: bytes, header: SegmentHeader, key: str) -> CorruptLogError | None:
+        url = self.storage.url
+        try:
+            record = StepRecord.model_validate_json(payload)
+        except ValidationError as exc:
+            return _check_version(payload, url, key) or CorruptLogError(
+                f"log record does not validate: {exc}", url=url, key=key
+            )
+        if record.step in self.by_step:
+            if self.by_step[record.step] != payload:
+                return CorruptLogError(f"two different records for step {record.step}", url=url, key=key)
+            return None
+        last = self.contents.last_step
+        if record.step != last + 1:
+            return CorruptLogError(
+                f"log jumps from step {last} to {record.step}: records are missing", url=url, key=key
+            )
+        missing = [d for d in record.blob_refs() if d not in self.contents.blobs]
+        if missing:
+            return CorruptLogError(
+                f"record of step {record.step} names blob {missing[0]} that the log does not hold; "
+                f"replay stops at step {last}",
+                url=url,
+                key=key,
+            )
+        self.by_step[record.step] = payload
+        self.contents.records.append(record)
+        self.contents.headers[record.step] = header
+        return None
+
+
+def _check_version(payload: bytes, url: str, key: str) -> CorruptLogError | None:
+    """A frame from a newer release is refused with an upgrade hint, not taken for corruption."""
+    try:
+        import json
+
+        version = json.loads(payload).get("version")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(version, int) and version > LOG_VERSION:
+        raise UnsupportedFormatError(
+            f"log format version {version} is newer than this moai-ckpt reads ({LOG_VERSION}); upgrade moai-ckpt",
+            url=url,
+            key=key,
+        )
+    return None
 
 
 def read_log(storage: Storage, base_step: int) -> LogContents:
@@ -156,46 +324,50 @@ def read_log(storage: Storage, base_step: int) -> LogContents:
     Segments may overlap (a segment rewritten after a torn tail, with the old one not yet
     deleted): a step seen twice must carry the same record.
     """
-    contents = LogContents(base_step)
-    by_step: dict[int, bytes] = {}
-    found = segments(storage, base_step)
-    for i, (_first, _last, key) in enumerate(found):
-        payloads, damage = unframe(storage.read(key))
-        for payload in payloads:
-            problem = _take(contents, by_step, payload, storage.url, key)
-            if problem is not None:
-                contents.corruption = problem
-                return contents
-        if damage is not None:
-            where = f"{damage.reason} at byte {damage.offset} after step {contents.last_step}"
-            if damage.at_end and i == len(found) - 1:
-                contents.torn_tail = f"{key}: {where}"
-            else:
-                contents.corruption = CorruptLogError(
-                    f"log record damaged ({where}); replay stops at step {contents.last_step}", url=storage.url, key=key
-                )
-            return contents
+    return _Reader(storage, base_step).read()
+
+
+def records_after(storage: Storage, base_step: int) -> LogContents:
+    """The log a run resuming from the snapshot at ``base_step`` replays.
+
+    Normally ``log/<base_step>``. If the run crashed after that snapshot committed but before
+    its log moved over (or while it moved), records after ``base_step`` are still, or also, in an
+    older snapshot's log: the longer continuation is returned (with its blobs) as the contents of
+    ``base_step``, provided the two agree where both hold a step.
+    """
+    contents = read_log(storage, base_step)
+    if contents.corruption is not None:
+        return contents
+    for older in reversed([b for b in log_bases(storage) if b < base_step]):
+        previous = read_log(storage, older)
+        tail = [r for r in previous.records if r.step > base_step]
+        if not tail or tail[0].step != base_step + 1 or tail[-1].step <= contents.last_step:
+            continue
+        overlap = {r.step: r for r in tail if r.step <= contents.last_step}
+        if any(overlap[r.step] != r for r in contents.records):
+            continue  # the two logs disagree: keep the newer one's own records
+        extra = [r for r in tail if r.step > contents.last_step]
+        contents.records.extend(extra)
+        for r in extra:
+            contents.headers[r.step] = previous.headers[r.step]
+        wanted = {d for r in extra for d in r.blob_refs()} | {h.params for h in previous.headers.values() if h.params}
+        contents.blobs.update({d: previous.blobs[d] for d in wanted if d in previous.blobs})
+        contents.carried_from = older
+        contents.corruption = contents.corruption or previous.corruption
+        break
     return contents
 
 
-def _take(
-    contents: LogContents, by_step: dict[int, bytes], payload: bytes, url: str, key: str
-) -> CorruptLogError | None:
-    try:
-        record = StepRecord.model_validate_json(payload)
-    except ValidationError as exc:
-        return CorruptLogError(f"log record does not validate: {exc}", url=url, key=key)
-    if record.step in by_step:
-        if by_step[record.step] != payload:
-            return CorruptLogError(f"two different records for step {record.step}", url=url, key=key)
-        return None
-    if record.step != contents.last_step + 1:
-        return CorruptLogError(
-            f"log jumps from step {contents.last_step} to {record.step}: records are missing", url=url, key=key
-        )
-    by_step[record.step] = payload
-    contents.records.append(record)
-    return None
+def history(storage: Storage) -> dict[int, StepRecord]:
+    """Every valid record in every log of the run, by step (a later log wins a shared step)."""
+    out: dict[int, StepRecord] = {}
+    for base in log_bases(storage):
+        for record in read_log(storage, base).records:
+            out[record.step] = record
+    return out
+
+
+# writing --------------------------------------------------------------------------------------
 
 
 class LogWriter:
@@ -204,24 +376,33 @@ class LogWriter:
     Args:
         storage: the run directory.
         base_step: the committed snapshot the records continue from.
+        header: what every segment says about its writer (placement, parameter names).
         flush_every: write a segment every this many records (1: each record durable on return).
         flush_seconds: also write a segment once the oldest unwritten record is this old.
     """
 
     def __init__(
-        self, storage: Storage, base_step: int, *, flush_every: int = 1, flush_seconds: float | None = None
+        self,
+        storage: Storage,
+        base_step: int,
+        *,
+        header: SegmentHeader | None = None,
+        flush_every: int = 1,
+        flush_seconds: float | None = None,
     ) -> None:
         if flush_every < 1:
             raise ValueError("flush_every must be at least 1")
         self.storage = storage
         self.base_step = base_step
+        self.header = (header or SegmentHeader(base_step=base_step)).model_copy(update={"base_step": base_step})
         self.flush_every = flush_every
         self.flush_seconds = flush_seconds
-        self._pending: list[tuple[int, bytes]] = []
+        self._frames: list[bytes] = []
+        self._steps: list[int] = []
         self._pending_since = 0.0
-        self._blobs: set[str] = set()
-        self._unsynced: list[str] = []  # blobs written since the last segment, made durable with it
+        self._known: set[str] = set()  # blobs this log already holds
         self.last_step = base_step
+        self.segments_written = 0
 
     @classmethod
     def resume(cls, storage: Storage, base_step: int, **options: Any) -> tuple[LogWriter, LogContents]:
@@ -235,84 +416,94 @@ class LogWriter:
         if contents.corruption is not None:
             raise contents.corruption
         writer = cls(storage, base_step, **options)
+        torn = [(first, key) for first, last, key in segments(storage, base_step) if last > contents.last_step]
+        for first, key in torn:
+            kept = [r for r in contents.records if first <= r.step]
+            if kept:  # a blob may live only in the torn segment: the rewrite carries its own
+                writer.last_step = kept[0].step - 1
+                writer.copy(kept, contents)
+            storage.delete([key])
         writer.last_step = contents.last_step
-        for first, last, key in segments(storage, base_step):
-            if last > contents.last_step:  # the torn segment
-                kept = [r for r in contents.records if first <= r.step]
-                if kept:
-                    writer._write([(r.step, r.model_dump_json().encode()) for r in kept])
-                storage.delete([key])
+        # blobs that lived only in a deleted torn segment are gone: ask the log what it holds now
+        writer._known = set(read_log(storage, base_step).blobs) if torn else set(contents.blobs)
         return writer, contents
 
-    def append(self, record: StepRecord) -> None:
-        """Log one completed step (the next after the last logged one)."""
+    def copy(self, records: list[StepRecord], contents: LogContents) -> None:
+        """Append records read from a log, each under the header of the segment it came from."""
+        for record in records:
+            header = contents.headers.get(record.step)
+            if header is not None and (header.placement, header.params) != (self.header.placement, self.header.params):
+                self.flush()
+                self.set_header(header)
+                if header.params:
+                    self._put(header.params, contents.blob(header.params))
+            if record.step != self.last_step + 1:
+                raise ValueError(f"expected a record for step {self.last_step + 1}, got step {record.step}")
+            self._add(record, {d: contents.blob(d) for d in record.blob_refs()})  # one segment per header
+            self.last_step = record.step
+        self.flush()
+
+    def set_header(self, header: SegmentHeader) -> None:
+        """Segments written from now on carry ``header`` (its blobs must be added with `put_blob`)."""
+        self.header = header.model_copy(update={"base_step": self.base_step})
+
+    def put_blob(self, data: bytes) -> str:
+        """Add ``data`` to the next segment unless this log holds it already; returns its digest."""
+        digest = digest_of(data)
+        self._put(digest, data)
+        return digest
+
+    def _put(self, digest: str, data: bytes) -> None:
+        if digest not in self._known:
+            self._known.add(digest)
+            self._frames.append(blob_frame(digest, data))
+
+    def append(self, record: StepRecord, blobs: Mapping[str, bytes] | None = None) -> None:
+        """Log one completed step (the next after the last logged one) with the blobs it names."""
         if record.step != self.last_step + 1:
             raise ValueError(f"expected a record for step {self.last_step + 1}, got step {record.step}")
-        if not self._pending:
+        if not self._steps:
             self._pending_since = time.monotonic()
-        self._pending.append((record.step, record.model_dump_json().encode()))
+        self._add(record, blobs or {})
         self.last_step = record.step
         overdue = self.flush_seconds is not None and time.monotonic() - self._pending_since >= self.flush_seconds
-        if len(self._pending) >= self.flush_every or overdue:
+        if len(self._steps) >= self.flush_every or overdue:
             self.flush()
+
+    def _add(self, record: StepRecord, blobs: Mapping[str, bytes]) -> None:
+        for digest, data in blobs.items():
+            self._put(digest, data)
+        self._frames.append(frame(RECORD_FRAME, record.model_dump_json(exclude_defaults=True).encode()))
+        self._steps.append(record.step)
+
+    @property
+    def pending(self) -> int:
+        """Records appended but not yet written."""
+        return len(self._steps)
 
     def flush(self) -> None:
         """Write every pending record as one durable segment."""
-        if self._pending:
-            self._write(self._pending)
-            self._pending = []
-
-    def _write(self, records: list[tuple[int, bytes]]) -> None:
-        key = segment_key(self.base_step, records[0][0], records[-1][0])
-        self.storage.write(key, b"".join(frame(payload) for _, payload in records))
-        self.storage.barrier([key, *self._unsynced])  # the records' blobs become durable with them
-        self._unsynced = []
-
-    def put_blob(self, data: bytes) -> str:
-        """Store ``data`` once under its sha256 and return the digest."""
-        digest = hashlib.sha256(data).hexdigest()
-        if digest not in self._blobs:
-            key = blob_key(digest)
-            if not self.storage.exists(key):
-                self.storage.write(key, data)
-                self._unsynced.append(key)
-            self._blobs.add(digest)
-        return digest
+        if not self._steps:
+            return
+        key = segment_key(self.base_step, self._steps[0], self._steps[-1])
+        header = frame(HEADER_FRAME, self.header.model_dump_json().encode())
+        data = b"".join([header, *self._frames])
+        fault = faults.due("log.write")
+        if fault is not None:
+            if fault.action == "kill":
+                self.storage.write(key, data[: len(data) // 2])  # a torn write: the process dies mid-way
+            faults.fire(fault)
+        self.storage.write(key, data)
+        faults.point("log.flush")
+        self.storage.barrier([key])
+        self._frames, self._steps = [], []
+        self.segments_written += 1
 
     def close(self) -> None:
         self.flush()
-        if self._unsynced:
-            self.storage.barrier(self._unsynced)
-            self._unsynced = []
 
 
-def get_blob(storage: Storage, digest: str) -> bytes:
-    """Read a blob and check it against its digest."""
-    key = blob_key(digest)
-    try:
-        data = storage.read(key)
-    except FileNotFoundError:
-        raise CorruptLogError("blob named by the log is missing", url=storage.url, key=key) from None
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise CorruptLogError("blob does not match its digest", url=storage.url, key=key)
-    return data
-
-
-def prune_log(storage: Storage, oldest_kept_snapshot: int) -> list[int]:
-    """Delete the logs after snapshots older than ``oldest_kept_snapshot`` and unreferenced blobs.
-
-    Returns the base steps whose logs were deleted.
-    """
-    bases = sorted(int(name) for name in storage.list_dirs(LOG) if name.isdigit() and len(name) == STEP_DIGITS)
-    doomed = [b for b in bases if b < oldest_kept_snapshot]
-    for base in doomed:
-        storage.delete_prefix(segment_prefix(base))
-    referenced: set[str] = set()
+def drop_logs(storage: Storage, bases: Iterable[int]) -> None:
+    """Delete the logs after the snapshots at ``bases``."""
     for base in bases:
-        if base in doomed:
-            continue
-        for record in read_log(storage, base).records:
-            referenced |= set(record.rng.values()) | ({record.batch} if record.batch else set())
-    stale = [k for k in storage.list(f"{LOG}/blobs") if k.rsplit("/", 1)[-1] not in referenced]
-    storage.delete(stale)
-    return doomed
+        storage.delete_prefix(segment_prefix(base))

@@ -156,38 +156,48 @@ def save_with_dying_rank(run_dir: str, victim: int) -> dict[str, Any]:
     return {"rank": rank, "error": None}
 
 
-def fault_tolerant_train(run_dir: str, total: int, die_at: int = -1, die_rank: int = -1) -> dict[str, Any]:
-    """FSDP2 training under `fault_tolerant` on every rank; rank ``die_rank`` SIGKILLs itself at ``die_at``."""
+@moai_ckpt.fault_tolerant(storage="{run_dir}", snapshot_every=4, collective_timeout_s=20)
+def ft_train(run: moai_ckpt.Run, run_dir: str, total: int) -> dict[str, Any]:
+    """FSDP2 training under `fault_tolerant` (a plain module on one rank); faults from the environment."""
     import hashlib
-    import signal
 
+    _, world = rank_and_world()
+    trained, model = wrap(build_model(), "fsdp" if world > 1 else "plain")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    run.track(model=model, optim=opt)
+    run.sampler(SAMPLES, BATCH, seed=1)
+    x, y = data()
+    first_step, losses, samples = None, {}, {}
+    for step in run.steps(total):
+        first_step = step if first_step is None else first_step
+        idx = run.batch()
+        loss = nn.functional.mse_loss(trained(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        run.record(loss=loss)
+        if not run.replaying:
+            losses[step] = float(loss.detach())
+            samples[step] = idx
+    digest = hashlib.sha256()
+    for value in full_state(model, opt).values():
+        digest.update(value.tobytes())
+    report = run.report
+    return {
+        "digest": digest.hexdigest(),
+        "first_step": first_step,
+        "replayed": run.replayed,
+        "last_step": run.step,
+        "losses": losses,
+        "samples": samples,
+        "placement_changes": report.placement_changes if report is not None else [],
+        "max_drift": report.max_drift() if report is not None else {},
+    }
+
+
+def fault_tolerant_train(run_dir: str, total: int) -> dict[str, Any]:
     rank, _ = rank_and_world()
-    info: dict[str, Any] = {}
-
-    @moai_ckpt.fault_tolerant(storage=run_dir, snapshot_every=4, collective_timeout_s=20)
-    def train(run: moai_ckpt.Run) -> str:
-        trained, model = wrap(build_model(), "fsdp")
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        run.track(model=model, optim=opt)
-        run.sampler(SAMPLES, BATCH, seed=1)
-        x, y = data()
-        for step in run.steps(total):
-            info.setdefault("first_step", step)
-            idx = run.batch()
-            if step == die_at and rank == die_rank and not run.replaying:
-                os.kill(os.getpid(), signal.SIGKILL)
-            loss = nn.functional.mse_loss(trained(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            run.record(loss=loss)
-        info["replayed"] = run.replayed
-        digest = hashlib.sha256()
-        for value in full_state(model, opt).values():
-            digest.update(value.tobytes())
-        return digest.hexdigest()
-
     try:
-        return {"rank": rank, "digest": train(), **info}
+        return {"rank": rank, **ft_train(run_dir=run_dir, total=total)}
     except moai_ckpt.MoaiCkptError as exc:
         return {"rank": rank, "error": f"{type(exc).__name__}: {exc}"}

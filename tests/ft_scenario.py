@@ -1,8 +1,10 @@
-"""A small training run under `fault_tolerant`, killed on request (run as a real process).
+"""A small training run under `fault_tolerant` (run as a real process, killed by fault points).
 
-    python -m tests.ft_scenario RUN_DIR TOTAL_STEPS [DIE_AT_STEP PHASE]
+    python -m tests.ft_scenario RUN_DIR TOTAL_STEPS
 
-Prints one JSON line: the final parameter digest, the steps replayed and the losses of live steps.
+Faults come from ``MOAI_CKPT_FAULTS`` (see `moai_ckpt.faults`); ``MOAI_TEST_LOG_SYNC=1`` makes each
+record durable before the next step starts. Prints one JSON line: the final parameter digest, the
+steps replayed and the losses of the steps run live.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import sys
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,52 +23,40 @@ from moai_ckpt.run import Run
 from tests.helpers import TinyNet
 
 
-def die(step: int, phase: str, at: int | None, wanted: str | None, run: Run) -> None:
-    if at == step and not run.replaying:
-        if wanted == phase:
-            os.kill(os.getpid(), signal.SIGKILL)
-        elif wanted == f"sigterm-{phase}":
-            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler preempting the job would
+@moai_ckpt.fault_tolerant(storage="{run_dir}", snapshot_every=4, log_sync=os.environ.get("MOAI_TEST_LOG_SYNC") == "1")
+def train(run: Run, run_dir: str, total: int) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    losses: dict[int, float] = {}
+    first_step = None
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
+    run.track(model=model, optim=opt, sched=sched)
+    run.sampler(64, 8, seed=3)
+    tokens = torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(7))
+    for step in run.steps(total):
+        first_step = step if first_step is None else first_step
+        batch = tokens[run.batch()]
+        opt.zero_grad()
+        logits = nn.functional.dropout(model(batch), p=0.1)  # the RNG matters
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 32), batch.reshape(-1))
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        run.record(loss=loss, grad_norm=grad_norm)
+        if not run.replaying:
+            losses[step] = float(loss.detach())
+    digest = hashlib.sha256()
+    for t in model.state_dict().values():
+        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"digest": digest.hexdigest(), "losses": losses, "first_step": first_step, "replayed": run.replayed}
 
 
 def main() -> None:
-    run_dir, total = sys.argv[1], int(sys.argv[2])
-    die_at = int(sys.argv[3]) if len(sys.argv) > 3 else None
-    phase = sys.argv[4] if len(sys.argv) > 4 else None
-    torch.set_num_threads(1)
-    losses: dict[int, float] = {}
-    info: dict[str, int] = {}
-
-    @moai_ckpt.fault_tolerant(storage=run_dir, snapshot_every=4)
-    def train(run: Run) -> str:
-        torch.manual_seed(0)
-        model = TinyNet()
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        run.track(model=model, optim=opt)
-        run.sampler(64, 8, seed=3)
-        tokens = torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(7))
-        for step in run.steps(total):
-            info.setdefault("first_step", step)
-            batch = tokens[run.batch()]
-            die(step, "forward", die_at, phase, run)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(batch).reshape(-1, 32), batch.reshape(-1))
-            loss.backward()
-            die(step, "backward", die_at, phase, run)
-            opt.step()
-            die(step, "optimizer", die_at, phase, run)
-            run.record(loss=loss)
-            if not run.replaying:
-                losses[step] = float(loss.detach())
-            die(step, "after", die_at, phase, run)
-        info["replayed"] = run.replayed
-        digest = hashlib.sha256()
-        for t in model.state_dict().values():
-            digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
-
-    digest = train()
-    print(json.dumps({"digest": digest, "losses": losses, **info}))
+    result = train(run_dir=sys.argv[1], total=int(sys.argv[2]))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

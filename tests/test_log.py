@@ -7,15 +7,19 @@ from pathlib import Path
 
 import pytest
 
+from moai_ckpt import Checkpointer
+from moai_ckpt.errors import UnsupportedFormatError
 from moai_ckpt.storage import Storage, open_storage
 from replay.log import (
     CorruptLogError,
     Digests,
     LogWriter,
+    Placement,
+    SegmentHeader,
     StepRecord,
-    get_blob,
-    prune_log,
+    history,
     read_log,
+    records_after,
     segment_key,
     segments,
 )
@@ -30,31 +34,64 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     return open_storage(f"memory://log-tests-{next(_memory)}")
 
 
-def record(step: int, writer: LogWriter | None = None) -> StepRecord:
-    rng = {"torch": writer.put_blob(f"rng state {step % 3}".encode())} if writer else {}
-    return StepRecord(
+def record(step: int, writer: LogWriter | None = None) -> tuple[StepRecord, dict[str, bytes]]:
+    blobs = {}
+    rng = {}
+    if writer is not None:
+        data = f"rng state {step % 3}".encode()
+        digest = __import__("hashlib").sha256(data).hexdigest()
+        blobs[digest] = data
+        rng = {"rank0": {"torch_cpu": digest}}
+    rec = StepRecord(
         step=step,
         samples=[step * 4 + i for i in range(4)],
         rng=rng,
-        hparams={"lr": [0.1 / step, 0.01], "loss_scale": 1024.0, "accumulation": 2},
-        digests=Digests(loss=1.0 / step, grad_norm=0.5, state=f"{step:08x}"),
+        hparams={"optim.0.lr": 0.1 / step, "optim.0.betas": [0.9, 0.95], "scaler.scale": 1024.0, "accumulation": 2},
+        digests=Digests(loss=1.0 / step, grad_norm=0.5, state=float.hex(float(step))),
     )
+    return rec, blobs
 
 
 def write(storage: Storage, base: int, steps: range, **options: object) -> LogWriter:
     writer = LogWriter(storage, base, **options)  # type: ignore[arg-type]
     for step in steps:
-        writer.append(record(step, writer))
+        writer.append(*record(step, writer))
     return writer
 
 
-def test_records_read_back_in_order_with_every_field(storage: Storage) -> None:
+def test_records_read_back_in_order_with_every_field_and_their_blobs(storage: Storage) -> None:
     write(storage, 10, range(11, 21)).close()
     contents = read_log(storage, 10)
     assert [r.step for r in contents.records] == list(range(11, 21))
-    assert contents.records[3] == record(14, LogWriter(storage, 10))
+    expected, blobs = record(14, LogWriter(storage, 10))
+    assert contents.records[3] == expected
+    assert all(contents.blob(d) == data for d, data in blobs.items())
     assert contents.torn_tail is None and contents.corruption is None
     assert len(segments(storage, 10)) == 10  # one durable segment per step by default
+
+
+def test_a_repeated_blob_is_stored_once_per_log(storage: Storage) -> None:
+    write(storage, 0, range(1, 10)).close()  # three distinct RNG states over nine steps
+    raw = b"".join(storage.read(k) for _, _, k in segments(storage, 0))
+    assert raw.count(b"MBLB") == 3
+    assert len(read_log(storage, 0).blobs) == 3
+
+
+def test_every_segment_says_where_its_records_were_made(storage: Storage) -> None:
+    placement = Placement(world_size=4, device_type="cuda", device_name="NVIDIA H100 80GB HBM3", torch="2.11.0")
+    writer = LogWriter(storage, 0, header=SegmentHeader(base_step=0, placement=placement))
+    writer.append(*record(1, writer))
+    writer.set_header(SegmentHeader(base_step=0, placement=Placement(world_size=3)))
+    writer.append(*record(2, writer))
+    contents = read_log(storage, 0)
+    assert contents.placement(1) == placement
+    assert contents.placement(2) == Placement(world_size=3)
+    assert placement.differences(Placement(world_size=3)) == [
+        "world_size: 4 -> 3",
+        "device_type: cuda -> cpu",
+        "device_name: NVIDIA H100 80GB HBM3 -> ",
+        "torch: 2.11.0 -> ",
+    ]
 
 
 def test_group_commit_writes_one_segment_per_group_and_a_crash_loses_at_most_the_group(storage: Storage) -> None:
@@ -75,14 +112,15 @@ def test_a_torn_tail_is_dropped_and_the_rest_kept(storage: Storage) -> None:
     assert contents.torn_tail is not None and contents.corruption is None
 
 
-def test_a_corrupt_record_stops_reading_before_it_with_a_clear_message(storage: Storage) -> None:
+@pytest.mark.parametrize("where", [0.3, 0.5, 0.8])
+def test_a_corrupt_record_stops_reading_before_it_with_a_clear_message(storage: Storage, where: float) -> None:
     write(storage, 0, range(1, 10), flush_every=3).close()
     _, _, middle = segments(storage, 0)[1]  # steps 4-6
     data = bytearray(storage.read(middle))
-    data[len(data) // 2] ^= 0x20
+    data[int(len(data) * where)] ^= 0x20
     storage.write(middle, bytes(data))
     contents = read_log(storage, 0)
-    assert contents.last_step in (4, 5)  # records before the damaged one
+    assert contents.last_step in (3, 4, 5)  # records before the damaged one
     assert isinstance(contents.corruption, CorruptLogError)
     assert "replay stops at step" in str(contents.corruption) and middle in str(contents.corruption)
     with pytest.raises(CorruptLogError):
@@ -97,6 +135,26 @@ def test_a_missing_segment_is_a_gap_not_a_silent_skip(storage: Storage) -> None:
     assert "jumps from step 2 to 5" in str(contents.corruption)
 
 
+def test_a_record_whose_blob_is_gone_is_corruption(storage: Storage) -> None:
+    write(storage, 0, range(1, 3)).close()  # step 1 carries its RNG blob; step 2 a new one
+    key = segments(storage, 0)[1][2]
+    data = storage.read(key)
+    blob_at = data.index(b"MBLB")
+    length = int.from_bytes(data[blob_at + 4 : blob_at + 8], "little")
+    storage.write(key, data[:blob_at] + data[blob_at + 12 + length :])  # the blob frame cut out whole
+    contents = read_log(storage, 0)
+    assert contents.last_step == 1
+    assert "does not hold" in str(contents.corruption)
+
+
+def test_a_newer_log_format_is_refused_with_an_upgrade_hint(storage: Storage) -> None:
+    from replay.log import HEADER_FRAME, frame
+
+    storage.write(segment_key(0, 1, 1), frame(HEADER_FRAME, b'{"version": 99, "base_step": 0}'))
+    with pytest.raises(UnsupportedFormatError, match="upgrade moai-ckpt"):
+        read_log(storage, 0)
+
+
 def test_resume_after_a_torn_tail_keeps_the_valid_records_and_continues(storage: Storage) -> None:
     write(storage, 5, range(6, 12), flush_every=3).close()
     _, _, last = segments(storage, 5)[-1]  # steps 9-11
@@ -105,11 +163,13 @@ def test_resume_after_a_torn_tail_keeps_the_valid_records_and_continues(storage:
     writer, contents = LogWriter.resume(storage, 5)
     assert contents.last_step == 10 and writer.last_step == 10
     assert [(f, lst) for f, lst, _ in segments(storage, 5)] == [(6, 8), (9, 10)]
-    writer.append(record(11, writer))
+    writer.append(*record(11, writer))
     writer.close()
-    assert [r.step for r in read_log(storage, 5).records] == list(range(6, 12))
+    reread = read_log(storage, 5)
+    assert [r.step for r in reread.records] == list(range(6, 12))
+    assert reread.corruption is None and all(reread.blob(d) for r in reread.records for d in r.blob_refs())
     with pytest.raises(ValueError, match="expected a record for step 12"):
-        writer.append(record(14))
+        writer.append(*record(14))
 
 
 def test_a_crash_between_rewriting_and_deleting_a_torn_segment_still_reads_consistently(storage: Storage) -> None:
@@ -117,32 +177,35 @@ def test_a_crash_between_rewriting_and_deleting_a_torn_segment_still_reads_consi
     _, _, last = segments(storage, 0)[-1]  # steps 4-6
     torn = storage.read(last)[:-5]
     storage.write(last, torn)
+    contents = read_log(storage, 0)
     rewritten = LogWriter(storage, 0)
-    rewritten._write([(r.step, r.model_dump_json().encode()) for r in read_log(storage, 0).records[3:]])
-    contents = read_log(storage, 0)  # both the rewrite (4-5) and the torn original (4-6) exist
-    assert contents.last_step == 5 and contents.corruption is None
+    rewritten.last_step = 3
+    rewritten.copy(contents.records[3:], contents)
+    reread = read_log(storage, 0)  # both the rewrite (4-5) and the torn original (4-6) exist
+    assert reread.last_step == 5 and reread.corruption is None
 
 
-def test_blobs_are_content_addressed_stored_once_and_checked(storage: Storage) -> None:
-    writer = LogWriter(storage, 0)
-    a, b = writer.put_blob(b"state"), writer.put_blob(b"state")
-    assert a == b and len(storage.list("log/blobs")) == 1
-    assert get_blob(storage, a) == b"state"
-    storage.write(storage.list("log/blobs")[0], b"tampered")
-    with pytest.raises(CorruptLogError, match="digest"):
-        get_blob(storage, a)
-    with pytest.raises(CorruptLogError):
-        get_blob(storage, "../../etc/passwd")
+def test_records_after_a_snapshot_whose_log_never_moved_come_from_the_older_log(storage: Storage) -> None:
+    write(storage, 0, range(1, 9)).close()  # the snapshot of step 4 committed; the run died before moving
+    carried = records_after(storage, 4)
+    assert [r.step for r in carried.records] == [5, 6, 7, 8] and carried.carried_from == 0
+    assert all(carried.blob(d) for r in carried.records for d in r.blob_refs())
+    assert sorted(history(storage)) == list(range(1, 9))
 
 
-def test_logs_of_pruned_snapshots_and_their_blobs_are_removed(storage: Storage) -> None:
-    old = write(storage, 0, range(1, 4))
-    old.put_blob(b"only in the old log")
-    write(storage, 3, range(4, 7)).close()
-    blobs_before = set(storage.list("log/blobs"))
-    assert prune_log(storage, oldest_kept_snapshot=3) == [0]
-    assert segments(storage, 0) == [] and len(segments(storage, 3)) == 3
-    kept = read_log(storage, 3)
-    referenced = {d for r in kept.records for d in r.rng.values()}
-    assert {k.rsplit("/", 1)[-1] for k in storage.list("log/blobs")} == referenced
-    assert len(storage.list("log/blobs")) < len(blobs_before)
+def test_logs_older_than_the_oldest_kept_snapshot_are_pruned_with_it(tmp_path: Path) -> None:
+    ckpt = Checkpointer(str(tmp_path / "run"))
+    for base, steps in ((0, range(1, 4)), (3, range(4, 7)), (6, range(7, 8))):
+        ckpt.save(base, {"extra": {"at": base}})
+        write(ckpt.storage, base, steps).close()
+    assert ckpt.prune(keep=2) == [0]
+    assert segments(ckpt.storage, 0) == [] and len(segments(ckpt.storage, 3)) == 3
+
+
+def test_prune_keeps_an_older_log_that_holds_the_only_records_after_the_kept_snapshot(tmp_path: Path) -> None:
+    ckpt = Checkpointer(str(tmp_path / "run"))
+    ckpt.save(0, {"extra": {}})
+    write(ckpt.storage, 0, range(1, 7)).close()
+    ckpt.save(4, {"extra": {}})  # committed, but the run died before its log moved over
+    assert ckpt.prune(keep=1) == [0]
+    assert [r.step for r in records_after(ckpt.storage, 4).records] == [5, 6]

@@ -1,0 +1,183 @@
+"""What a step reads and produces, captured cheaply at its boundaries.
+
+At step start: every RNG's state, as raw bytes per generator (`rng_components`), and the scalar
+hyperparameters in force (`Hyperparameters`). At step end: the loss, the grad norm and the L2
+norm of every parameter, gathered into one small tensor with a single device-to-host copy that
+does not wait for the device (`StepValues`). Nothing here pickles: RNG states are raw words.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from array import array
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from moai_ckpt.rng import _REGISTERED
+
+_NUMPY_TAIL = struct.Struct("<iid")  # pos, has_gauss, cached_gaussian
+_PY_HEAD = struct.Struct("<I?d")  # version, has gauss_next, gauss_next
+
+
+def rng_components() -> dict[str, bytes]:
+    """Every process-wide RNG state now, one entry per generator, as bytes.
+
+    Keys: ``torch_cpu``, ``cuda:<i>`` (each initialised CUDA device), ``numpy`` (the legacy
+    global generator), ``python`` (``random``), ``gen:<name>`` (`moai_ckpt.register_generator`).
+    """
+    out = {"torch_cpu": torch.get_rng_state().numpy().tobytes()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            out[f"cuda:{i}"] = torch.cuda.get_rng_state(i).numpy().tobytes()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    out["numpy"] = np.asarray(keys, dtype="<u4").tobytes() + _NUMPY_TAIL.pack(pos, has_gauss, cached)
+    version, internal, gauss = random.getstate()
+    out["python"] = _PY_HEAD.pack(version, gauss is not None, gauss or 0.0) + array("I", internal).tobytes()
+    for name, gen in sorted(_REGISTERED.items()):
+        out[f"gen:{name}"] = gen.get_state().numpy().tobytes()
+    return out
+
+
+def load_rng_components(states: Mapping[str, bytes]) -> list[str]:
+    """Set every generator named in ``states``; returns the names this process cannot set."""
+    skipped = []
+    for name, data in states.items():
+        if name == "torch_cpu":
+            torch.set_rng_state(_bytes_tensor(data))
+        elif name.startswith("cuda:"):
+            index = int(name.split(":", 1)[1])
+            if torch.cuda.is_available() and index < torch.cuda.device_count():
+                torch.cuda.set_rng_state(_bytes_tensor(data), index)
+            else:
+                skipped.append(name)
+        elif name == "numpy":
+            keys = np.frombuffer(data[: 624 * 4], dtype="<u4").astype(np.uint32)
+            pos, has_gauss, cached = _NUMPY_TAIL.unpack(data[624 * 4 :])
+            np.random.set_state(("MT19937", keys, pos, has_gauss, cached))
+        elif name == "python":
+            version, has_gauss, gauss = _PY_HEAD.unpack(data[: _PY_HEAD.size])
+            internal = tuple(array("I", data[_PY_HEAD.size :]))
+            random.setstate((version, internal, gauss if has_gauss else None))
+        elif name.startswith("gen:") and name[4:] in _REGISTERED:
+            _REGISTERED[name[4:]].set_state(_bytes_tensor(data))
+        else:
+            skipped.append(name)
+    return skipped
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+@dataclass
+class Hyperparameters:
+    """The scalars in force at a step's start.
+
+    ``host`` holds plain numbers (every optimizer param group's scalars, user values);
+    ``device`` holds 0-d device tensors (a CUDA GradScaler's scale), copied so a later update
+    cannot reach them, and read without a device wait at the end of the step.
+    """
+
+    host: dict[str, Any] = field(default_factory=dict)
+    device: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def capture(cls, tracked: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> Hyperparameters:
+        hp = cls()
+        for name, obj in tracked.items():
+            if isinstance(obj, torch.optim.Optimizer):
+                for i, group in enumerate(obj.param_groups):
+                    for key, value in group.items():
+                        if key != "params":
+                            hp._add(f"{name}.{i}.{key}", value)
+            elif isinstance(obj, torch.amp.GradScaler) and obj.is_enabled():
+                scale = getattr(obj, "_scale", None)
+                hp._add(f"{name}.scale", scale if scale is not None else float(obj.get_scale()))
+        for key, value in (extra or {}).items():
+            hp._add(key, value)
+        return hp
+
+    def _add(self, key: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                return
+            if value.device.type == "cpu":
+                self.host[key] = value.item()
+            else:
+                self.device[key] = value.detach().reshape(()).to(torch.float32, copy=True)
+        elif isinstance(value, bool | int | float):
+            self.host[key] = value
+        elif isinstance(value, tuple | list) and value and all(isinstance(v, bool | int | float) for v in value):
+            self.host[key] = list(value)
+
+
+def parameters_of(tracked: Mapping[str, Any]) -> tuple[list[str], list[torch.Tensor], list[bool]]:
+    """(names, this rank's local tensors, sharded?) of every tracked module's parameters, once each."""
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+    sharded: list[bool] = []
+    seen: set[int] = set()
+    for module_name, obj in tracked.items():
+        if not isinstance(obj, torch.nn.Module):
+            continue
+        for name, p in obj.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            local = p.to_local() if hasattr(p, "to_local") else p
+            placements = getattr(p, "placements", ())
+            names.append(f"{module_name}.{name}")
+            tensors.append(local.detach())
+            sharded.append(any(pl.is_shard() for pl in placements))
+    return names, tensors, sharded
+
+
+@dataclass
+class StepValues:
+    """A step's results on their way to the host: [param norms..., loss, grad norm, device hparams...]."""
+
+    values: torch.Tensor
+    event: Any | None  # a CUDA event to wait on before reading ``values``
+    n_params: int
+    has_grad_norm: bool
+    device_keys: list[str]
+
+    @classmethod
+    def capture(
+        cls,
+        params: list[torch.Tensor],
+        loss: float | torch.Tensor,
+        grad_norm: float | torch.Tensor | None,
+        hp: Hyperparameters,
+    ) -> StepValues:
+        parts: list[torch.Tensor] = []
+        if params:
+            parts.extend(torch._foreach_norm(params, 2, dtype=torch.float32))
+        device = params[0].device if params else torch.device("cpu")
+        for x in (loss, grad_norm if grad_norm is not None else 0.0):
+            if isinstance(x, torch.Tensor):
+                parts.append(x.detach().reshape(()).to(device=device, dtype=torch.float32))
+            else:
+                parts.append(torch.tensor(float(x), dtype=torch.float32, device=device))
+        parts.extend(t.to(device) for t in hp.device.values())
+        stacked = torch.stack(parts)
+        event = None
+        if stacked.device.type == "cuda":
+            stacked = stacked.to("cpu", non_blocking=True)  # lands in pinned memory; no wait here
+            event = torch.cuda.Event()
+            event.record()
+        return cls(stacked, event, len(params), grad_norm is not None, list(hp.device))
+
+    def read(self) -> tuple[list[float], float, float | None, dict[str, float]]:
+        """(param norms, loss, grad norm, device hparams), waiting for the copy if needed."""
+        if self.event is not None:
+            self.event.synchronize()
+        values = self.values.tolist()
+        n = self.n_params
+        hps = dict(zip(self.device_keys, values[n + 2 :], strict=True))
+        return values[:n], values[n], values[n + 1] if self.has_grad_norm else None, hps
