@@ -72,8 +72,11 @@ class Run:
         log_flush_every: int = 1,
         log_flush_seconds: float | None = None,
         log_sync: bool = False,
+        log_lag: int = 1,
         **options: Any,
     ) -> None:
+        if log_lag < 1:
+            raise ValueError("log_lag must be at least 1 (log_sync=True waits for every record)")
         self.session = Session.from_env()
         if self.session is not None:
             storage = self.session.storage
@@ -86,7 +89,7 @@ class Run:
         self.async_snapshots = async_snapshots
         self.log_flush_every = log_flush_every
         self.log_flush_seconds = log_flush_seconds
-        self.lag = 0 if log_sync else 1
+        self.lag = 0 if log_sync else log_lag
         self.tracked: dict[str, Any] = {}
         self.step = 0  # the last completed step
         self.replaying = False
@@ -106,6 +109,7 @@ class Run:
         self._started = 0.0
         self._replay_started = 0.0
         self._rng_skipped: set[str] = set()
+        self._stats: dict[str, float] = {}
 
     # -- what the training function uses -------------------------------------------------------
 
@@ -304,7 +308,28 @@ class Run:
 
     # -- each step ------------------------------------------------------------------------------
 
+    def log_stats(self) -> dict[str, float]:
+        """Mean milliseconds per step the log costs: on the training thread (``step start``,
+        ``step end``, ``waiting for the log``) and on the recorder's thread (its phases)."""
+        out = {}
+        steps = max(self._stats.get("steps", 0.0), 1.0)
+        for name, total in self._stats.items():
+            if name != "steps":
+                out[f"training thread: {name}"] = 1e3 * total / steps
+        if self._recorder is not None:
+            rec = self._recorder.stats
+            for name, total in rec.items():
+                if name != "steps":
+                    out[f"log thread: {name}"] = 1e3 * total / max(rec.get("steps", 0.0), 1.0)
+        return out
+
+    def _count(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self._stats[name] = self._stats.get(name, 0.0) + now - since
+        return now
+
     def _begin(self, step: int) -> None:
+        started = time.perf_counter()
         faults.set_step(step)
         record = self._records.get(step)
         if record is None and self.replaying:
@@ -319,8 +344,10 @@ class Run:
                 self._rng_skipped.update(load_rng_components(states))
         self._step_state["hparams"] = Hyperparameters.capture(self.tracked)
         faults.point("step.begin")
+        self._count("step start", started)
 
     def _end(self, step: int) -> None:
+        started = time.perf_counter()
         state = self._step_state
         if "loss" not in state:
             raise RuntimeError(f"step {step} ended without run.record(loss=...)")
@@ -348,7 +375,10 @@ class Run:
         recorder = self._recorder
         assert recorder is not None
         recorder.submit(work)
+        waiting = self._count("step end", started)
         recorder.wait(step - self.lag, timeout=2 * self.ckpt.options.collective_timeout_s)
+        self._count("waiting for the log", waiting)
+        self._stats["steps"] = self._stats.get("steps", 0.0) + 1
         if self.replaying:
             self.replayed += 1
         self.step = step
@@ -545,6 +575,7 @@ def fault_tolerant(
     log_flush_every: int = 1,
     log_flush_seconds: float | None = None,
     log_sync: bool = False,
+    log_lag: int = 1,
     deterministic: bool = False,
     **options: Any,
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
@@ -559,8 +590,10 @@ def fault_tolerant(
         async_snapshots: take snapshots with `Checkpointer.save_async`.
         log_flush_every: log records per durable segment (1: a segment per step).
         log_flush_seconds: with ``log_flush_every > 1``, a group is never older than this.
-        log_sync: make each step's record durable before the next step starts (default: before
-            the next step completes, so logging overlaps training).
+        log_sync: make each step's record durable before the next step starts.
+        log_lag: otherwise, a step's record is durable before the ``log_lag``-th step after it
+            completes (default 1: before the next step completes), so logging overlaps training;
+            a crash re-runs at most ``log_lag`` completed steps, bitwise the same.
         deterministic: ``torch.use_deterministic_algorithms(True)`` and the environment it needs.
         **options: `Checkpointer` options and storage options.
     """
@@ -585,6 +618,7 @@ def fault_tolerant(
                 log_flush_every=log_flush_every,
                 log_flush_seconds=log_flush_seconds,
                 log_sync=log_sync,
+                log_lag=log_lag,
                 **options,
             )
             run.entry = entry_of(fn, args, kwargs)

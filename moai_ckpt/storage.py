@@ -17,8 +17,11 @@ import ctypes
 import errno
 import logging
 import os
+import random
 import stat
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar, cast
 
@@ -166,6 +169,12 @@ class Storage:
         self.delete(self.list(prefix))
         self._call("delete", prefix, lambda: self._cleanup_dirs(prefix))
 
+    def write_durable(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
+        """`write` then `barrier` for one object (a local disk fsyncs it before closing it)."""
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        self._call("write", key, lambda: self._write(key, parts, sync=True))
+        self.barrier([key])
+
     def barrier(self, keys: Iterable[str]) -> None:
         """Make the objects at ``keys`` and their directory entries durable.
 
@@ -179,6 +188,17 @@ class Storage:
         if key:
             check_key(key, url=self.url)
         policy = self.retry
+        started = time.monotonic()
+        try:
+            return fn()  # the common case pays for no retry machinery
+        except (MoaiCkptError, FileNotFoundError):
+            raise
+        except Exception as exc:
+            if not is_transient(exc) or policy.attempts <= 1:
+                raise self._failure(op, key, exc) from exc
+            log.warning(
+                "storage %s of %s/%s failed (attempt 1/%d), retrying: %s", op, self.url, key, policy.attempts, exc
+            )
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -187,14 +207,17 @@ class Storage:
                 op,
                 self.url,
                 key,
-                state.attempt_number,
+                state.attempt_number + 1,
                 policy.attempts,
                 exc,
             )
 
+        first_wait = policy.initial_backoff_s + random.uniform(0, policy.jitter_s)
+        left = policy.deadline_s - (time.monotonic() - started) - first_wait
+        time.sleep(first_wait)
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(policy.attempts) | tenacity.stop_after_delay(policy.deadline_s),
-            wait=tenacity.wait_exponential(multiplier=policy.initial_backoff_s, max=policy.max_backoff_s)
+            stop=tenacity.stop_after_attempt(policy.attempts - 1) | tenacity.stop_after_delay(max(left, 0.0)),
+            wait=tenacity.wait_exponential(multiplier=2 * policy.initial_backoff_s, max=policy.max_backoff_s)
             + tenacity.wait_random(0, policy.jitter_s),
             retry=tenacity.retry_if_exception(is_transient),
             before_sleep=before_sleep,
@@ -202,27 +225,26 @@ class Storage:
         )
         try:
             return retrying(fn)
-        except MoaiCkptError:
-            raise
-        except FileNotFoundError:
+        except (MoaiCkptError, FileNotFoundError):
             raise
         except Exception as exc:
-            transient = is_transient(exc)
-            kind = TransientStorageError if transient else StorageError
-            hint = (
-                f"gave up after {policy.attempts} attempts or {policy.deadline_s:g} s"
-                if transient
-                else "permanent error, not retried"
-            )
-            raise kind(
-                f"storage {op} failed ({hint}): {type(exc).__name__}: {exc}",
-                url=self.url,
-                key=key or None,
-            ) from exc
+            raise self._failure(op, key, exc) from exc
+
+    def _failure(self, op: str, key: str, exc: Exception) -> StorageError:
+        """The error a caller sees once ``op`` failed for good."""
+        policy = self.retry
+        transient = is_transient(exc)
+        kind = TransientStorageError if transient else StorageError
+        hint = (
+            f"gave up after {policy.attempts} attempts or {policy.deadline_s:g} s"
+            if transient
+            else "permanent error, not retried"
+        )
+        return kind(f"storage {op} failed ({hint}): {type(exc).__name__}: {exc}", url=self.url, key=key or None)
 
     # -- hooks ---------------------------------------------------------------------------------
 
-    def _write(self, key: str, parts: builtins.list[Buffer]) -> None:
+    def _write(self, key: str, parts: builtins.list[Buffer], sync: bool = False) -> None:
         raise NotImplementedError
 
     def _read(self, key: str) -> bytes:
@@ -278,6 +300,9 @@ class LocalStorage(Storage):
         self.root = path
         self.durable = fsync
         self._made_dirs: set[str] = set()
+        self._durable_chains: set[str] = set()  # directories whose whole chain up to root was fsync'ed
+        self._synced_files: set[str] = set()  # written with their fsync (write_durable); the barrier skips them
+        self._lock = threading.Lock()
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, key) if key else self.root
@@ -287,7 +312,7 @@ class LocalStorage(Storage):
             os.makedirs(directory, exist_ok=True)
             self._made_dirs.add(directory)
 
-    def _write(self, key: str, parts: list[Buffer]) -> None:
+    def _write(self, key: str, parts: list[Buffer], sync: bool = False) -> None:
         path = self._path(key)
         directory = os.path.dirname(path)
         self._makedirs(directory)
@@ -305,8 +330,11 @@ class LocalStorage(Storage):
             written = 0
             while written < total:
                 written += _writev_from(fd, views, written)
-            if self.durable and _SYNCFS is None:
+            if self.durable and (sync or _SYNCFS is None):
                 os.fsync(fd)
+                if sync:
+                    with self._lock:
+                        self._synced_files.add(key)
         finally:
             os.close(fd)
 
@@ -374,13 +402,17 @@ class LocalStorage(Storage):
             with contextlib.suppress(OSError):
                 os.rmdir(dirpath)
         self._made_dirs = {d for d in self._made_dirs if not d.startswith(top)}
+        with self._lock:
+            self._durable_chains = {d for d in self._durable_chains if not d.startswith(top)}
 
     def _barrier(self, keys: list[str]) -> None:
         if not self.durable:
             return
-        if _SYNCFS is not None:
+        if _SYNCFS is not None and len(keys) > _FSYNC_MAX_KEYS:
             # one syncfs(2) flushes every write and directory entry of the file system with a single
-            # journal commit; fsync'ing hundreds of files and directories costs one commit each
+            # journal commit; fsync'ing hundreds of files and directories costs one commit each.
+            # For a few keys (a log segment) it is the other way round: syncfs would also flush
+            # whatever else is dirty on the file system (a snapshot being written, other jobs)
             fd = os.open(self.root, os.O_RDONLY)
             try:
                 if _SYNCFS(fd) != 0:
@@ -389,9 +421,28 @@ class LocalStorage(Storage):
             finally:
                 os.close(fd)
             return
+        if _SYNCFS is not None:  # the writes skipped their fsync, counting on this barrier
+            for key in keys:
+                with self._lock:
+                    if key in self._synced_files:
+                        self._synced_files.discard(key)
+                        continue
+                fd = os.open(self._path(key), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        # the directory holding each key (its new entry); the chain above it up to the run
+        # directory only the first time this process makes something durable there
         dirs: set[str] = set()
         for key in keys:
             d = os.path.dirname(self._path(key))
+            dirs.add(d)
+            with self._lock:
+                if d in self._durable_chains:
+                    continue
+                self._durable_chains.add(d)
+            d = os.path.dirname(d)
             while d.startswith(self.root) and d not in dirs:
                 dirs.add(d)
                 d = os.path.dirname(d)
@@ -437,6 +488,7 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _load_syncfs()
+_FSYNC_MAX_KEYS = 8  # barriers over more keys than this use one syncfs
 _READAHEAD_MIN = 1 << 20
 
 
@@ -467,7 +519,7 @@ class FsspecStorage(Storage):
         stripped = path.lstrip("/")
         return stripped[len(root) :].lstrip("/") if stripped.startswith(root) else stripped
 
-    def _write(self, key: str, parts: list[Buffer]) -> None:
+    def _write(self, key: str, parts: list[Buffer], sync: bool = False) -> None:
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.fs.pipe_file(self._path(key), bytes(data) if isinstance(data, memoryview) else data)
 

@@ -94,6 +94,7 @@ class Recorder:
         self.sharded = sharded
         self.flush_seconds = flush_seconds
         self.checks: list[StepCheck] = []
+        self.stats: dict[str, float] = {}  # seconds spent per phase of the thread's work, summed
         self.done_step = -1
         self.error: BaseException | None = None
         self._decisions: dict[int, Decision] = {}
@@ -180,7 +181,10 @@ class Recorder:
                 return
 
     def _process(self, work: StepWork) -> None:
+        cpu = time.thread_time()
+        started = time.perf_counter()
         norms, loss, grad_norm, device_hparams = work.values.read()
+        read = time.perf_counter()
         rank = self.world.rank
         mine: dict[str, Any] = {
             "loss": loss,
@@ -208,15 +212,27 @@ class Recorder:
             everyone = self.world.all_gather_json(mine, f"log of step {work.step}")
         else:
             everyone = [mine]
+        gathered = time.perf_counter()
         if rank == 0 and work.batch is not None:
             everyone[0]["batch"] = base64.b64encode(work.batch).decode()
         record, blobs, params = self._combine(work, everyone)
         logged = self.logged.get(work.step)
+        combined = time.perf_counter()
         if logged is not None:
             self._check(logged, record, params)
         elif self.writer is not None:
             self.writer.append(record, blobs)
             self._since_base.append((record, blobs))
+        done = time.perf_counter()
+        for name, value in (
+            ("device wait", read - started),
+            ("gather", gathered - read),
+            ("record", combined - gathered),
+            ("write or check", done - combined),
+        ):
+            self.stats[name] = self.stats.get(name, 0.0) + value
+        self.stats["cpu time"] = self.stats.get("cpu time", 0.0) + time.thread_time() - cpu
+        self.stats["steps"] = self.stats.get("steps", 0.0) + 1
         stops = [e["stop"] for e in everyone if e["stop"] is not None]
         with self._cond:
             self._decisions[work.step] = Decision(stop=stops[0] if stops else None, snapshot=bool(everyone[0]["snap"]))
@@ -258,13 +274,15 @@ class Recorder:
             batch_digest = digest_of(data)
             blobs[batch_digest] = data
         losses = [e["loss"] for e in everyone]
-        record = StepRecord(
+        # built from values this process made itself: construct without re-validating (this is
+        # the log thread's hot path, and it holds the GIL the training thread needs)
+        record = StepRecord.model_construct(
             step=work.step,
             samples=work.samples,
             batch=batch_digest,
             rng=rng,
             hparams=everyone[0].get("hparams", {}),
-            digests=Digests(
+            digests=Digests.model_construct(
                 loss=math.fsum(losses) / len(losses),
                 grad_norm=everyone[0]["grad_norm"],
                 state=float.hex(math.sqrt(math.fsum(p * p for p in params))) if params else None,

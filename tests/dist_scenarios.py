@@ -166,7 +166,7 @@ def ft_train(run: moai_ckpt.Run, run_dir: str, total: int) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     run.track(model=model, optim=opt)
     run.sampler(SAMPLES, BATCH, seed=1)
-    x, y = data()
+    x, y = (t.to(device()) for t in data())
     first_step, losses, samples = None, {}, {}
     for step in run.steps(total):
         first_step = step if first_step is None else first_step

@@ -29,17 +29,18 @@ def train(run: Run, run_dir: str, total: int) -> dict[str, Any]:
     torch.manual_seed(0)
     losses: dict[int, float] = {}
     first_step = None
-    model = TinyNet()
+    device = torch.device(os.environ.get("MOAI_TEST_DEVICE", "cpu"))
+    model = TinyNet().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.7)
     run.track(model=model, optim=opt, sched=sched)
     run.sampler(64, 8, seed=3)
-    tokens = torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(7))
+    tokens = torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(7)).to(device)
     for step in run.steps(total):
         first_step = step if first_step is None else first_step
         batch = tokens[run.batch()]
         opt.zero_grad()
-        logits = nn.functional.dropout(model(batch), p=0.1)  # the RNG matters
+        logits = nn.functional.dropout(model(batch), p=0.1)  # the RNG (CPU or CUDA) matters
         loss = nn.functional.cross_entropy(logits.reshape(-1, 32), batch.reshape(-1))
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -50,7 +51,7 @@ def train(run: Run, run_dir: str, total: int) -> dict[str, Any]:
             losses[step] = float(loss.detach())
     digest = hashlib.sha256()
     for t in model.state_dict().values():
-        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return {"digest": digest.hexdigest(), "losses": losses, "first_step": first_step, "replayed": run.replayed}
 
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,15 +36,24 @@ def free_port() -> int:
 
 
 def launch(
-    target: str, world_size: int, *, timeout: float = 240.0, backend: str = "gloo", **kwargs: Any
+    target: str,
+    world_size: int,
+    *,
+    timeout: float = 240.0,
+    backend: str = "gloo",
+    teardown_after: float = 15.0,
+    **kwargs: Any,
 ) -> list[RankResult]:
     """Start ``world_size`` ranks running ``target`` and wait for all of them (or the timeout).
 
-    With ``backend="nccl"`` rank ``r`` uses CUDA device ``r``.
+    As torchrun's agent does, once a rank fails the others get ``teardown_after`` seconds to
+    fail too (a rank blocked in an NCCL collective with a dead peer never would), then SIGTERM,
+    then SIGKILL. With ``backend="nccl"`` rank ``r`` uses CUDA device ``r``.
     """
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="moai-dist-") as scratch:
         procs = []
+        logs = []
         for rank in range(world_size):
             env = {
                 **os.environ,
@@ -57,18 +67,16 @@ def launch(
             }
             out = os.path.join(scratch, f"{rank}.json")
             cmd = [sys.executable, "-m", "moai_ckpt.testing.dist", target, json.dumps(kwargs), out]
-            procs.append(
-                (rank, out, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-            )
+            log = open(os.path.join(scratch, f"{rank}.log"), "w")  # noqa: SIM115 - closed below
+            logs.append(log)
+            procs.append((rank, out, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)))
+        notes = _supervise([p for _, _, p in procs], timeout, teardown_after)
+        for log in logs:
+            log.close()
         results = []
         for rank, out, proc in procs:
-            try:
-                output, _ = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for _, _, p in procs:
-                    p.kill()
-                output, _ = proc.communicate()
-                output += f"\n[rank {rank} killed after {timeout} s]"
+            with open(os.path.join(scratch, f"{rank}.log")) as f:
+                output = f.read() + notes.get(proc.pid, "")
             value = None
             if os.path.exists(out):
                 with open(out) as f:
@@ -77,8 +85,38 @@ def launch(
         return results
 
 
+def _supervise(procs: list[subprocess.Popen[str]], timeout: float, teardown_after: float) -> dict[int, str]:
+    """Wait for every process; tear the rest down once one fails, or all at the timeout."""
+    deadline = time.monotonic() + timeout
+    failed_at: float | None = None
+    notes: dict[int, str] = {}
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            failed_at = now
+        stop = now > deadline or (failed_at is not None and now - failed_at > teardown_after)
+        if stop:
+            why = f"after {timeout} s" if now > deadline else "after another rank failed"
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+                    notes[p.pid] = f"\n[terminated {why}]"
+            time.sleep(5)
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    notes[p.pid] = f"\n[killed {why}]"
+            break
+        time.sleep(0.05)
+    return notes
+
+
 def _main() -> None:
     target, raw_kwargs, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    if os.environ.get("MOAI_TEST_DUMP_AFTER"):  # a hung rank prints every thread's stack
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["MOAI_TEST_DUMP_AFTER"]), exit=False)
     import torch.distributed as dist
 
     world_size = int(os.environ["WORLD_SIZE"])
