@@ -43,7 +43,7 @@ def main() -> None:
     model = GPT(SIZES[args.size]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
     tracked = {"model": model, "optim": opt}
-    names, params, _ = parameters_of(tracked)
+    _, params, _ = parameters_of(tracked)
     hp = Hyperparameters.capture(tracked)
     loss, gn = torch.tensor(1.0, device=device), torch.tensor(2.0, device=device)
     print(f"{len(params)} parameters on {device}")
