@@ -24,6 +24,7 @@ class GPTConfig:
 SIZES = {
     "gpt2-small": GPTConfig(),
     "cpu-small": GPTConfig(vocab=4096, ctx=128, dim=256, layers=4, heads=4, dropout=0.1),
+    "cpu-medium": GPTConfig(vocab=1024, ctx=128, dim=128, layers=4, heads=4, dropout=0.1),
     "cpu-tiny": GPTConfig(vocab=256, ctx=64, dim=64, layers=2, heads=4, dropout=0.1),
 }
 

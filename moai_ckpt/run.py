@@ -154,18 +154,25 @@ class Run:
         self._step_state["samples"] = indices
         return GlobalSampler.split(indices, self.rank, self.world_size)
 
-    def next_batch(self, source: Iterable[Any] | Iterator[Any]) -> Any:
-        """This rank's next batch from a data source that cannot be indexed (a stream).
+    def next_batch(self, source: Iterable[Any] | Iterator[Any], *, resumable: bool | None = None) -> Any:
+        """This rank's next batch from a data source that cannot be indexed.
 
         Live, the batch comes from ``source`` and is logged (every rank's part joins one global
-        batch, stored once by content). While replaying it comes from the log, and ``source``
-        is not touched: a stream that was not restored with the snapshot is where it was.
+        batch, stored once by content). While replaying, the logged batch is returned. A
+        *resumable* source (one whose position snapshots hold: tracked with `track`, or any
+        object with ``state_dict``) is advanced as well, so that it is at the right place when the
+        run goes live, and what it yields is checked against the log; a stream that is not
+        resumable (a queue, a socket) is not touched.
         """
+        if resumable is None:
+            resumable = any(source is obj for obj in self.tracked.values()) or hasattr(source, "state_dict")
+        iterator = source if isinstance(source, Iterator) else iter(source)
         record = self._records.get(self.step + 1)
         if record is not None and record.batch is not None and self._contents is not None:
+            if resumable:
+                self._step_state["batch"] = codec.pack(next(iterator))
             global_batch, parts = codec.unpack(self._contents.blob(record.batch))
             return codec.part_of(global_batch, parts, self.rank, self.world_size)
-        iterator = source if isinstance(source, Iterator) else iter(source)
         batch = next(iterator)
         self._step_state["batch"] = codec.pack(batch)
         return batch

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import moai_ckpt
 from moai_ckpt.testing.dist import launch
@@ -305,3 +306,56 @@ def test_a_two_rank_run_resumed_on_one_rank_keeps_the_data_order_and_the_step_co
     drift = out["max_drift"]
     assert drift["loss_rel"] < 1e-4 and drift["state_rel"] < 1e-4  # reported, and small
     assert records_after(moai_ckpt.Checkpointer(run_dir).storage, 4).records  # the log goes on
+
+
+# -- batches that cannot be indexed -------------------------------------------------------------
+
+
+def run_stream(run_dir: Path, total: int, kind: str, faults: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MOAI_CKPT_FAULTS", None)
+    if faults:
+        env["MOAI_CKPT_FAULTS"] = faults
+    return subprocess.run(
+        [sys.executable, "-m", "tests.stream_scenario", str(run_dir), str(total), kind],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def test_a_resumable_source_that_cannot_be_indexed_replays_from_the_log_and_resumes_bitwise(tmp_path: Path) -> None:
+    reference = result_of(run_stream(tmp_path / "ref" / "run", 12, "resumable"))
+    run_dir = tmp_path / "killed" / "run"
+    killed = run_stream(run_dir, 12, "resumable", faults=plan(tmp_path, "backward", 7))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    out = result_of(run_stream(run_dir, 12, "resumable"))
+    assert out["digest"] == reference["digest"]
+    assert out["replayed"] == 2  # steps 5 and 6, from the logged batches
+    assert out["yielded"] == 12 - 4  # the source was advanced through the replayed steps too
+    records = history(moai_ckpt.Checkpointer(str(run_dir)).storage)
+    assert sorted(records) == list(range(1, 13)) and all(r.batch and r.samples is None for r in records.values())
+
+
+def test_a_stream_is_not_touched_by_the_replay_which_feeds_the_logged_batches(tmp_path: Path) -> None:
+    from replay import codec
+    from replay.log import records_after
+    from tests.stream_scenario import make_batch
+
+    run_dir = tmp_path / "killed" / "run"
+    killed = run_stream(run_dir, 12, "stream", faults=plan(tmp_path, "backward", 7))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    out = result_of(run_stream(run_dir, 12, "stream"))
+    assert out["replayed"] == 2 and out["yielded"] == 12 - 6  # only the live steps 7..12 read the stream
+    contents = records_after(moai_ckpt.Checkpointer(str(run_dir)).storage, 4)
+
+    def batch_of(step: int) -> dict:
+        record = next(r for r in contents.records if r.step == step)
+        assert record.batch is not None
+        return codec.unpack(contents.blob(record.batch))[0]  # type: ignore[no-any-return]
+
+    for step, item in ((5, 5), (6, 6), (7, 8)):  # the killed step had taken item 7: a stream moves on
+        expected, got = make_batch(item), batch_of(step)
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
