@@ -1,6 +1,6 @@
 """CPU time the training thread spends at a step's boundaries, piece by piece (GPT-2 small on CUDA).
 
-    python benchmarks/step_end_profile.py [--device cuda]
+python benchmarks/step_end_profile.py [--device cuda]
 """
 
 from __future__ import annotations
