@@ -87,7 +87,9 @@ def logged(args: argparse.Namespace, directory: str, **policy: Any) -> dict[str,
     timings: dict[str, float] = {}
     called = time.perf_counter()
 
-    @moai_ckpt.fault_tolerant(storage=directory, snapshot_every=10**9, deterministic=args.deterministic, **policy)
+    @moai_ckpt.fault_tolerant(
+        storage=directory, snapshot_every=10**9, snapshot_at_end=False, deterministic=args.deterministic, **policy
+    )
     def train(run: moai_ckpt.Run) -> None:
         s = Setup(args)
         run.track(model=s.model, optim=s.opt)

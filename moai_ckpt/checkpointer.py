@@ -236,6 +236,7 @@ class Checkpointer:
         state: Mapping[str, Any],
         *,
         if_busy: str = "wait",
+        overwrite: bool = False,
         info: Mapping[str, Any] | None = None,
         progress: Progress | None = None,
     ) -> SaveHandle | None:
@@ -248,6 +249,7 @@ class Checkpointer:
         Args:
             if_busy: when the previous save is still writing, ``"wait"`` for it or ``"skip"`` this
                 one with a warning (returns None; single process only: every rank must agree).
+            overwrite: replace a committed snapshot at ``step`` (as in `save`).
 
         Raises:
             The error of an earlier background save that nobody has looked at yet.
@@ -269,7 +271,7 @@ class Checkpointer:
 
         def persist() -> CommitMarker:
             try:
-                return self._persist(staged, progress=progress)
+                return self._persist(staged, overwrite=overwrite, progress=progress)
             finally:
                 claim.__exit__(None, None, None)
 

@@ -7,7 +7,8 @@ A fault plan is a JSON list in the environment variable ``MOAI_CKPT_FAULTS``::
 ``at`` names a point (`POINTS`); the fault fires the first time that point is reached while the
 training step in progress is ``step`` or later, on ``rank`` (any rank when absent). ``once``
 names a file created when the fault fires: a fault whose file exists never fires again, so a
-relaunched job does not die at the same place forever. Actions: ``kill`` (SIGKILL), ``term``
+relaunched job does not die at the same place forever (``{rank}`` in the name makes one file per
+rank, so the fault fires once on every rank: all ranks at once). Actions: ``kill`` (SIGKILL), ``term``
 (SIGTERM), ``stop`` (SIGSTOP: a hang), ``exit`` (``os._exit(17)``), ``raise`` (a RuntimeError).
 ``log.write`` with ``kill`` first writes half of the segment (a torn write), then dies.
 
@@ -98,8 +99,8 @@ def due(point: str) -> Fault | None:
         if fault.at != point or _State.step < fault.step or (fault.rank is not None and fault.rank != _rank()):
             continue
         if fault.once is not None:
-            try:
-                fd = os.open(fault.once, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            try:  # "{rank}" in the path: a fault that fires once on every rank (all ranks at once)
+                fd = os.open(fault.once.format(rank=_rank()), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 continue
             os.write(fd, json.dumps({"at": point, "step": _State.step, "rank": _rank(), "pid": os.getpid()}).encode())

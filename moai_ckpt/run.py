@@ -36,8 +36,14 @@ import torch
 
 from moai_ckpt import faults
 from moai_ckpt.checkpointer import Checkpointer
-from moai_ckpt.distributed import World, current_world
-from moai_ckpt.errors import MoaiCkptError, SnapshotNotFoundError
+from moai_ckpt.distributed import CoordinationError, RankLostError, World, current_world
+from moai_ckpt.errors import (
+    CorruptSnapshotError,
+    MoaiCkptError,
+    SnapshotNotFoundError,
+    StorageError,
+    UnsupportedFormatError,
+)
 from moai_ckpt.format import REPORTS, RUN_INFO, STEP_DIGITS
 from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.session import DEVICE_ENV, RestoreComplete, Session, entry_of, report_progress
@@ -73,6 +79,7 @@ class Run:
         log_flush_seconds: float | None = None,
         log_sync: bool = False,
         log_lag: int = 1,
+        snapshot_at_end: bool = True,
         **options: Any,
     ) -> None:
         if log_lag < 1:
@@ -90,6 +97,7 @@ class Run:
         self.log_flush_every = log_flush_every
         self.log_flush_seconds = log_flush_seconds
         self.lag = 0 if log_sync else log_lag
+        self.snapshot_at_end = snapshot_at_end
         self.tracked: dict[str, Any] = {}
         self.step = 0  # the last completed step
         self.replaying = False
@@ -110,6 +118,8 @@ class Run:
         self._replay_started = 0.0
         self._rng_skipped: set[str] = set()
         self._stats: dict[str, float] = {}
+        self._unusable: set[int] = set()  # committed snapshots that failed their checks
+        self.snapshot_failures = 0
 
     # -- what the training function uses -------------------------------------------------------
 
@@ -200,6 +210,8 @@ class Run:
                 self._end(step)
             if self.replaying:
                 self._replay_done()
+            if self.snapshot_at_end and self.session is None:
+                self._final_snapshot()
         finally:
             for handle in hooks:
                 handle.remove()
@@ -220,7 +232,7 @@ class Run:
             self.ckpt.save(0, self.tracked)  # the log needs a base: the initial state
             latest = 0
         else:
-            self.ckpt.restore(self.tracked, step=latest)
+            latest = self._restore_newest_usable([s for s in steps if s <= latest])
         self.step = latest
         self._last_snapshot = time.monotonic()
         restore_s = time.perf_counter() - self._started
@@ -271,6 +283,29 @@ class Run:
                 usable[-1].step,
                 f" on a changed placement ({'; '.join(changed)}): drift is reported" if changed else "",
             )
+
+    def _restore_newest_usable(self, steps: list[int]) -> int:
+        """Restore the newest snapshot that passes every check; older ones stand in for corrupt ones.
+
+        A corrupt snapshot is never loaded: the run restores an older one and replays the log
+        from there (the logs of later snapshots continue it). The corrupt ones are overwritten
+        when the run next snapshots at their step.
+        """
+        problems = []
+        for candidate in reversed(steps):
+            try:
+                self.ckpt.restore(self.tracked, step=candidate)
+            except (CorruptSnapshotError, UnsupportedFormatError, CoordinationError) as exc:
+                if isinstance(exc, RankLostError):
+                    raise
+                problems.append(f"step {candidate}: {exc}")
+                self._unusable.add(candidate)
+                log.warning("the snapshot of step %d cannot be restored (%s); trying an older one", candidate, exc)
+                continue
+            if problems:
+                log.warning("restored the snapshot of step %d instead of newer unusable ones: %s", candidate, problems)
+            return candidate
+        raise CorruptSnapshotError("no committed snapshot could be restored: " + "; ".join(problems), url=self.ckpt.url)
 
     def _open_log(self, base: int) -> tuple[LogWriter, str | None]:
         """Rank 0: continue the log after ``base``; set damaged records aside (nothing is deleted).
@@ -457,12 +492,35 @@ class Run:
 
     def _snapshot(self, step: int) -> None:
         self._last_snapshot = time.monotonic()
+        overwrite = step in self._unusable
         if self.async_snapshots:
             self._settle_snapshot()
-            self._pending = (step, self.ckpt.save_async(step, self.tracked))
-        else:
-            self.ckpt.save(step, self.tracked)
-            self._rebase(step)
+            self._pending = (step, self.ckpt.save_async(step, self.tracked, overwrite=overwrite))
+            return
+        try:
+            self.ckpt.save(step, self.tracked, overwrite=overwrite)
+        except (StorageError, CorruptSnapshotError) as exc:
+            self._snapshot_failed(step, exc)
+            return
+        self._rebase(step)
+
+    def _final_snapshot(self) -> None:
+        """The last step of the loop is snapshotted: the finished run's state is a snapshot."""
+        assert self._recorder is not None
+        self._recorder.drain()
+        self._settle_snapshot()
+        if self.ckpt.latest_step() != self.step:
+            try:
+                self.ckpt.save(self.step, self.tracked, overwrite=self.step in self._unusable)
+            except (StorageError, CorruptSnapshotError) as exc:
+                self._snapshot_failed(self.step, exc)
+                return
+            self._rebase(self.step)
+
+    def _snapshot_failed(self, step: int, exc: Exception) -> None:
+        """A snapshot that could not be written is not fatal: the log goes on from the last one."""
+        self.snapshot_failures += 1
+        log.warning("the snapshot of step %d failed and is skipped (the log continues): %s", step, exc)
 
     def _maybe_settle_snapshot(self) -> None:
         if self._pending is not None and self._pending[1] is not None and self._pending[1].done():
@@ -473,7 +531,12 @@ class Run:
             return
         step, handle = self._pending
         self._pending = None
-        handle.result()
+        try:
+            handle.result()
+        except (StorageError, CorruptSnapshotError) as exc:
+            self._snapshot_failed(step, exc)
+            return
+        self._unusable.discard(step)
         self._rebase(step)
 
     def _rebase(self, base: int) -> None:
@@ -583,6 +646,7 @@ def fault_tolerant(
     log_flush_seconds: float | None = None,
     log_sync: bool = False,
     log_lag: int = 1,
+    snapshot_at_end: bool = True,
     deterministic: bool = False,
     **options: Any,
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
@@ -601,6 +665,7 @@ def fault_tolerant(
         log_lag: otherwise, a step's record is durable before the ``log_lag``-th step after it
             completes (default 1: before the next step completes), so logging overlaps training;
             a crash re-runs at most ``log_lag`` completed steps, bitwise the same.
+        snapshot_at_end: snapshot the last step when the loop of `Run.steps` finishes.
         deterministic: ``torch.use_deterministic_algorithms(True)`` and the environment it needs.
         **options: `Checkpointer` options and storage options.
     """
@@ -626,6 +691,7 @@ def fault_tolerant(
                 log_flush_seconds=log_flush_seconds,
                 log_sync=log_sync,
                 log_lag=log_lag,
+                snapshot_at_end=snapshot_at_end,
                 **options,
             )
             run.entry = entry_of(fn, args, kwargs)

@@ -355,7 +355,33 @@ def records_after(storage: Storage, base_step: int) -> LogContents:
         contents.carried_from = older
         contents.corruption = contents.corruption or previous.corruption
         break
+    if contents.corruption is None:
+        _extend_with_later_logs(storage, contents)
     return contents
+
+
+def _extend_with_later_logs(storage: Storage, contents: LogContents) -> None:
+    """Continue ``contents`` with the logs of later snapshots its records reach.
+
+    A run restored from an older snapshot (the newer one is corrupt) replays through the later
+    snapshots' logs: they hold the records after those snapshots.
+    """
+    for later in (b for b in log_bases(storage) if b > contents.base_step):
+        if later > contents.last_step:
+            break  # a gap: the records between last_step and this snapshot are nowhere
+        following = read_log(storage, later)
+        extra = [r for r in following.records if r.step > contents.last_step]
+        if not extra or extra[0].step != contents.last_step + 1:
+            continue
+        contents.records.extend(extra)
+        for r in extra:
+            contents.headers[r.step] = following.headers[r.step]
+        wanted = {d for r in extra for d in r.blob_refs()} | {h.params for h in following.headers.values() if h.params}
+        contents.blobs.update({d: following.blobs[d] for d in wanted if d in following.blobs})
+        contents.carried_from = later
+        if following.corruption is not None:
+            contents.corruption = following.corruption
+            break
 
 
 def history(storage: Storage) -> dict[int, StepRecord]:

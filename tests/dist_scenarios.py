@@ -156,7 +156,7 @@ def save_with_dying_rank(run_dir: str, victim: int) -> dict[str, Any]:
     return {"rank": rank, "error": None}
 
 
-@moai_ckpt.fault_tolerant(storage="{run_dir}", snapshot_every=4, collective_timeout_s=20)
+@moai_ckpt.fault_tolerant(storage="{run_dir}", snapshot_every=4, snapshot_at_end=False, collective_timeout_s=20)
 def ft_train(run: moai_ckpt.Run, run_dir: str, total: int) -> dict[str, Any]:
     """FSDP2 training under `fault_tolerant` (a plain module on one rank); faults from the environment."""
     import hashlib

@@ -74,7 +74,9 @@ class Stream:
         return make_batch(position + 1)
 
 
-@moai_ckpt.fault_tolerant(storage="{run_dir}", snapshot_every=4, log_sync=True, async_snapshots=False)
+@moai_ckpt.fault_tolerant(
+    storage="{run_dir}", snapshot_every=4, log_sync=True, async_snapshots=False, snapshot_at_end=False
+)
 def train(run: Run, run_dir: str, total: int, kind: str) -> dict[str, Any]:
     torch.manual_seed(0)
     model = TinyNet()

@@ -121,7 +121,9 @@ def test_a_check_names_the_inputs_before_the_outputs() -> None:
 def test_time_based_snapshots_and_extra_scalars_reach_storage(tmp_path: Path) -> None:
     import time
 
-    @moai_ckpt.fault_tolerant(storage=str(tmp_path / "run"), snapshot_every=None, snapshot_every_s=0.2)
+    @moai_ckpt.fault_tolerant(
+        storage=str(tmp_path / "run"), snapshot_every=None, snapshot_every_s=0.2, snapshot_at_end=False
+    )
     def train(run: moai_ckpt.Run) -> None:
         model = torch.nn.Linear(2, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -141,3 +143,18 @@ def test_time_based_snapshots_and_extra_scalars_reach_storage(tmp_path: Path) ->
     assert steps[0] == 0 and 2 <= len(steps) - 1 <= 4  # about every 0.2 s of 12 x 0.05 s
     records = history(ckpt.storage)
     assert sorted(records) == list(range(1, 13)) and all(r.hparams["accumulation"] == 2 for r in records.values())
+
+
+def test_a_finished_loop_ends_with_a_snapshot_of_its_last_step(tmp_path: Path) -> None:
+    @moai_ckpt.fault_tolerant(storage=str(tmp_path / "run"), snapshot_every=4)
+    def train(run: moai_ckpt.Run) -> None:
+        model = torch.nn.Linear(2, 1)
+        run.track(model=model)
+        for _ in run.steps(7):
+            run.record(loss=model(torch.ones(1, 2)).sum())
+
+    train()
+    ckpt = moai_ckpt.Checkpointer(str(tmp_path / "run"))
+    assert ckpt.steps() == [0, 4, 7]
+    train()  # a second call finds nothing left to do
+    assert ckpt.steps() == [0, 4, 7]

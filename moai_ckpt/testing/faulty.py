@@ -13,7 +13,9 @@ It is registered under the protocol ``faulty``::
     ckpt = Checkpointer("faulty:///data/run", target_protocol="file", plan=plan)
     ckpt.storage.fs.stats.faults  # {"transient_rate": 12}
 
-or chained: ``Checkpointer("faulty::memory://bucket/run", plan=plan)``.
+or chained: ``Checkpointer("faulty::memory://bucket/run", plan=plan)``. A process that builds its
+Checkpointer itself (a training job under test) takes its plan from ``MOAI_CKPT_STORAGE_FAULTS``
+(JSON) and, with ``MOAI_CKPT_STORAGE_FAULT_LOG`` set, appends every injected fault to that file.
 
 Calls are numbered from 1 in the order they reach the hook, counting only the calls the plan
 applies to (its ``ops`` and ``paths``); ``fail_nth``, ``permanent_nth``, ``torn_nth`` and the
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import json
+import os
 import random
 import threading
 import time
@@ -37,6 +41,9 @@ from typing import Any, Literal, get_args
 import fsspec
 from fsspec.implementations.chained import ChainedFileSystem
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+PLAN_ENV = "MOAI_CKPT_STORAGE_FAULTS"  # a FaultPlan as JSON, used when no plan= is given
+EVENT_LOG_ENV = "MOAI_CKPT_STORAGE_FAULT_LOG"  # a file that gets one JSON line per injected fault
 
 Op = Literal["read", "write", "list", "delete", "info"]
 FaultKind = Literal["fail_nth", "transient_rate", "outage", "permanent", "torn"]
@@ -244,7 +251,10 @@ class FaultyFileSystem(ChainedFileSystem):
             fs = fsspec.filesystem(target_protocol, **options)
         self.fs = fs
         self._lock = threading.Lock()
+        if plan is None and os.environ.get(PLAN_ENV):
+            plan = FaultPlan.model_validate_json(os.environ[PLAN_ENV])  # set for a worker process
         self._plan = FaultPlan() if plan is None else FaultPlan.model_validate(plan)
+        self._event_log = os.environ.get(EVENT_LOG_ENV)
         self.reset()
 
         def _strip_protocol(path: Any) -> Any:
@@ -300,6 +310,12 @@ class FaultyFileSystem(ChainedFileSystem):
     def _record(self, call: int, op: Op, path: str, kind: FaultKind) -> None:
         self._faults[kind] += 1
         self._events.append(FaultEvent(call, op, path, kind))
+        if self._event_log:  # one JSON line per injected fault, for whoever accounts for them
+            line = json.dumps(
+                {"call": call, "op": op, "path": path, "kind": kind, "pid": os.getpid(), "t": time.time()}
+            )
+            with open(self._event_log, "a") as f:
+                f.write(line + "\n")
 
     def _hook(self, op: Op, path: Any) -> int | None:
         """Count a call and maybe fail it; returns its call number (None if the plan skips it)."""
