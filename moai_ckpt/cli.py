@@ -614,6 +614,7 @@ def demo_command(
 
 # the commands that re-run training live in modules of their own; importing them registers them
 from moai_ckpt import cli_replay  # noqa: E402, F401
+from moai_ckpt import cli_plan  # noqa: E402, F401
 
 
 def main() -> None:

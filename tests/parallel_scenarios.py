@@ -1,0 +1,86 @@
+"""Per-rank programs and models for the placement tests (run by moai_ckpt.testing.dist.launch)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moai_ckpt.sampler import GlobalSampler
+from parallel.apply import apply_plan
+from parallel.plan import Plan
+
+SAMPLES, IN, OUT, WIDTH, DEPTH = 256, 16, 4, 64, 6
+
+
+def build_model() -> nn.Sequential:
+    """``DEPTH`` hidden blocks and a head: layers that chain, some without parameters."""
+    torch.manual_seed(0)
+    blocks: list[nn.Module] = [nn.Linear(IN, WIDTH), nn.Tanh()]
+    for _ in range(DEPTH - 1):
+        blocks += [nn.Linear(WIDTH, WIDTH), nn.Tanh()]
+    return nn.Sequential(*blocks, nn.Linear(WIDTH, OUT))
+
+
+def model_and_sample() -> tuple[nn.Module, torch.Tensor]:
+    """What ``moai-ckpt plan --model tests.parallel_scenarios:model_and_sample`` profiles."""
+    return build_model(), torch.randn(16, IN)
+
+
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(SAMPLES, IN, generator=g)
+    return x, torch.tanh(x[:, :OUT] * 2) + 0.1 * torch.randn(SAMPLES, OUT, generator=g)
+
+
+def reference(global_batch: int, steps: int, lr: float) -> list[float]:
+    """The same training in one process on whole global batches: the loss of every step."""
+    model = build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    sampler = GlobalSampler(SAMPLES, global_batch, seed=3)
+    x, y = data()
+    losses = []
+    for _ in range(steps):
+        idx = sampler.next_batch()
+        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def train_plans(plan_paths: list[str], steps: int, lr: float) -> list[dict[str, Any]]:
+    """Train a fresh model under each plan in turn; each last-stage rank reports its replica's losses."""
+    return [_train(Plan.model_validate_json(Path(path).read_text()), steps, lr) for path in plan_paths]
+
+
+def _train(plan: Plan, steps: int, lr: float) -> dict[str, Any]:
+    placed = apply_plan(plan, build_model(), nn.functional.mse_loss, torch.zeros(1, IN))
+    opt = torch.optim.AdamW(placed.module.parameters(), lr=lr)
+    sampler = GlobalSampler(SAMPLES, plan.global_batch, seed=3)
+    x, y = data()
+    losses, seconds = [], []
+    for _ in range(steps):
+        dist.barrier()
+        started = time.perf_counter()
+        idx = placed.take(sampler)
+        loss = placed.step(x[idx] if placed.is_first else None, y[idx] if placed.is_last else None)
+        opt.step()
+        opt.zero_grad()
+        seconds.append(time.perf_counter() - started)
+        if loss is not None:
+            losses.append(float(loss))
+    return {
+        "rank": dist.get_rank(),
+        "dp_rank": placed.dp_rank,
+        "stage": placed.stage,
+        "layers": sorted({key.split(".")[0] for key in placed.stage_module.state_dict()}, key=int),
+        "losses": losses,
+        "step_s": statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0],
+    }
