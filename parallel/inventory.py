@@ -308,17 +308,60 @@ def local_device(
     )
 
 
+class LinkProbe(BaseModel):
+    """The job's interconnect as a ring all-reduce sees it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bandwidth: float = Field(gt=0, description="bytes/s per direction")
+    latency: float = Field(gt=0, description="seconds per ring step")
+
+
+def probe_link(device: torch.device, group: Any | None = None, nbytes: int = 4 << 20, repeats: int = 5) -> LinkProbe:
+    """Time all-reduces of a tiny and of an ``nbytes`` tensor over ``group`` (collective).
+
+    A ring all-reduce over ``n`` ranks takes ``2 (n-1) latency + 2 (n-1)/n bytes / bandwidth``.
+    """
+    import torch.distributed as dist
+
+    n = dist.get_world_size(group)
+    small = torch.zeros(1, device=device)
+    big = torch.zeros(nbytes // 4, device=device)
+
+    def timed(t: torch.Tensor) -> float:
+        dist.all_reduce(t, group=group)  # warm-up: connections, buffers
+        _sync(device)
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            dist.all_reduce(t, group=group)
+            _sync(device)
+            samples.append(time.perf_counter() - started)
+        return sorted(samples)[len(samples) // 2]
+
+    t_small, t_big = timed(small), timed(big)
+    steps = 2 * (n - 1)
+    latency = max(t_small / steps, 1e-7)
+    bandwidth = steps / n * nbytes / max(t_big - t_small, 1e-9)
+    return LinkProbe(bandwidth=bandwidth, latency=latency)
+
+
 def job_devices(
     device: torch.device | str | None = None,
     *,
     cache_dir: Path | str | None = None,
     timeout_s: float = 300.0,
+    measure_link: bool = True,
 ) -> list[Device]:
     """Every rank's `local_device`, in rank order (collective under torch.distributed).
 
     Ranks on one host that run on its CPU share its cores and memory; each rank's share is
     counted from the host names the ranks report. One rank per host runs the probes, alone.
+    With ``measure_link`` the default process group's all-reduce is timed and its latency and
+    bandwidth replace the catalog's link figures (the same for every device of the job).
     """
+    import torch.distributed as dist
+
     from moai_ckpt.distributed import current_world
 
     world = current_world(timedelta(seconds=timeout_s))
@@ -334,7 +377,12 @@ def job_devices(
         here = local_device(device, cache_dir=cache_dir)
         if here.torch_device == "cpu" and hosts.count(me) > 1:
             here = local_device(device, ranks_sharing=hosts.count(me), cache_dir=cache_dir)
-        gathered = world.all_gather_json(here.model_dump(), "device inventory: devices")
+        gathered = [Device.model_validate(d) for d in world.all_gather_json(here.model_dump(), "device inventory")]
     finally:
         world.close()
-    return [Device.model_validate(d) for d in gathered]
+    if measure_link and dist.is_initialized() and dist.get_world_size() > 1:
+        link = probe_link(torch.device(here.torch_device or "cpu"))
+        gathered = [
+            d.model_copy(update={"link_bandwidth": link.bandwidth, "link_latency": link.latency}) for d in gathered
+        ]
+    return gathered

@@ -63,6 +63,10 @@ def split_layers(num_layers: int, num_stages: int, cost: StageCost) -> Split:
                     nxt[k], starts[k] = value, j
         best = nxt
         choice.append(starts)
+    if not math.isfinite(best[num_layers]):
+        # nothing feasible: report an even split, so the bounds still describe a partition
+        even = tuple(i * num_layers // num_stages for i in range(num_stages + 1))
+        return Split(bounds=even, bottleneck=math.inf)
     bounds = [num_layers]
     for i in range(num_stages - 1, 0, -1):
         bounds.append(choice[i][bounds[-1]])

@@ -13,6 +13,7 @@ from torch import nn
 
 from moai_ckpt.sampler import GlobalSampler
 from parallel.apply import apply_plan
+from parallel.inventory import job_devices
 from parallel.plan import Plan
 
 SAMPLES, IN, OUT, WIDTH, DEPTH = 256, 16, 4, 64, 6
@@ -55,9 +56,14 @@ def reference(global_batch: int, steps: int, lr: float) -> list[float]:
     return losses
 
 
-def train_plans(plan_paths: list[str], steps: int, lr: float) -> list[dict[str, Any]]:
-    """Train a fresh model under each plan in turn; each last-stage rank reports its replica's losses."""
-    return [_train(Plan.model_validate_json(Path(path).read_text()), steps, lr) for path in plan_paths]
+def train_plans(plan_paths: list[str], steps: int, lr: float, cache_dir: str) -> dict[str, Any]:
+    """Train a fresh model under each plan in turn; each last-stage rank reports its replica's losses.
+
+    First the job's devices are taken stock of (probes and the link measured), for the report.
+    """
+    devices = job_devices(cache_dir=cache_dir)
+    runs = [_train(Plan.model_validate_json(Path(path).read_text()), steps, lr) for path in plan_paths]
+    return {"devices": [d.model_dump() for d in devices], "runs": runs}
 
 
 def _train(plan: Plan, steps: int, lr: float) -> dict[str, Any]:
@@ -80,7 +86,7 @@ def _train(plan: Plan, steps: int, lr: float) -> dict[str, Any]:
         "rank": dist.get_rank(),
         "dp_rank": placed.dp_rank,
         "stage": placed.stage,
-        "layers": sorted({key.split(".")[0] for key in placed.stage_module.state_dict()}, key=int),
+        "layers": sorted({int(key.split(".")[0]) for key in placed.stage_module.state_dict()}),
         "losses": losses,
         "step_s": statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0],
     }
