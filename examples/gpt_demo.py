@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -326,6 +327,8 @@ def train(
     tokens = encode(make_corpus(corpus_chars, seed))
     cfg = GPTConfig(context=context, dim=dim, layers=layers, heads=heads, dropout=dropout)
     torch.manual_seed(seed)  # the same initial weights on every rank
+    random.seed(seed)  # every generator the run's state holds starts from the seed, so two runs of
+    np.random.seed(seed)  # the same job are the same run, generator states included
     model = GPT(cfg).to(device)
     ddp: nn.Module = DistributedDataParallel(model) if world > 1 else model
     opt = optimizer(model, lr)

@@ -613,8 +613,11 @@ def demo_command(
 
 
 # the commands that re-run training live in modules of their own; importing them registers them
-from moai_ckpt import cli_replay  # noqa: E402, F401
-from moai_ckpt import cli_plan  # noqa: E402, F401
+from moai_ckpt import (  # noqa: E402, F401
+    cli_chaos,
+    cli_plan,
+    cli_replay,
+)
 
 
 def main() -> None:

@@ -212,13 +212,13 @@ class Storage:
                 exc,
             )
 
-        first_wait = policy.initial_backoff_s + random.uniform(0, policy.jitter_s)
+        first_wait = policy.initial_backoff_s + _JITTER.uniform(0, policy.jitter_s)
         left = policy.deadline_s - (time.monotonic() - started) - first_wait
         time.sleep(first_wait)
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(policy.attempts - 1) | tenacity.stop_after_delay(max(left, 0.0)),
             wait=tenacity.wait_exponential(multiplier=2 * policy.initial_backoff_s, max=policy.max_backoff_s)
-            + tenacity.wait_random(0, policy.jitter_s),
+            + _jitter(policy.jitter_s),
             retry=tenacity.retry_if_exception(is_transient),
             before_sleep=before_sleep,
             reraise=True,
@@ -488,6 +488,26 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _load_syncfs()
+_ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory", "oss", "r2"}
+
+
+class _TornWrite(ConnectionError):
+    """A write the storage reported as done left fewer bytes than were written (retried)."""
+
+
+# Retry jitter draws from a generator of its own: a retried storage call must never move the
+# training job's global random streams (tenacity's wait_random uses the `random` module's).
+_JITTER = random.Random()
+
+
+class _jitter(tenacity.wait.wait_base):
+    def __init__(self, upper: float) -> None:
+        self.upper = upper
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        return _JITTER.uniform(0, self.upper)
+
+
 _FSYNC_MAX_KEYS = 8  # barriers over more keys than this use one syncfs
 _READAHEAD_MIN = 1 << 20
 
@@ -506,6 +526,10 @@ class FsspecStorage(Storage):
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str, retry: RetryPolicy | None = None) -> None:
         super().__init__(url, retry)
         self.fs = fs
+        # Object stores put an object whole or not at all; elsewhere (network and FUSE file
+        # systems, wrappers) a write may report success and keep a prefix: read its size back
+        protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+        self.verify_writes = not set(protocols) & _ATOMIC_PUT_PROTOCOLS
         # the file system's own spelling of the root (absolute for a local path, even when a
         # wrapper's URL held a relative one), so the paths it returns can be made relative
         self.root = fs._strip_protocol(root).rstrip("/")
@@ -522,6 +546,11 @@ class FsspecStorage(Storage):
     def _write(self, key: str, parts: list[Buffer], sync: bool = False) -> None:
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.fs.pipe_file(self._path(key), bytes(data) if isinstance(data, memoryview) else data)
+        if self.verify_writes:
+            size = data.nbytes if isinstance(data, memoryview) else len(data)
+            stored = self._size(key)
+            if stored != size:  # raised inside the retried call: the write is made again
+                raise _TornWrite(f"a write of {size} bytes left {stored} bytes (torn)")
 
     def _read(self, key: str) -> bytes:
         try:

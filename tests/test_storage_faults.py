@@ -43,8 +43,10 @@ RETRY_LOGGER = "moai_ckpt.storage"
 
 
 def faulty_storage(root: Path, plan: FaultPlan, retry: RetryPolicy = FAST) -> FsspecStorage:
+    """The wrapper's own behaviour, call by call: without the size read-back after each write."""
     storage = open_storage(f"faulty://{root}", retry, target_protocol="file", plan=plan)
     assert isinstance(storage, FsspecStorage)
+    storage.verify_writes = False
     return storage
 
 
@@ -54,10 +56,16 @@ def fs_of(holder: Storage | Checkpointer) -> FaultyFileSystem:
     return storage.fs
 
 
-def faulty_checkpointer(run: Path, plan: FaultPlan, retry: RetryPolicy = FAST) -> Checkpointer:
-    return Checkpointer(
+def faulty_checkpointer(
+    run: Path, plan: FaultPlan, retry: RetryPolicy = FAST, *, verify_writes: bool = False
+) -> Checkpointer:
+    """A Checkpointer over the fault-injecting wrapper. By default without the size read-back
+    after each write, so that torn writes reach storage and the read-side checks are tested."""
+    ckpt = Checkpointer(
         f"faulty://{run}", chunk_bytes=4096, io_threads=4, retry=retry, target_protocol="file", plan=plan
     )
+    ckpt.storage.verify_writes = verify_writes  # type: ignore[attr-defined]
+    return ckpt
 
 
 def retry_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -503,7 +511,22 @@ def _read_back_by_restore(path: str) -> bool:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_torn_writes_at_random_never_load_wrong_data(tmp_path: Path, seed: int) -> None:
+def test_torn_writes_at_random_are_found_by_reading_the_size_back_and_rewritten(tmp_path: Path, seed: int) -> None:
+    model, optim = small_model(seed=0)
+    expected = state_tensors(model, optim)
+    plan = FaultPlan(torn_write_rate=0.3, seed=seed, ops={"write"})
+    patient = RetryPolicy(attempts=12, initial_backoff_s=0.001, max_backoff_s=0.01, jitter_s=0.0)
+    with faulty_checkpointer(tmp_path / "run", plan, patient, verify_writes=True) as ckpt:
+        ckpt.save(1, {"model": model, "optim": optim})
+        assert fs_of(ckpt).stats.faults.get("torn", 0) > 0  # writes were torn...
+        assert ckpt.steps() == [1] and ckpt.verify(1).ok  # ...and made again until whole
+        _, got = restored(ckpt)
+        assert_bitwise_equal(got, expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_torn_writes_the_size_check_cannot_see_never_load_wrong_data(tmp_path: Path, seed: int) -> None:
+    """A storage that keeps a prefix yet reports the full size: only the checksums catch it."""
     model, optim = small_model(seed=0)
     expected = state_tensors(model, optim)
     plan = FaultPlan(torn_write_rate=0.1, seed=seed, ops={"write"})
@@ -525,3 +548,19 @@ def test_torn_writes_at_random_never_load_wrong_data(tmp_path: Path, seed: int) 
         else:
             _, got = restored(ckpt)
             assert_bitwise_equal(got, expected)
+
+
+def test_retrying_a_storage_call_never_moves_the_training_jobs_random_streams(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    from moai_ckpt.testing.faulty import FaultPlan
+
+    ckpt = Checkpointer(f"faulty://{tmp_path / 'run'}", target_protocol="file", plan=FaultPlan(fail_nth=[1, 2, 3]))
+    before = (random.getstate(), np.random.get_state(legacy=False)["state"]["key"].tobytes(), torch.get_rng_state())
+    ckpt.storage.write("x/y.bin", b"retried three times")
+    after = (random.getstate(), np.random.get_state(legacy=False)["state"]["key"].tobytes(), torch.get_rng_state())
+    assert ckpt.storage.fs.stats.faults["fail_nth"] == 3
+    assert before[0] == after[0] and before[1] == after[1] and torch.equal(before[2], after[2])

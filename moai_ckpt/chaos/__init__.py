@@ -1,0 +1,100 @@
+"""The chaos harness: run a training job with faults injected on a seeded schedule and prove that
+it ends as the fault-free run does.
+
+    from moai_ckpt.chaos import Scenario, run_trials
+    summary = run_trials(Scenario.load("smoke"), "chaos_out", seed=0, trials=3)
+    assert all(t.ok for t in summary.trials)
+
+From the command line: ``moai-ckpt chaos run smoke --trials 3``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from moai_ckpt.chaos.oracle import Verdict, judge
+from moai_ckpt.chaos.report import Summary, TrialReport, checks_table, draw_timeline, faults_table, write
+from moai_ckpt.chaos.runner import ChaosError, RunOutcome, Trial
+from moai_ckpt.chaos.scenario import BUILTIN, KINDS, PHASES, Fault, Scenario
+
+__all__ = [
+    "BUILTIN",
+    "KINDS",
+    "PHASES",
+    "ChaosError",
+    "Fault",
+    "RunOutcome",
+    "Scenario",
+    "Summary",
+    "TrialReport",
+    "Verdict",
+    "run_trial",
+    "run_trials",
+]
+
+
+def _reference(scenario: Scenario, out_dir: Path, quiet: bool) -> RunOutcome:
+    reference = Trial(scenario, out_dir, seed=0, quiet=quiet).run("reference", [])
+    if not reference.finished:
+        logs = [a.log for a in reference.attempts]
+        raise ChaosError(f"the fault-free reference run did not finish; its output: {logs}")
+    return reference
+
+
+def run_trial(
+    scenario: Scenario, out_dir: str | Path, seed: int, *, reference: RunOutcome | None = None, quiet: bool = False
+) -> TrialReport:
+    """One trial: the reference (unless given), then the faulty run, then the checks."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if reference is None:
+        reference = _reference(scenario, out, quiet)
+    trial_dir = out / f"seed-{seed}"
+    shutil.rmtree(trial_dir, ignore_errors=True)
+    drawn = scenario.draw(seed)
+    if not quiet:
+        print(f"seed {seed}: " + "; ".join(f.describe() for f in drawn), file=sys.stderr, flush=True)
+    faulty = Trial(scenario, trial_dir, seed, quiet=quiet).run("faulty", drawn)
+    report = TrialReport(scenario, seed, reference, faulty, judge(scenario, reference, faulty))
+    report.timeline = draw_timeline(report, trial_dir / "timeline.png")
+    return report
+
+
+def run_trials(
+    scenario: Scenario,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    trials: int = 1,
+    console: Console | None = None,
+    random_faults: int | None = None,
+) -> Summary:
+    """``trials`` trials with seeds ``seed``, ``seed + 1``, ... sharing one reference run.
+
+    With ``random_faults`` each trial draws that many faults of random kinds (its own seed).
+    """
+    console = console or Console(stderr=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    quiet = trials > 1
+    with console.status("reference run (no faults)"):
+        reference = _reference(scenario, out, quiet=True)
+    summary = Summary(scenario)
+    for i in range(trials):
+        s = seed + i
+        trial_scenario = scenario.with_random_faults(random_faults, s) if random_faults else scenario
+        with console.status(f"trial {i + 1}/{trials} (seed {s})"):
+            report = run_trial(trial_scenario, out, s, reference=reference, quiet=quiet)
+        summary.trials.append(report)
+        mark = "[green]ok[/]" if report.ok else "[bold red]FAILED[/]"
+        faults = ", ".join(r.fault.describe() for r in report.faulty.faults)
+        console.print(f"trial {i + 1}/{trials}, seed {s}: {mark}  {faults}")
+        if trials == 1 or not report.ok:
+            console.print(faults_table(report))
+            console.print(checks_table(report))
+    write(summary, out, console)
+    return summary

@@ -1,0 +1,225 @@
+"""What a chaos trial must show: the faulty run is the reference run, and every fault is accounted for.
+
+- The final state (the snapshot of the last step) is bitwise equal to the reference's when the
+  placement never changed, and within the scenario's tolerance otherwise (the difference is
+  reported either way).
+- Every step was logged, and every sample was consumed exactly once per epoch.
+- No snapshot known to be corrupt was ever restored (the replay reports name what each restart
+  restored).
+- Every injected fault fired, was detected, and the job recovered from it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moai_ckpt.chaos.runner import RunOutcome
+from moai_ckpt.chaos.scenario import Scenario
+from moai_ckpt.checkpointer import Checkpointer
+from moai_ckpt.errors import MoaiCkptError
+from moai_ckpt.format import REPORTS
+from replay.log import history
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Verdict:
+    checks: list[Check] = field(default_factory=list)
+    max_rel_diff: float | None = None
+    restored: list[dict[str, Any]] = field(default_factory=list)  # what each restart restored and replayed
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append(Check(name, ok, detail))
+
+
+def _replay_reports(run_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((run_dir / REPORTS).glob("replay-*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            continue
+        data["_time"] = path.stat().st_mtime
+        out.append(data)
+    return out
+
+
+def compare_final(reference: Path, faulty: Path, step: int, exact: bool) -> tuple[bool, float, str]:
+    """(equal, largest relative difference, what differs) of the two runs' snapshots of ``step``."""
+    with Checkpointer(str(reference), local=True) as a, Checkpointer(str(faulty), local=True) as b:
+        ra, rb = a.open_snapshot(step), b.open_snapshot(step)
+
+        # another placement keeps its own RNG streams per rank: compare the training state only
+        def kept(names: list[str]) -> list[str]:
+            return sorted(names if exact else [n for n in names if not n.startswith("_rng")])
+
+        compared = kept(list(ra.manifest.arrays))
+        if kept(list(rb.manifest.arrays)) != compared:
+            return False, float("inf"), "the two snapshots hold different arrays"
+        xs, ys = ra.read_arrays(compared), rb.read_arrays(compared)
+        # the JSON side of the state too (Python's random, sampler position, scheduler, extras)
+        keys = [k for k in ra.manifest.objects if exact or not k.startswith("_rng")]
+        trees = [
+            k for k in keys if ra.manifest.objects[k].tree != rb.manifest.objects.get(k, ra.manifest.objects[k]).tree
+        ]
+        if set(keys) - set(rb.manifest.objects):
+            trees.append("(missing entries)")
+    if trees:
+        return False, float("inf"), f"JSON state differs in {trees}"
+    worst, worst_name, differing = 0.0, "", []
+    for name in compared:
+        x, y = xs[name], ys[name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False, float("inf"), f"{name}: shape or dtype differs"
+        if torch.equal(x, y):
+            continue
+        differing.append(name)
+        if x.is_floating_point():
+            scale = float(x.double().abs().max()) or 1.0
+            rel = float((x.double() - y.double()).abs().max()) / scale
+            if rel > worst:
+                worst, worst_name = rel, name
+        else:
+            worst, worst_name = float("inf"), name
+    if not differing:
+        return True, 0.0, f"{len(compared)} arrays bitwise equal"
+    return False, worst, f"{len(differing)} of {len(compared)} arrays differ; most: {worst_name} (rel {worst:.3g})"
+
+
+def check_samples(run_dir: Path, steps: int) -> tuple[bool, str]:
+    """Every step logged once; every sample consumed exactly once per epoch (from the log)."""
+    with Checkpointer(str(run_dir), local=True) as ckpt:
+        records = history(ckpt.storage)
+        data = None
+        latest = ckpt.latest_step()
+        if latest is not None:
+            objects = ckpt.manifest(latest).objects
+            data = objects["_data"].tree if "_data" in objects else None
+    missing = sorted(set(range(1, steps + 1)) - set(records))
+    if missing:
+        return False, f"steps never logged: {missing[:10]}"
+    if data is None or any(r.samples is None for r in records.values()):
+        return True, f"{steps} steps logged once each (batches not indexable: no sample check)"
+    n, batch = int(data["num_samples"]), int(data["global_batch_size"])
+    per_epoch = n // batch if data.get("drop_last", True) else -(-n // batch)
+    for epoch_start in range(1, steps + 1, per_epoch):
+        span = [s for s in range(epoch_start, min(epoch_start + per_epoch, steps + 1))]
+        seen = [i for s in span for i in records[s].samples or []]
+        if len(seen) != len(set(seen)):
+            dup = len(seen) - len(set(seen))
+            return False, f"{dup} samples consumed twice in the epoch starting at step {epoch_start}"
+    epochs = -(-steps // per_epoch)
+    return True, f"{steps} steps logged once each; no sample twice in any of {epochs} epoch(s)"
+
+
+def judge(scenario: Scenario, reference: RunOutcome, faulty: RunOutcome) -> Verdict:
+    verdict = Verdict()
+    steps = scenario.steps
+    resized = any(r.fault.kind == "resize" and r.fired_at is not None for r in faulty.faults)
+    verdict.add(
+        "finished", faulty.finished, f"{len(faulty.attempts)} attempt(s), {faulty.ended - faulty.started:.1f} s"
+    )
+    if not (faulty.finished and reference.finished):
+        return verdict
+    try:
+        equal, rel, detail = compare_final(reference.run_dir, faulty.run_dir, steps, exact=not resized)
+    except MoaiCkptError as exc:
+        verdict.add("final state", False, f"could not read the final snapshots: {exc}")
+        return verdict
+    verdict.max_rel_diff = rel
+    if resized:
+        verdict.add(
+            "final state within tolerance", rel <= scenario.tolerance, f"{detail} (tolerance {scenario.tolerance:g})"
+        )
+    else:
+        verdict.add("final state bitwise equal", equal, detail)
+    ok, detail = check_samples(faulty.run_dir, steps)
+    verdict.add("samples exactly once", ok, detail)
+    _check_restores(verdict, faulty)
+    _check_accounting(verdict, faulty)
+    if faulty.unplanned_failures:
+        storage = any(r.fault.kind.startswith("storage") for r in faulty.faults)
+        verdict.add(
+            "no unplanned failure",
+            storage,  # a storage fault may stop a job beyond its retries: that is recovered, not a bug
+            f"{faulty.unplanned_failures} attempt(s) ended without a planned fault"
+            + (" (storage faults in play)" if storage else ""),
+        )
+    return verdict
+
+
+def _check_restores(verdict: Verdict, faulty: RunOutcome) -> None:
+    corrupted: dict[int, float] = {}
+    for record in faulty.faults:
+        if record.target and record.target.startswith("snapshots/") and record.fired_at is not None:
+            corrupted[int(record.target.split("/")[1])] = record.fired_at
+    reports = _replay_reports(faulty.run_dir)
+    with Checkpointer(str(faulty.run_dir), local=True) as ckpt:
+        committed = set(ckpt.steps())
+        torn = {s for s in committed if s not in corrupted and not ckpt.verify(s).ok}
+    bad = []
+    for report in reports:
+        base = int(report["base_step"])
+        verdict.restored.append(
+            {"base": base, "first": report["first_step"], "last": report["last_step"], "time": report["_time"]}
+        )
+        if (base in corrupted and report["_time"] > corrupted[base]) or base in torn:
+            bad.append(base)
+    detail = f"{len(reports)} restart(s) restored steps {sorted({r['base'] for r in verdict.restored})}"
+    if corrupted or torn:
+        detail += f"; corrupt at rest: {sorted(corrupted) + sorted(torn)}"
+    verdict.add("no corrupt snapshot restored", not bad, detail if not bad else f"restored corrupt snapshot(s) {bad}")
+    for record in faulty.faults:
+        if record.fault.kind == "corrupt_chunk" and record.target:
+            step = int(record.target.split("/")[1])
+            later = [r for r in reports if r["_time"] > (record.fired_at or 0)]
+            record.detected = (
+                f"restore refused step {step} (checksum); restored step {later[0]['base_step']}"
+                if later and later[0]["base_step"] != step
+                else "NOT detected"
+            )
+        elif record.fault.kind == "corrupt_marker" and record.target:
+            step = int(record.target.split("/")[1])
+            with Checkpointer(str(faulty.run_dir), local=True) as ckpt:
+                status = next((e.status for e in ckpt.scan() if e.step == step), "gone")
+            record.detected = f"marker fails its checksum: step {step} is not a snapshot ({status} now)"
+        elif record.fault.kind == "corrupt_log" and record.target:
+            logs = "".join(
+                Path(a.log).read_text(errors="replace") for a in faulty.attempts if a.started > (record.fired_at or 0)
+            )
+            record.detected = (
+                "the restart set the damaged segment aside" if "the log is damaged" in logs else "NOT detected"
+            )
+
+
+def _check_accounting(verdict: Verdict, faulty: RunOutcome) -> None:
+    missing = []
+    for record in faulty.faults:
+        fired = record.fired_at is not None or record.count == -1
+        if not fired:
+            missing.append(f"{record.fault.describe()}: never fired")
+        elif not record.detected or "NOT" in record.detected:
+            missing.append(f"{record.fault.describe()}: not detected")
+        elif record.fault.kind not in ("storage_latency",) and record.recovered_at is None:
+            missing.append(f"{record.fault.describe()}: no recovery seen")
+    n = len(faulty.faults)
+    verdict.add(
+        "every fault accounted for",
+        not missing,
+        f"{n} fault(s): each fired, detected and recovered from" if not missing else "; ".join(missing),
+    )

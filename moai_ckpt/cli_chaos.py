@@ -1,0 +1,78 @@
+"""``moai-ckpt chaos``: run a training job with faults on a seeded schedule and check the result.
+
+    moai-ckpt chaos list
+    moai-ckpt chaos run smoke --trials 3 --seed 0 --out runs/chaos
+    moai-ckpt chaos run my_scenario.json
+    moai-ckpt chaos run smoke --random-faults 4 --trials 50      # each trial draws 4 faults
+
+Exit code 0 when every trial passes every check, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moai_ckpt.cli import _command, _table, app, err, out
+
+chaos_app = typer.Typer(
+    name="chaos",
+    help="Chaos testing: inject faults into a training job and prove it ends as the fault-free run does.",
+    no_args_is_help=True,
+)
+app.add_typer(chaos_app)
+
+
+@chaos_app.command("list")
+def list_scenarios() -> None:
+    """The built-in scenarios and the fault kinds a scenario can name."""
+    from moai_ckpt.chaos import BUILTIN, KINDS
+
+    table: Table = _table("built-in scenarios")
+    for name in ("scenario", "ranks", "steps", "faults", "what it shows"):
+        table.add_column(name)
+    for s in BUILTIN.values():
+        table.add_row(s.name, str(s.ranks), str(s.steps), ", ".join(f.kind for f in s.faults), s.description)
+    out.print(table)
+    out.print("fault kinds: " + ", ".join(KINDS), soft_wrap=True)
+
+
+@chaos_app.command("run")
+def run_scenario(
+    scenario: Annotated[str, typer.Argument(help="A built-in scenario's name, or a scenario file (JSON).")],
+    trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="Trials, with seeds seed, seed+1, ...")] = 1,
+    seed: Annotated[int, typer.Option("--seed", "-s", help="The first trial's seed.")] = 0,
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Where runs, logs and reports go.")] = "runs/chaos",
+    random_faults: Annotated[
+        int | None, typer.Option("--random-faults", min=1, help="Each trial draws this many faults of random kinds.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=4, help="Override the scenario's step count.")] = None,
+    ranks: Annotated[int | None, typer.Option("--ranks", min=1, help="Override the scenario's rank count.")] = None,
+) -> None:
+    """Run a scenario: a fault-free reference, then trials with faults, each checked against it."""
+    from moai_ckpt.chaos import ChaosError, Scenario, run_trials
+
+    try:
+        chosen = Scenario.load(scenario)
+        update: dict[str, object] = {}
+        if steps is not None:
+            update["steps"] = steps
+            update["kwargs"] = {**chosen.kwargs, "steps": steps}
+        if ranks is not None:
+            update["ranks"] = ranks
+        if update:
+            chosen = Scenario.model_validate({**chosen.model_dump(), **update})
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="SCENARIO") from exc
+    try:
+        summary = run_trials(chosen, out_dir, seed=seed, trials=trials, random_faults=random_faults, console=err)
+    except ChaosError as exc:
+        err.print(f"error: {exc}", style="bold red", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    out.print(f"report: {out_dir}/report.json; timelines: {out_dir}/seed-*/timeline.png")
+    raise typer.Exit(0 if all(t.ok for t in summary.trials) else 1)
+
+
+__all__ = ["_command", "chaos_app", "list_scenarios", "run_scenario"]
