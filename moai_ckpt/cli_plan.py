@@ -155,11 +155,12 @@ def plan_command(
     if as_json:
         typer.echo(plan.model_dump_json(indent=2))
         return
-    err.print(
-        f"profile: {profile.num_layers} layers, {profile.params:,} parameters, {profile.source} on "
-        f"{profile.device.label} at micro-batch {profile.micro_batch}",
-        style="dim",
+    how = (
+        "analytic (FLOPs and bytes counted, times from device figures)"
+        if profile.source == "analytic"
+        else f"measured on {profile.device.label} at micro-batch {profile.micro_batch}"
     )
+    err.print(f"profile: {profile.num_layers} layers, {profile.params:,} parameters, {how}", style="dim")
     out.print(plan.explain(top))
     out.print()
     out.print(_stages_table(plan))

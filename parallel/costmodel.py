@@ -41,7 +41,7 @@ from moai_ckpt.errors import CorruptSnapshotError
 from moai_ckpt.keys import sanitize_segment
 from moai_ckpt.storage import Storage, open_storage
 from parallel.errors import ProfileError
-from parallel.inventory import Device, local_device
+from parallel.inventory import Device, local_device, parse_devices
 
 log = logging.getLogger(__name__)
 
@@ -501,7 +501,7 @@ def analytic_profile(
     return ModelProfile(
         model_hash=model_hash(found, inputs, options),
         source="analytic",
-        device=device or local_device("cpu"),
+        device=device or parse_devices("CPU")[0],  # not used by an analytic profile's times
         micro_batch=inputs[0].shape[0],
         layers=tuple(profiles),
         options=options,

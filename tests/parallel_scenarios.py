@@ -90,3 +90,13 @@ def _train(plan: Plan, steps: int, lr: float) -> dict[str, Any]:
         "losses": losses,
         "step_s": statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0],
     }
+
+
+def wide_tower_on_meta() -> tuple[nn.Module, torch.Tensor]:
+    """A 3.2B-parameter MLP tower (24 blocks) built on the meta device, for analytic plans."""
+    with torch.device("meta"):
+        blocks = [
+            nn.Sequential(nn.LayerNorm(4096), nn.Linear(4096, 16384), nn.GELU(), nn.Linear(16384, 4096))
+            for _ in range(24)
+        ]
+        return nn.Sequential(*blocks), torch.empty(1, 1024, 4096)
