@@ -53,6 +53,9 @@ class PlanOptions(BaseModel):
     dp: int | None = Field(default=None, ge=1, description="only this data-parallel degree (default: any)")
     pp: int | None = Field(default=None, ge=1, description="only this pipeline degree (default: any)")
     max_pipeline: int | None = Field(default=None, ge=1, description="largest pipeline degree (default: any)")
+    micro_batches: int | None = Field(
+        default=None, ge=1, description="only this many micro-batches per replica per step (default: any)"
+    )
     max_micro_batches: int = Field(default=64, ge=1, description="most micro-batches per replica per step")
     min_micro_batch: int = Field(default=1, ge=1, description="smallest micro-batch size")
     memory_fraction: float = Field(
@@ -344,6 +347,8 @@ class _Search:
         for mb in _divisors(local):
             m = local // mb
             if m > options.max_micro_batches or mb < options.min_micro_batch:
+                continue
+            if options.micro_batches is not None and m != options.micro_batches:
                 continue
             if pp > 1 and m < pp:
                 continue  # PyTorch's pipeline schedules need at least one micro-batch per stage

@@ -1,4 +1,4 @@
-"""Plans applied on real gloo processes: a 2-stage x 2-way data-parallel pipeline trains like one process."""
+"""Plans applied on real gloo processes: pipelines and data-parallel replicas train like one process."""
 
 from __future__ import annotations
 
@@ -23,17 +23,30 @@ def ok(results: list[RankResult]) -> list[dict]:
     return [r.value for r in results]
 
 
-def test_a_2_stage_by_2_way_data_parallel_pipeline_matches_one_process(tmp_path: Path) -> None:
+def test_a_2_stage_by_2_way_data_parallel_pipeline_and_4_accumulating_replicas_match_one_process(
+    tmp_path: Path,
+) -> None:
     # 4 ranks on this host's CPU: each gets its share of the cores
     device = local_device("cpu", ranks_sharing=4, cache_dir=tmp_path / "cache")
     model, sample = scenarios.model_and_sample()
     profile = profile_model(model, sample, device=local_device("cpu", cache_dir=tmp_path / "cache"))
     plans, paths = [], []
-    for mode, schedule in (("ddp", "1f1b"), ("fsdp", "gpipe")):
-        options = PlanOptions(dp=2, pp=2, data_parallel=(mode,), schedules=(schedule,), min_micro_batch=4)
+    layouts = (
+        (2, 2, "ddp", "1f1b", 4),
+        (2, 2, "fsdp", "gpipe", 2),
+        (4, 1, "fsdp", "none", 2),  # no pipeline: gradient accumulation over 2 micro-batches
+    )
+    for dp, pp, mode, schedule, micro_batches in layouts:
+        options = PlanOptions(
+            dp=dp,
+            pp=pp,
+            data_parallel=(mode,),  # type: ignore[arg-type]
+            schedules=(schedule,) if pp > 1 else ("1f1b",),  # type: ignore[arg-type]
+            micro_batches=micro_batches,
+        )
         plan = make_plan([device] * 4, profile, GLOBAL_BATCH, options)
-        assert (plan.dp, plan.pp, plan.chosen.data_parallel, plan.chosen.schedule) == (2, 2, mode, schedule)
-        path = tmp_path / f"plan-{mode}.json"
+        assert (plan.dp, plan.pp, plan.chosen.data_parallel, plan.chosen.schedule) == (dp, pp, mode, schedule)
+        path = tmp_path / f"plan-{len(plans)}.json"
         path.write_text(plan.model_dump_json())
         plans.append(plan)
         paths.append(str(path))
@@ -55,19 +68,18 @@ def test_a_2_stage_by_2_way_data_parallel_pipeline_matches_one_process(tmp_path:
             stage = plan.stages[role.stage]
             assert run["layers"][0] >= stage.start and run["layers"][-1] < stage.stop
         last = [run["losses"] for run in runs if run["stage"] == plan.pp - 1]
-        assert len(last) == 2 and all(len(losses) == STEPS for losses in last)
+        assert len(last) == plan.dp and all(len(losses) == STEPS for losses in last)
         # equal shares: the global batch's mean loss is the mean of the replicas' mean losses
-        global_losses = [sum(step) / 2 for step in zip(*last, strict=True)]
+        global_losses = [sum(step) / plan.dp for step in zip(*last, strict=True)]
         assert global_losses == pytest.approx(reference, rel=1e-4, abs=1e-6)
         assert global_losses[-1] < global_losses[0]
         measured = max(run["step_s"] for run in runs)
         forced = PlanOptions(
-            dp=2,
-            pp=2,
+            dp=plan.dp,
+            pp=plan.pp,
             data_parallel=(plan.chosen.data_parallel,),  # type: ignore[arg-type]
-            schedules=(plan.chosen.schedule,),  # type: ignore[arg-type]
-            min_micro_batch=plan.chosen.micro_batch_size,
-            max_micro_batches=plan.chosen.micro_batches,
+            schedules=(plan.chosen.schedule,) if plan.pp > 1 else ("1f1b",),  # type: ignore[arg-type]
+            micro_batches=plan.chosen.micro_batches,
         )
         replanned = make_plan(job, profile, GLOBAL_BATCH, forced)
         print(
