@@ -55,6 +55,8 @@ from replay.stepstate import Hyperparameters, StepValues, load_rng_components, p
 
 log = logging.getLogger("moai_ckpt.run")
 R = TypeVar("R")
+# what a failed snapshot raises on the rank that failed (storage, checks) and on the others
+_SNAPSHOT_FAILURES = (StorageError, CorruptSnapshotError, CoordinationError)
 
 __all__ = ["ReplayDivergenceError", "Run", "fault_tolerant"]
 
@@ -499,7 +501,7 @@ class Run:
             return
         try:
             self.ckpt.save(step, self.tracked, overwrite=overwrite)
-        except (StorageError, CorruptSnapshotError) as exc:
+        except _SNAPSHOT_FAILURES as exc:
             self._snapshot_failed(step, exc)
             return
         self._rebase(step)
@@ -512,13 +514,20 @@ class Run:
         if self.ckpt.latest_step() != self.step:
             try:
                 self.ckpt.save(self.step, self.tracked, overwrite=self.step in self._unusable)
-            except (StorageError, CorruptSnapshotError) as exc:
+            except _SNAPSHOT_FAILURES as exc:
                 self._snapshot_failed(self.step, exc)
                 return
             self._rebase(self.step)
 
     def _snapshot_failed(self, step: int, exc: Exception) -> None:
-        """A snapshot that could not be written is not fatal: the log goes on from the last one."""
+        """A snapshot that could not be written is not fatal: the log goes on from the last one.
+
+        Every rank gets here together: the rank whose storage failed with its own error, the
+        others with the `CoordinationError` that names it. A rank that died is another matter
+        (`RankLostError`): that propagates and ends the job.
+        """
+        if isinstance(exc, RankLostError):
+            raise exc
         self.snapshot_failures += 1
         log.warning("the snapshot of step %d failed and is skipped (the log continues): %s", step, exc)
 
@@ -533,7 +542,7 @@ class Run:
         self._pending = None
         try:
             handle.result()
-        except (StorageError, CorruptSnapshotError) as exc:
+        except _SNAPSHOT_FAILURES as exc:
             self._snapshot_failed(step, exc)
             return
         self._unusable.discard(step)

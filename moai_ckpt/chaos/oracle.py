@@ -23,6 +23,7 @@ from moai_ckpt.chaos.scenario import Scenario
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.errors import MoaiCkptError
 from moai_ckpt.format import REPORTS
+from moai_ckpt.keys import sanitize_segment
 from replay.log import history
 
 
@@ -81,6 +82,14 @@ def compare_final(reference: Path, faulty: Path, step: int, exact: bool) -> tupl
             trees.append("(missing entries)")
     if trees:
         return False, float("inf"), f"JSON state differs in {trees}"
+    if not exact:  # another placement: how far the model moved, as one relative L2 distance
+        modules = {k for k, o in ra.manifest.objects.items() if o.kind == "module"}
+        params = [n for n in compared if n.split("/", 1)[0] in {sanitize_segment(m) for m in modules}]
+        diff = sum(float((xs[n].double() - ys[n].double()).square().sum()) for n in params)
+        norm = sum(float(xs[n].double().square().sum()) for n in params) or 1.0
+        rel_l2 = (diff / norm) ** 0.5
+        equal = diff == 0.0
+        return equal, rel_l2, f"model parameters differ by {rel_l2:.3g} (relative L2 over {len(params)} arrays)"
     worst, worst_name, differing = 0.0, "", []
     for name in compared:
         x, y = xs[name], ys[name]
