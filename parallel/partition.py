@@ -38,9 +38,14 @@ class Split(BaseModel):
         return math.isfinite(self.bottleneck)
 
 
-def split_layers(num_layers: int, num_stages: int, cost: StageCost) -> Split:
+def split_layers(num_layers: int, num_stages: int, cost: StageCost, bound: StageCost | None = None) -> Split:
     """The contiguous split of ``num_layers`` layers into ``num_stages`` non-empty stages with the
     least bottleneck (one of them, if several). No feasible split: bottleneck ``inf``.
+
+    ``bound``, if given, is a lower bound of ``cost`` that does not decrease as a stage grows
+    (``bound(i, j - 1, k) >= bound(i, j, k)``): stages are then grown from their end and the
+    growing stops once the bound alone is no better than the best found, which keeps the result
+    exact and skips most evaluations on long models.
     """
     if not 1 <= num_stages <= num_layers:
         raise ValueError(f"cannot split {num_layers} layers into {num_stages} non-empty stages")
@@ -55,9 +60,11 @@ def split_layers(num_layers: int, num_stages: int, cost: StageCost) -> Split:
         starts = [0] * (num_layers + 1)
         # stage i ends at k, with at least one layer per later stage left over
         for k in range(i + 1, num_layers - (num_stages - 1 - i) + 1):
-            for j in range(i, k):
+            for j in range(k - 1, i - 1, -1):
                 if best[j] >= nxt[k]:
                     continue  # cannot beat what k already has
+                if bound is not None and bound(i, j, k) >= nxt[k]:
+                    break  # this stage only gets dearer as it grows
                 value = max(best[j], cost(i, j, k))
                 if value < nxt[k]:
                     nxt[k], starts[k] = value, j

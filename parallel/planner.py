@@ -162,6 +162,7 @@ class _Search:
         self.model = _Model(profile)
         self.fitting: list[Candidate] = []
         self.refused: list[_Refused] = []
+        self._splits: dict[tuple[tuple[tuple[int, ...], ...], int], Split] = {}
 
     # -- memory and time of one stage ----------------------------------------------------------
 
@@ -172,8 +173,12 @@ class _Search:
             return min(cfg.pp - stage, cfg.micro_batches)
         return 1
 
-    def memory(self, cfg: _Config, stage: int, j: int, k: int) -> tuple[int, str]:
-        """Predicted peak bytes per device of ``stage`` holding layers [j, k), and its breakdown."""
+    def memory(self, cfg: _Config, stage: int, j: int, k: int) -> int:
+        """Predicted peak bytes per device of ``stage`` holding layers [j, k)."""
+        return int(sum(self._memory_parts(cfg, stage, j, k))) + self.options.reserve_bytes
+
+    def _memory_parts(self, cfg: _Config, stage: int, j: int, k: int) -> tuple[float, float, float]:
+        """(state, activations, boundary buffers) bytes per device."""
         m = self.model
         params, grads, optim = m.state(j, k)
         if cfg.data_parallel == "fsdp" and cfg.pp == 1:
@@ -190,13 +195,18 @@ class _Search:
         flight = self._in_flight(cfg, stage)
         acts = flight * cfg.micro_batch_size * (m.acts[k] - m.acts[j])
         buffers = flight * cfg.micro_batch_size * ((m.outputs[k - 1] if k < m.n else 0) + (m.inputs[j] if j else 0))
-        total = int(state + acts + buffers) + self.options.reserve_bytes
-        detail = (
+        return state, acts, buffers
+
+    def memory_detail(self, cfg: _Config, stage: int, j: int, k: int) -> str:
+        """What the predicted memory is made of, for a refusal."""
+        params, grads, optim = self.model.state(j, k)
+        acts = self._memory_parts(cfg, stage, j, k)[1]
+        flight = self._in_flight(cfg, stage)
+        return (
             f"parameters {human(params)}, gradients {human(grads)}, optimizer {human(optim)}"
             + (f" ({cfg.data_parallel} over {cfg.dp})" if cfg.data_parallel == "fsdp" else "")
             + f", activations {human(acts)} for {flight} micro-batch{'es' if flight > 1 else ''} in flight"
         )
-        return total, detail
 
     def usable(self, column: _Column) -> int:
         return int(column.memory * self.options.memory_fraction)
@@ -237,12 +247,29 @@ class _Search:
     # -- one configuration ---------------------------------------------------------------------
 
     def split(self, cfg: _Config, columns: list[_Column], memory_aware: bool) -> Split:
+        # the time-optimal split depends only on the stage devices and the micro-batch size
+        key = (tuple(tuple(c.indices) for c in columns), cfg.micro_batch_size)
+        if not memory_aware and key in self._splits:
+            return self._splits[key]
+
         def cost(i: int, j: int, k: int) -> float:
-            if memory_aware and self.memory(cfg, i, j, k)[0] > self.usable(columns[i]):
+            if memory_aware and self.memory(cfg, i, j, k) > self.usable(columns[i]):
                 return math.inf
             return sum(self.stage_cost(cfg, columns, i, j, k))
 
-        return split_layers(self.model.n, cfg.pp, cost)
+        def bound(i: int, j: int, k: int) -> float:
+            # compute time and the state + activation bytes only grow with the stage (sends and
+            # boundary buffers need not), so they bound the cost from below
+            if memory_aware:
+                state, acts, _ = self._memory_parts(cfg, i, j, k)
+                if state + acts + self.options.reserve_bytes > self.usable(columns[i]):
+                    return math.inf
+            return columns[i].prefix[k] - columns[i].prefix[j]
+
+        split = split_layers(self.model.n, cfg.pp, cost, bound)
+        if not memory_aware:
+            self._splits[key] = split
+        return split
 
     def evaluate(self, cfg: _Config, columns: list[_Column], split: Split) -> tuple[Candidate, float]:
         """The candidate of one split, and how far its fullest stage overflows (0 when it fits)."""
@@ -253,7 +280,7 @@ class _Search:
         names = [layer.name for layer in self.profile.layers]
         for i, (j, k) in enumerate(split.stages):
             col = columns[i]
-            need, detail = self.memory(cfg, i, j, k)
+            need = self.memory(cfg, i, j, k)
             usable = self.usable(col)
             c, sends = self.stage_cost(cfg, columns, i, j, k)
             s.append(c + sends)
@@ -280,7 +307,7 @@ class _Search:
                 rejected = (
                     f"does not fit: {where} (layers {names[j]}..{names[k - 1]}) on {col.slowest.label} "
                     f"(device{'s' if len(col.indices) > 1 else ''} {', '.join(map(str, col.indices))}) needs "
-                    f"{human(need)} ({detail}), {human(usable)} usable of {human(col.memory)}"
+                    f"{human(need)} ({self.memory_detail(cfg, i, j, k)}), {human(usable)} usable of {human(col.memory)}"
                 )
         m, p = cfg.micro_batches, cfg.pp
         bottleneck = max(range(p), key=lambda i: s[i])

@@ -238,3 +238,33 @@ def test_the_dynamic_program_finds_the_brute_force_optimum(
     assert all(j < k for j, k in split.stages)
     if split.feasible:  # the split it returns achieves the value it reports
         assert max(cost(i, j, k) for i, (j, k) in enumerate(split.stages)) == split.bottleneck
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 9).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.integers(1, min(n, 4)),
+            st.lists(st.lists(st.integers(0, 20).map(float), min_size=n, max_size=n), min_size=4, max_size=4),
+            st.lists(st.integers(0, 9).map(float), min_size=n, max_size=n),
+            st.integers(0, 60),
+        )
+    )
+)
+def test_pruning_with_a_monotone_bound_keeps_the_optimum(
+    case: tuple[int, int, list[list[float]], list[float], int],
+) -> None:
+    """Stage cost = per-stage layer costs + a boundary term (not monotone), infeasible over a capacity."""
+    layers, stages, rows, boundary, capacity = case
+    additive = additive_cost(rows)
+
+    def cost(i: int, j: int, k: int) -> float:
+        if additive(i, j, k) > capacity:
+            return math.inf
+        return additive(i, j, k) + boundary[j]
+
+    def bound(i: int, j: int, k: int) -> float:
+        return math.inf if additive(i, j, k) > capacity else additive(i, j, k)
+
+    assert split_layers(layers, stages, cost, bound).bottleneck == split_layers(layers, stages, cost).bottleneck
