@@ -49,7 +49,7 @@ from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.session import DEVICE_ENV, RestoreComplete, Session, entry_of, report_progress
 from replay import codec
 from replay.check import ReplayReport
-from replay.log import LogContents, LogWriter, Placement, SegmentHeader, StepRecord, records_after
+from replay.log import LogContents, LogWriter, Placement, SegmentHeader, StepRecord, log_bases, records_after
 from replay.recorder import Recorder, ReplayDivergenceError, StepWork
 from replay.stepstate import Hyperparameters, StepValues, load_rng_components, parameters_of, rng_components
 
@@ -121,6 +121,7 @@ class Run:
         self._rng_skipped: set[str] = set()
         self._stats: dict[str, float] = {}
         self._unusable: set[int] = set()  # committed snapshots that failed their checks
+        self._from_initial_state = False  # no snapshot was usable: the run rebuilt step 0 itself
         self.snapshot_failures = 0
 
     # -- what the training function uses -------------------------------------------------------
@@ -262,6 +263,7 @@ class Run:
             placement_now=placement,
             placement_changes=changed,
             log_problem=problem,
+            from_initial_state=self._from_initial_state,
             restore_s=restore_s,
         )
         self._recorder = Recorder(
@@ -307,6 +309,17 @@ class Run:
             if problems:
                 log.warning("restored the snapshot of step %d instead of newer unusable ones: %s", candidate, problems)
             return candidate
+        if 0 in self._unusable and 0 in log_bases(self.ckpt.storage):
+            # the state at step 0 is what the training function itself builds, and the log holds
+            # every step since: replaying them from the fresh objects checks each one, so an
+            # initial state that differs from the original is reported, never silently used
+            log.warning(
+                "no snapshot can be restored (%s); starting from the state the training function builds "
+                "(step 0) and replaying the log from step 1",
+                "; ".join(problems),
+            )
+            self._from_initial_state = True
+            return 0
         raise CorruptSnapshotError("no committed snapshot could be restored: " + "; ".join(problems), url=self.ckpt.url)
 
     def _open_log(self, base: int) -> tuple[LogWriter, str | None]:
@@ -386,6 +399,10 @@ class Run:
             if mine and self._contents is not None:
                 states = {gen: self._contents.blob(digest) for gen, digest in mine.items()}
                 self._rng_skipped.update(load_rng_components(states))
+                if self._from_initial_state and self.replayed == 0:
+                    # rebuilt from scratch, the generators a job never seeds start anywhere: the
+                    # logged states are what this step uses, and they are what is compared
+                    self._step_state["rng"] = {**self._step_state["rng"], **states}
         self._step_state["hparams"] = Hyperparameters.capture(self.tracked)
         faults.point("step.begin")
         self._count("step start", started)

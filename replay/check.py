@@ -141,6 +141,9 @@ class ReplayReport(BaseModel):
     steps: list[StepCheck] = Field(default_factory=list)
     rng_not_restored: list[str] = Field(default_factory=list, description="logged generators this process lacks")
     log_problem: str | None = Field(default=None, description="why the log ends early (damage), if it does")
+    from_initial_state: bool = Field(
+        default=False, description="no snapshot was usable: replayed from the state the training function built"
+    )
     restore_s: float = 0.0
     replay_s: float = 0.0
     snapshot_s: float = 0.0

@@ -414,3 +414,20 @@ def test_a_snapshot_the_storage_refuses_does_not_stop_the_run(tmp_path: Path, re
     assert [e["kind"] for e in injected] == ["permanent"]  # the one fault planned, accounted for
     steps = moai_ckpt.Checkpointer(str(tmp_path / "run")).steps()
     assert 8 not in steps and 12 in steps
+
+
+def test_with_no_usable_snapshot_the_run_rebuilds_step_0_and_replays_the_whole_log(
+    tmp_path: Path, reference: dict[str, Any]
+) -> None:
+    run_dir = tmp_path / "run"
+    result_of(run_scenario(run_dir, 3))  # only the snapshot of step 0; steps 1..3 logged after it
+    storage = moai_ckpt.Checkpointer(str(run_dir)).storage
+    key = next(k for k in storage.list("snapshots/000000000000/model") if "/c/" in k)
+    data = bytearray(storage.read(key))
+    data[0] ^= 0x80
+    storage.write(key, bytes(data))
+    resumed = run_scenario(run_dir, TOTAL)
+    out = result_of(resumed)
+    assert "starting from the state the training function builds" in resumed.stderr
+    assert out["first_step"] == 1 and out["replayed"] == 3  # every replayed step checked against the log
+    assert out["digest"] == reference["digest"]

@@ -187,6 +187,8 @@ def _check_restores(verdict: Verdict, faulty: RunOutcome) -> None:
         verdict.restored.append(
             {"base": base, "first": report["first_step"], "last": report["last_step"], "time": report["_time"]}
         )
+        if report.get("from_initial_state"):
+            continue  # nothing was restored: the job rebuilt step 0 and replayed the log
         if (base in corrupted and report["_time"] > corrupted[base]) or base in torn:
             bad.append(base)
     detail = f"{len(reports)} restart(s) restored steps {sorted({r['base'] for r in verdict.restored})}"
@@ -197,11 +199,12 @@ def _check_restores(verdict: Verdict, faulty: RunOutcome) -> None:
         if record.fault.kind == "corrupt_chunk" and record.target:
             step = int(record.target.split("/")[1])
             later = [r for r in reports if r["_time"] > (record.fired_at or 0)]
-            record.detected = (
-                f"restore refused step {step} (checksum); restored step {later[0]['base_step']}"
-                if later and later[0]["base_step"] != step
-                else "NOT detected"
-            )
+            if later and later[0].get("from_initial_state"):
+                record.detected = f"restore refused step {step} (checksum); rebuilt step 0 and replayed the log"
+            elif later and later[0]["base_step"] != step:
+                record.detected = f"restore refused step {step} (checksum); restored step {later[0]['base_step']}"
+            else:
+                record.detected = "NOT detected"
         elif record.fault.kind == "corrupt_marker" and record.target:
             step = int(record.target.split("/")[1])
             with Checkpointer(str(faulty.run_dir), local=True) as ckpt:
