@@ -346,18 +346,22 @@ def records_after(storage: Storage, base_step: int) -> LogContents:
         overlap = {r.step: r for r in tail if r.step <= contents.last_step}
         if any(overlap[r.step] != r for r in contents.records):
             continue  # the two logs disagree: keep the newer one's own records
-        extra = [r for r in tail if r.step > contents.last_step]
-        contents.records.extend(extra)
-        for r in extra:
-            contents.headers[r.step] = previous.headers[r.step]
-        wanted = {d for r in extra for d in r.blob_refs()} | {h.params for h in previous.headers.values() if h.params}
-        contents.blobs.update({d: previous.blobs[d] for d in wanted if d in previous.blobs})
-        contents.carried_from = older
+        _append(contents, previous, [r for r in tail if r.step > contents.last_step])
         contents.corruption = contents.corruption or previous.corruption
         break
     if contents.corruption is None:
         _extend_with_later_logs(storage, contents)
     return contents
+
+
+def _append(contents: LogContents, source: LogContents, extra: list[StepRecord]) -> None:
+    """Continue ``contents`` with records of another log, with their headers and blobs."""
+    contents.records.extend(extra)
+    for r in extra:
+        contents.headers[r.step] = source.headers[r.step]
+    wanted = {d for r in extra for d in r.blob_refs()} | {h.params for h in source.headers.values() if h.params}
+    contents.blobs.update({d: source.blobs[d] for d in wanted if d in source.blobs})
+    contents.carried_from = source.base_step
 
 
 def _extend_with_later_logs(storage: Storage, contents: LogContents) -> None:
@@ -373,12 +377,7 @@ def _extend_with_later_logs(storage: Storage, contents: LogContents) -> None:
         extra = [r for r in following.records if r.step > contents.last_step]
         if not extra or extra[0].step != contents.last_step + 1:
             continue
-        contents.records.extend(extra)
-        for r in extra:
-            contents.headers[r.step] = following.headers[r.step]
-        wanted = {d for r in extra for d in r.blob_refs()} | {h.params for h in following.headers.values() if h.params}
-        contents.blobs.update({d: following.blobs[d] for d in wanted if d in following.blobs})
-        contents.carried_from = later
+        _append(contents, following, extra)
         if following.corruption is not None:
             contents.corruption = following.corruption
             break
