@@ -353,6 +353,25 @@ def _fit(t_big: float, t_small: float, big: int, small: int) -> tuple[float, flo
     return max(t_big - per_sample * big, 0.0), per_sample
 
 
+def _layer_profile(name: str, layer: nn.Module, run: Any, batch: int, options: Any, **times: Any) -> LayerProfile:
+    """One layer's profile from a run of it on ``batch`` samples (sizes and FLOPs per sample)."""
+    count, pbytes, gbytes, obytes = _param_bytes(layer, options)
+    return LayerProfile(
+        name=name,
+        kind=type(layer).__name__,
+        params=count,
+        param_bytes=pbytes,
+        grad_bytes=gbytes,
+        optimizer_bytes=obytes,
+        activation_bytes=run.activation_bytes / batch,
+        output_bytes=run.output_bytes / batch,
+        input_bytes=run.input_bytes / batch,
+        forward_flops=run.forward_flops / batch,
+        backward_flops=run.backward_flops / batch,
+        **times,
+    )
+
+
 def _param_bytes(layer: nn.Module, options: ProfileOptions) -> tuple[int, int, int, int]:
     params = list(layer.parameters())
     count = sum(p.numel() for p in params)
@@ -430,20 +449,13 @@ def profile_model(
     small_runs = runs if small == big else _run_chain(found, tuple(t[:small] for t in inputs), options, timed=True)
     profiles = []
     for (name, layer), run, low in zip(found, runs, small_runs, strict=True):
-        count, pbytes, gbytes, obytes = _param_bytes(layer, options)
         profiles.append(
-            LayerProfile(
-                name=name,
-                kind=type(layer).__name__,
-                params=count,
-                param_bytes=pbytes,
-                grad_bytes=gbytes,
-                optimizer_bytes=obytes,
-                activation_bytes=run.activation_bytes / big,
-                output_bytes=run.output_bytes / big,
-                input_bytes=run.input_bytes / big,
-                forward_flops=run.forward_flops / big,
-                backward_flops=run.backward_flops / big,
+            _layer_profile(
+                name,
+                layer,
+                run,
+                big,
+                options,
                 forward_s=_fit(run.forward_s, low.forward_s, big, small),
                 backward_s=_fit(run.backward_s, low.backward_s, big, small),
             )
@@ -481,23 +493,7 @@ def analytic_profile(
     for name, layer in found:
         meta = layer if all(p.device.type == "meta" for p in layer.parameters()) else copy.deepcopy(layer).to("meta")
         run, x = _run_layer(name, meta, x, options, timed=False)
-        count, pbytes, gbytes, obytes = _param_bytes(layer, options)
-        big = inputs[0].shape[0]
-        profiles.append(
-            LayerProfile(
-                name=name,
-                kind=type(layer).__name__,
-                params=count,
-                param_bytes=pbytes,
-                grad_bytes=gbytes,
-                optimizer_bytes=obytes,
-                activation_bytes=run.activation_bytes / big,
-                output_bytes=run.output_bytes / big,
-                input_bytes=run.input_bytes / big,
-                forward_flops=run.forward_flops / big,
-                backward_flops=run.backward_flops / big,
-            )
-        )
+        profiles.append(_layer_profile(name, layer, run, inputs[0].shape[0], options))
     return ModelProfile(
         model_hash=model_hash(found, inputs, options),
         source="analytic",
