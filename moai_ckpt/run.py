@@ -22,7 +22,6 @@ and propagates.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import signal
@@ -49,7 +48,7 @@ from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.session import DEVICE_ENV, RestoreComplete, Session, entry_of, report_progress
 from replay import codec
 from replay.check import ReplayReport
-from replay.log import LogContents, LogWriter, Placement, SegmentHeader, StepRecord, log_bases, records_after
+from replay.log import LogContents, LogWriter, Placement, StepRecord, log_bases, records_after
 from replay.recorder import Recorder, ReplayDivergenceError, StepWork
 from replay.stepstate import Hyperparameters, StepValues, load_rng_components, parameters_of, rng_components
 
@@ -418,7 +417,7 @@ class Run:
             assert self._recorder is not None
             self._recorder.names, self._recorder.sharded = self._params[0], self._params[2]
             if self._recorder.writer is not None:
-                self._install_header(self._recorder.writer)
+                self._recorder.install_header(self._recorder.writer, self._placement)
         hp: Hyperparameters = state["hparams"]
         for key, value in self._user_hparams.items():
             hp._add(key, value)
@@ -457,11 +456,6 @@ class Run:
         stop = self._stop_signal if self.world_size == 1 else decision.stop if decision is not None else None
         if stop is not None:
             self._emergency_stop(stop)
-
-    def _install_header(self, writer: LogWriter) -> None:
-        names = self._params[0] if self._params else []
-        digest = writer.put_blob(json.dumps(names).encode()) if names else None
-        writer.set_header(SegmentHeader(base_step=writer.base_step, placement=self._placement, params=digest))
 
     def _replay_done(self) -> None:
         """The first live step is about to run: settle and report the replay."""

@@ -27,7 +27,7 @@ from moai_ckpt.distributed import World
 from moai_ckpt.errors import MoaiCkptError
 from replay.check import StepCheck, compare, params_array, params_blob
 from replay.codec import join, pack, unpack
-from replay.log import Digests, LogContents, LogWriter, StepRecord, digest_of
+from replay.log import Digests, LogContents, LogWriter, Placement, SegmentHeader, StepRecord, digest_of
 from replay.stepstate import StepValues
 
 
@@ -328,3 +328,8 @@ class Recorder:
 
     def _names_blob(self) -> bytes:
         return json.dumps(self.names).encode()
+
+    def install_header(self, writer: LogWriter, placement: Placement) -> None:
+        """Segments of ``writer`` say where they were written and name the parameters (once per log)."""
+        digest = writer.put_blob(self._names_blob()) if self.names else None
+        writer.set_header(SegmentHeader(base_step=writer.base_step, placement=placement, params=digest))
