@@ -51,7 +51,11 @@ def run_scenario(
     steps: Annotated[int | None, typer.Option("--steps", min=4, help="Override the scenario's step count.")] = None,
     ranks: Annotated[int | None, typer.Option("--ranks", min=1, help="Override the scenario's rank count.")] = None,
 ) -> None:
-    """Run a scenario: a fault-free reference, then trials with faults, each checked against it."""
+    """Run a scenario: a fault-free reference, then trials with faults, each checked against it.
+
+    Exit status: 0 every trial passed, 1 a check failed, 2 the harness could not run, 3 handed off
+    (a ``handoff`` fault: continue on the other machine with the same command).
+    """
     from moai_ckpt.chaos import ChaosError, Scenario, run_trials
 
     try:
@@ -71,6 +75,13 @@ def run_scenario(
     except ChaosError as exc:
         err.print(f"error: {exc}", style="bold red", soft_wrap=True)
         raise typer.Exit(2) from exc
+    handed = [t.seed for t in summary.trials if t.faulty.handed_off]
+    if handed:
+        out.print(
+            f"handed off (seeds {handed}): copy {out_dir} to the other machine and run the same command there "
+            "(same scenario, seed and --out); it continues the runs and judges them against this reference"
+        )
+        raise typer.Exit(3)
     out.print(f"report: {out_dir}/report.json; timelines: {out_dir}/seed-*/timeline.png")
     raise typer.Exit(0 if all(t.ok for t in summary.trials) else 1)
 

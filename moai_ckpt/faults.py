@@ -9,7 +9,8 @@ training step in progress is ``step`` or later, on ``rank`` (any rank when absen
 names a file created when the fault fires: a fault whose file exists never fires again, so a
 relaunched job does not die at the same place forever (``{rank}`` in the name makes one file per
 rank, so the fault fires once on every rank: all ranks at once). Actions: ``kill`` (SIGKILL), ``term``
-(SIGTERM), ``stop`` (SIGSTOP: a hang), ``exit`` (``os._exit(17)``), ``raise`` (a RuntimeError).
+(SIGTERM), ``stop`` (SIGSTOP: a hang), ``exit`` (``os._exit(17)``), ``raise`` (a RuntimeError),
+``kill_node`` (SIGKILL of the launching torchrun agent and every process below it: a lost node).
 ``log.write`` with ``kill`` first writes half of the segment (a torn write), then dies.
 
 With no plan in the environment every point is one dictionary lookup.
@@ -17,6 +18,7 @@ With no plan in the environment every point is one dictionary lookup.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,7 +40,7 @@ POINTS = {
     "log.write": "a log segment is being written (kill: half of it reaches storage)",
     "log.flush": "a log segment is written but not yet made durable",
 }
-ACTIONS = ("kill", "term", "stop", "exit", "raise")
+ACTIONS = ("kill", "term", "stop", "exit", "raise", "kill_node")
 
 
 class Fault(BaseModel):
@@ -110,10 +112,42 @@ def due(point: str) -> Fault | None:
     return None
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), deepest first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    stack = list(children.get(pid, []))
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(children.get(p, []))
+    return out[::-1]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it (stopped ones too); the caller may be among them."""
+    below = descendants(pid)
+    me = os.getpid()
+    for p in [pid, *(p for p in below if p != me), *([me] if me in below else [])]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def fire(fault: Fault) -> None:
     """Carry out ``fault`` in this process."""
     if fault.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif fault.action == "kill_node":
+        kill_tree(os.getppid())  # the agent first, so it cannot react; then its workers, this one last
     elif fault.action == "term":
         os.kill(os.getpid(), signal.SIGTERM)
     elif fault.action == "stop":

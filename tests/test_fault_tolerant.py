@@ -416,18 +416,29 @@ def test_a_snapshot_the_storage_refuses_does_not_stop_the_run(tmp_path: Path, re
     assert 8 not in steps and 12 in steps
 
 
+@pytest.mark.parametrize(
+    ("damaged", "message"),
+    [
+        ("chunk", "starting from the state the training function builds"),
+        ("marker", "the snapshot of step 0 is missing or damaged"),  # step 0 no longer counts as a snapshot
+    ],
+)
 def test_with_no_usable_snapshot_the_run_rebuilds_step_0_and_replays_the_whole_log(
-    tmp_path: Path, reference: dict[str, Any]
+    tmp_path: Path, reference: dict[str, Any], damaged: str, message: str
 ) -> None:
     run_dir = tmp_path / "run"
     result_of(run_scenario(run_dir, 3))  # only the snapshot of step 0; steps 1..3 logged after it
     storage = moai_ckpt.Checkpointer(str(run_dir)).storage
-    key = next(k for k in storage.list("snapshots/000000000000/model") if "/c/" in k)
+    if damaged == "chunk":
+        key = next(k for k in storage.list("snapshots/000000000000/model") if "/c/" in k)
+    else:
+        key = "snapshots/000000000000/commit.json"
     data = bytearray(storage.read(key))
-    data[0] ^= 0x80
+    data[len(data) // 2] ^= 0x04
     storage.write(key, bytes(data))
+    assert 0 not in moai_ckpt.Checkpointer(str(run_dir)).steps() or damaged == "chunk"
     resumed = run_scenario(run_dir, TOTAL)
     out = result_of(resumed)
-    assert "starting from the state the training function builds" in resumed.stderr
+    assert message in resumed.stderr
     assert out["first_step"] == 1 and out["replayed"] == 3  # every replayed step checked against the log
     assert out["digest"] == reference["digest"]

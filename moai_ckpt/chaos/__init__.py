@@ -10,6 +10,7 @@ From the command line: ``moai-ckpt chaos run smoke --trials 3``.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from rich.console import Console
 
 from moai_ckpt.chaos.oracle import Verdict, judge
 from moai_ckpt.chaos.report import Summary, TrialReport, checks_table, draw_timeline, faults_table, write
-from moai_ckpt.chaos.runner import ChaosError, RunOutcome, Trial
+from moai_ckpt.chaos.runner import HANDOFF, ChaosError, RunOutcome, Trial
 from moai_ckpt.chaos.scenario import BUILTIN, KINDS, PHASES, Fault, Scenario
 
 __all__ = [
@@ -38,10 +39,17 @@ __all__ = [
 
 
 def _reference(scenario: Scenario, out_dir: Path, quiet: bool) -> RunOutcome:
+    """The fault-free run. A handed-off trial is judged against the reference its first machine ran."""
+    finished = out_dir / "reference" / "finished.json"
+    pending = any(out_dir.glob(f"seed-*/faulty/{HANDOFF}")) and finished.exists()
+    if pending and json.loads(finished.read_text())["scenario"] == scenario.model_dump(mode="json"):
+        run_dir = out_dir / "reference" / "run"
+        return RunOutcome(run_dir=run_dir, storage=str(run_dir), finished=True)
     reference = Trial(scenario, out_dir, seed=0, quiet=quiet).run("reference", [])
     if not reference.finished:
         logs = [a.log for a in reference.attempts]
         raise ChaosError(f"the fault-free reference run did not finish; its output: {logs}")
+    finished.write_text(json.dumps({"scenario": scenario.model_dump(mode="json")}))
     return reference
 
 
@@ -54,7 +62,8 @@ def run_trial(
     if reference is None:
         reference = _reference(scenario, out, quiet)
     trial_dir = out / f"seed-{seed}"
-    shutil.rmtree(trial_dir, ignore_errors=True)
+    if not (trial_dir / "faulty" / HANDOFF).exists():  # else: continue what another machine began
+        shutil.rmtree(trial_dir, ignore_errors=True)
     drawn = scenario.draw(seed)
     if not quiet:
         print(f"seed {seed}: " + "; ".join(f.describe() for f in drawn), file=sys.stderr, flush=True)

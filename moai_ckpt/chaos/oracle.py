@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,10 @@ from typing import Any
 import torch
 
 from moai_ckpt.chaos.runner import RunOutcome
-from moai_ckpt.chaos.scenario import Scenario
+from moai_ckpt.chaos.scenario import PLACEMENT_KINDS, Scenario
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.errors import MoaiCkptError
-from moai_ckpt.format import REPORTS, parse_log_segment
+from moai_ckpt.format import LOG, REPORTS, parse_log_segment
 from moai_ckpt.keys import sanitize_segment
 from replay.log import history
 
@@ -148,10 +150,29 @@ def check_samples(run_dir: Path, steps: int, excused: set[int] | None = None) ->
     )
 
 
+def _destroyed_at_rest(run_dir: Path, target: str) -> set[int]:
+    """The steps a bit flip in the log segment ``target`` took away: its own records and every later
+    one of the same log, since a reader trusts nothing past damage (the run may never need them:
+    a newer snapshot covers them)."""
+    folder, _, name = target.rpartition("/")
+    parsed = parse_log_segment(name)
+    if parsed is None:
+        return set()
+    names: list[str] = []
+    for where in (run_dir / folder, run_dir / LOG / "quarantine" / Path(folder).name):  # a restart may move it
+        with contextlib.suppress(OSError):
+            names += os.listdir(where)
+    ends = [p[1] for p in map(parse_log_segment, names) if p is not None]
+    return set(range(parsed[0], max([parsed[1], *ends]) + 1))
+
+
 def judge(scenario: Scenario, reference: RunOutcome, faulty: RunOutcome) -> Verdict:
     verdict = Verdict()
     steps = scenario.steps
-    resized = any(r.fault.kind == "resize" and r.fired_at is not None for r in faulty.faults)
+    if faulty.handed_off:
+        verdict.add("handed off", False, "stopped for another machine: run the same command with the same --out there")
+        return verdict
+    resized = any(r.fault.kind in PLACEMENT_KINDS and r.fired_at is not None for r in faulty.faults)
     verdict.add(
         "finished", faulty.finished, f"{len(faulty.attempts)} attempt(s), {faulty.ended - faulty.started:.1f} s"
     )
@@ -170,11 +191,9 @@ def judge(scenario: Scenario, reference: RunOutcome, faulty: RunOutcome) -> Verd
     else:
         verdict.add("final state bitwise equal", equal, detail)
     excused: set[int] = set()
-    for record in faulty.faults:  # a segment the harness flipped a bit in: first-last.seg
+    for record in faulty.faults:
         if record.fault.kind == "corrupt_log" and record.target:
-            parsed = parse_log_segment(record.target.rsplit("/", 1)[-1])
-            if parsed is not None:
-                excused |= set(range(parsed[0], parsed[1] + 1))
+            excused |= _destroyed_at_rest(faulty.run_dir, record.target)
     ok, detail = check_samples(faulty.run_dir, steps, excused)
     verdict.add("samples exactly once", ok, detail)
     _check_restores(verdict, faulty)

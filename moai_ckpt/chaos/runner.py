@@ -11,21 +11,21 @@ faults through the fault-injecting fsspec wrapper (``MOAI_CKPT_STORAGE_FAULTS``)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
-import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moai_ckpt import faults as fault_points
 from moai_ckpt.chaos.scenario import AT_REST_KINDS, PROCESS_KINDS, STORAGE_KINDS, Fault, Scenario
 from moai_ckpt.format import COMMIT, LOG, STEP_DIGITS, parse_log_segment
+from moai_ckpt.session import DEVICE_ENV
 from moai_ckpt.testing.faulty import EVENT_LOG_ENV, PLAN_ENV
 
 
@@ -40,6 +40,7 @@ class Attempt:
     returncode: int | None = None
     stalled: bool = False  # killed by the watchdog
     log: str = ""
+    node_codes: list[int | None] = field(default_factory=list)  # each torchrun agent's exit code
 
 
 @dataclass
@@ -75,37 +76,24 @@ class RunOutcome:
     ended: float = 0.0
     finished: bool = False
     unplanned_failures: int = 0
+    handed_off: bool = False  # stopped here, to be continued on another machine
+
+
+_NODE_GRACE_S = 30.0  # how long the other agents may take to stop after one exits with a failure
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class ChaosError(RuntimeError):
     """The harness itself could not run a trial (not a finding about the job)."""
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc), deepest first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out: list[int] = []
-    stack = list(children.get(pid, []))
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        stack.extend(children.get(p, []))
-    return out[::-1]
-
-
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    for pid in [*_descendants(proc.pid), proc.pid]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # works on a stopped process too
+    fault_points.kill_tree(proc.pid)  # works on stopped processes too
     proc.wait()
 
 
@@ -141,20 +129,23 @@ class Trial:
 
     # -- launching ------------------------------------------------------------------------------
 
-    def _command(self, world_size: int, storage: str) -> list[str]:
+    def _commands(self, world_size: int, storage: str) -> list[list[str]]:
+        """One torchrun agent per node: ``--standalone`` for one node, a c10d rendezvous for more."""
         kwargs = {**self.scenario.kwargs, self.scenario.storage_kwarg: storage}
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={world_size}",
-            "--max-restarts=0",
-            "-m",
-            "moai_ckpt.session",
-            self.scenario.entrypoint,
-            json.dumps({"args": [], "kwargs": kwargs}),
+        worker = ["-m", "moai_ckpt.session", self.scenario.entrypoint, json.dumps({"args": [], "kwargs": kwargs})]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--max-restarts=0"]
+        nodes = self.scenario.nodes if world_size % self.scenario.nodes == 0 else 1
+        if nodes == 1:
+            return [[*launcher, "--standalone", f"--nproc-per-node={world_size}", *worker]]
+        endpoint = f"127.0.0.1:{_free_port()}"
+        rendezvous = [
+            f"--nnodes={nodes}",
+            f"--nproc-per-node={world_size // nodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id=chaos-{os.getpid()}-{time.monotonic_ns()}",
         ]
+        return [[*launcher, *rendezvous, *worker] for _ in range(nodes)]
 
     def _environment(
         self, scratch: Path, plan: list[dict[str, Any]], storage_plan: dict[str, Any] | None
@@ -175,7 +166,10 @@ class Trial:
         return env
 
     def run(self, name: str, drawn: list[Fault]) -> RunOutcome:
-        """Run the job to completion, injecting ``drawn`` (empty: the reference)."""
+        """Run the job to completion, injecting ``drawn`` (empty: the reference).
+
+        A run that another machine handed off (a ``handoff`` fault) continues where it stopped.
+        """
         root = self.out_dir / name
         run_dir, scratch = root / "run", root / "scratch"
         scratch.mkdir(parents=True, exist_ok=True)
@@ -185,10 +179,20 @@ class Trial:
         plan = self._process_plan(outcome.faults, scratch)
         storage_plan = self._storage_plan(storage_faults) if storage_faults else None
         env = self._environment(scratch, plan, storage_plan)
-        world_size = self.scenario.ranks
+        world_size, first = self.scenario.ranks, 0
         outcome.started = time.time()
-        deadline = outcome.started + self.scenario.run_timeout_s
-        for number in range(self.scenario.max_restarts + 1 + len(drawn)):
+        handed = load_handoff(root)
+        if handed is not None:
+            outcome, world_size, device, first = handed
+            outcome.storage = storage
+            if device is not None:
+                env[DEVICE_ENV] = device
+            record = next(r for r in outcome.faults if r.fault.kind == "handoff" and r.detected is None)
+            record.fired_at = time.time()  # the recovery measured here: restore and replay on this machine
+            record.detected = f"continued on {_machine()}"
+            (root / HANDOFF).rename(root / f"{HANDOFF}.continued")
+        deadline = time.time() + self.scenario.run_timeout_s
+        for number in range(first, first + self.scenario.max_restarts + 1 + len(drawn)):
             attempt = self._launch(number, world_size, storage, env, scratch, run_dir, outcome, deadline)
             outcome.attempts.append(attempt)
             self._note_fired(outcome, scratch, attempt)
@@ -197,7 +201,10 @@ class Trial:
                 break
             if time.time() > deadline:
                 break
-            world_size = self._between_attempts(outcome, run_dir, world_size, attempt)
+            world_size = self._between_attempts(outcome, run_dir, world_size, attempt, env)
+            if outcome.handed_off:
+                save_handoff(root, outcome, world_size, env.get(DEVICE_ENV), number + 1)
+                break
         outcome.ended = time.time()
         self._note_storage_faults(outcome, scratch)
         self._note_recoveries(outcome)
@@ -218,20 +225,30 @@ class Trial:
         if not self.quiet:
             print(f"  attempt {number}: {world_size} rank(s)", file=sys.stderr, flush=True)
         with open(attempt.log, "wb") as log:
-            proc = subprocess.Popen(self._command(world_size, storage), env=env, stdout=log, stderr=subprocess.STDOUT)
+            procs = [
+                subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+                for command in self._commands(world_size, storage)
+            ]
             last_step, last_change = last_logged_step(run_dir), time.time()
-            while proc.poll() is None:
+            first_exit: float | None = None
+            while any(p.poll() is None for p in procs):
                 time.sleep(0.25)
                 step, now = last_logged_step(run_dir), time.time()
                 if step != last_step:
                     last_step, last_change = step, now
                     outcome.progress.append((now, step))
-                if now - last_change > self.scenario.hang_timeout_s or now > deadline:
-                    attempt.stalled = now - last_change > self.scenario.hang_timeout_s
-                    _kill_tree(proc)  # a stopped rank blocks the others in their collectives
-                    break
-            _kill_tree(proc)  # nothing of this attempt survives it
-        attempt.ended, attempt.returncode = time.time(), proc.returncode
+                if first_exit is None and any(p.returncode not in (None, 0) for p in procs):
+                    first_exit = now  # a lost node: the others notice in their next collective
+                stalled = now - last_change > self.scenario.hang_timeout_s
+                if stalled or now > deadline or (first_exit is not None and now - first_exit > _NODE_GRACE_S):
+                    attempt.stalled = stalled
+                    break  # a stopped rank blocks the others in their collectives
+            for p in procs:
+                _kill_tree(p)  # nothing of this attempt survives it
+        codes = [p.returncode for p in procs]
+        attempt.ended = time.time()
+        attempt.returncode = next((c for c in codes if c != 0), 0)
+        attempt.node_codes = codes
         return attempt
 
     # -- planning faults ------------------------------------------------------------------------
@@ -241,7 +258,7 @@ class Trial:
         for i, record in enumerate(records):
             f = record.fault
             if f.kind in PROCESS_KINDS:
-                action = "stop" if f.kind == "hang" else "kill"
+                action = {"hang": "stop", "node_loss": "kill_node"}.get(f.kind, "kill")
                 once = str(scratch / (f"fault-{i}-{{rank}}.fired" if f.kind == "kill_all" else f"fault-{i}.fired"))
                 entry: dict[str, Any] = {"at": f.phase, "step": f.step, "action": action, "once": once}
                 if f.kind != "kill_all":
@@ -283,8 +300,14 @@ class Trial:
                 record.detected = f"rank exit (torchrun exit code {attempt.returncode})"
             elif record.fault.kind == "hang":
                 record.detected = "stall watchdog" if attempt.stalled else f"exit code {attempt.returncode}"
+            elif record.fault.kind == "node_loss":
+                record.detected = f"node lost: torchrun agents exited {attempt.node_codes}" + (
+                    " (the survivor stalled)" if attempt.stalled else ""
+                )
 
-    def _between_attempts(self, outcome: RunOutcome, run_dir: Path, world_size: int, attempt: Attempt) -> int:
+    def _between_attempts(
+        self, outcome: RunOutcome, run_dir: Path, world_size: int, attempt: Attempt, env: dict[str, str]
+    ) -> int:
         due = [
             r
             for i, r in enumerate(outcome.faults)
@@ -300,6 +323,13 @@ class Trial:
             if kind == "resize":
                 world_size = record.fault.world_size or world_size
                 record.detected = f"restarted on {world_size} rank(s)"
+                continue
+            if kind == "device_change":
+                env[DEVICE_ENV] = record.fault.device or "cpu"
+                record.detected = f"restarted on {env[DEVICE_ENV]}"
+                continue
+            if kind == "handoff":
+                outcome.handed_off = True  # the record is completed on the machine that continues
                 continue
             record.target = self._flip_a_bit(run_dir, kind)
             record.detected = "pending: the restart must refuse it" if record.target else "nothing to corrupt"
@@ -376,3 +406,59 @@ class Trial:
             elif hits:
                 record.fired_at = min(e["t"] for e in hits)
                 record.detected = "retried" if record.fault.kind != "storage_torn" else "checksums"
+
+
+# -- handing a run to another machine ----------------------------------------------------------
+
+HANDOFF = "handoff.json"
+
+
+def _machine() -> str:
+    """This machine's accelerator, as a person names it."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def save_handoff(root: Path, outcome: RunOutcome, world_size: int, device: str | None, next_attempt: int) -> None:
+    """What the next machine needs to continue the run: its outcome so far, paths relative to ``root``."""
+
+    def rel(path: str | Path) -> str:
+        return os.path.relpath(path, root)
+
+    state = {
+        "machine": _machine(),
+        "world_size": world_size,
+        "device": device,
+        "next_attempt": next_attempt,
+        "started": outcome.started,
+        "progress": outcome.progress,
+        "unplanned_failures": outcome.unplanned_failures,
+        "attempts": [{**asdict(a), "log": rel(a.log)} for a in outcome.attempts],
+        "faults": [
+            {**{k: v for k, v in asdict(r).items() if k != "fault"}, "fault": r.fault.model_dump()}
+            for r in outcome.faults
+        ],
+    }
+    (root / HANDOFF).write_text(json.dumps(state, indent=1))
+
+
+def load_handoff(root: Path) -> tuple[RunOutcome, int, str | None, int] | None:
+    """The outcome a handed-off run had reached, with the world size, device and attempt to go on with."""
+    path = root / HANDOFF
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    run_dir = root / "run"
+    outcome = RunOutcome(run_dir=run_dir, storage=str(run_dir))
+    outcome.started = float(state["started"])
+    outcome.progress = [(float(t), int(s)) for t, s in state["progress"]]
+    outcome.unplanned_failures = int(state["unplanned_failures"])
+    outcome.attempts = [Attempt(**{**a, "log": str(root / a["log"])}) for a in state["attempts"]]
+    outcome.faults = [FaultRecord(**{**r, "fault": Fault.model_validate(r["fault"])}) for r in state["faults"]]
+    return outcome, int(state["world_size"]), state["device"], int(state["next_attempt"])

@@ -40,11 +40,15 @@ Kind = Literal[
     "corrupt_log",  # a bit flipped at rest in a record of the newest log
     "corrupt_marker",  # a bit flipped at rest in the newest commit marker
     "resize",  # restart on another number of ranks
+    "node_loss",  # SIGKILL one torchrun agent and its ranks (scenarios with nodes >= 2)
+    "device_change",  # restart on another device type (cpu or cuda)
+    "handoff",  # stop, and continue on another machine (same command, same --out)
 ]
 KINDS: tuple[str, ...] = Kind.__args__  # type: ignore[attr-defined]
-PROCESS_KINDS = frozenset({"kill", "kill_all", "hang"})
+PROCESS_KINDS = frozenset({"kill", "kill_all", "hang", "node_loss"})
 STORAGE_KINDS = frozenset({"storage_transient", "storage_latency", "storage_outage", "storage_torn"})
-AT_REST_KINDS = frozenset({"corrupt_chunk", "corrupt_log", "corrupt_marker", "resize"})
+AT_REST_KINDS = frozenset({"corrupt_chunk", "corrupt_log", "corrupt_marker", "resize", "device_change", "handoff"})
+PLACEMENT_KINDS = frozenset({"resize", "device_change", "handoff"})  # the run may end elsewhere: tolerance
 DEMO_ENTRYPOINT = str(Path(__file__).resolve().parents[2] / "examples" / "gpt_demo.py") + ":train"
 
 
@@ -61,11 +65,12 @@ class Fault(BaseModel):
     seconds: float = Field(default=1.0, gt=0, le=120, description="storage_outage: how long")
     latency_s: float = Field(default=0.002, gt=0, le=5, description="storage_latency: added to every call")
     world_size: int | None = Field(default=None, ge=1, description="resize: the new number of ranks")
+    device: Literal["cpu", "cuda"] | None = Field(default=None, description="device_change: the new device type")
 
     def describe(self) -> str:
         where = []
-        if self.rank is not None and self.kind in ("kill", "hang"):
-            where.append(f"rank {self.rank}")
+        if self.rank is not None and self.kind in ("kill", "hang", "node_loss"):
+            where.append(f"rank {self.rank}'s node" if self.kind == "node_loss" else f"rank {self.rank}")
         if self.phase is not None and self.kind in PROCESS_KINDS:
             where.append(self.phase)
         if self.step is not None and self.kind not in STORAGE_KINDS:
@@ -78,6 +83,8 @@ class Fault(BaseModel):
             where.append(f"+{self.latency_s * 1e3:g} ms a call")
         if self.kind == "resize":
             where.append(f"to {self.world_size} ranks")
+        if self.kind == "device_change":
+            where.append(f"to {self.device}")
         return f"{self.kind} ({', '.join(where)})" if where else self.kind
 
 
@@ -98,6 +105,7 @@ class Scenario(BaseModel):
     storage_kwarg: str = "storage"
     steps: int = Field(default=40, ge=2, description="the steps the job trains (kwargs['steps'] when it has one)")
     ranks: int = Field(default=2, ge=1, le=16)
+    nodes: int = Field(default=1, ge=1, le=8, description="torchrun agents on this host, ranks split evenly")
     faults: list[Fault] = Field(default_factory=list)
     snapshot_every: int = Field(default=10, ge=1, description="for the demo entrypoint (GPT_DEMO_SNAPSHOT_EVERY)")
     hang_timeout_s: float = Field(default=25.0, gt=0, description="no new log record for this long: a stall")
@@ -111,7 +119,13 @@ class Scenario(BaseModel):
         steps = self.kwargs.get("steps", self.steps)
         if steps != self.steps and "steps" in self.kwargs:
             object.__setattr__(self, "steps", int(steps))
+        if self.ranks % self.nodes:
+            raise ValueError(f"{self.ranks} ranks do not split evenly over {self.nodes} nodes")
         for fault in self.faults:
+            if fault.kind == "node_loss" and self.nodes < 2:
+                raise ValueError("a node_loss fault needs a scenario with nodes >= 2 (one torchrun agent per node)")
+            if fault.kind == "device_change" and fault.device is None:
+                raise ValueError("a device_change fault names its device: cpu or cuda")
             if fault.step is not None and fault.step >= self.steps:
                 raise ValueError(f"fault {fault.describe()} strikes at or after the last step ({self.steps})")
             if fault.rank is not None and fault.rank >= self.ranks:
@@ -136,7 +150,7 @@ class Scenario(BaseModel):
             update: dict[str, Any] = {}
             if fault.step is None:
                 update["step"] = rng.randint(2, self.steps - 2)
-            if fault.kind in ("kill", "hang") and fault.rank is None:
+            if fault.kind in ("kill", "hang", "node_loss") and fault.rank is None:
                 update["rank"] = rng.randrange(self.ranks)
             if fault.kind in PROCESS_KINDS and fault.phase is None:
                 phases = PHASES if fault.kind != "hang" else ("forward", "backward", "optimizer")
@@ -201,6 +215,30 @@ BUILTIN: dict[str, Scenario] = {
         _builtin("hang", "one rank stops (SIGSTOP); the stall is noticed and the job restarted", [{"kind": "hang"}]),
         _builtin(
             "resize", "a restart on one rank fewer: same data, same step count, drift reported", [{"kind": "resize"}]
+        ),
+        _builtin(
+            "node-loss",
+            "two torchrun agents on this host, one rank each; one agent dies with its rank (a lost node)",
+            [{"kind": "node_loss"}],
+            nodes=2,
+        ),
+        _builtin(
+            "gpu-to-cpu",
+            "start on CUDA (NCCL), restart on CPU (gloo) after a stop: drift against the reference reported",
+            [{"kind": "device_change", "device": "cpu"}],
+            env={"MOAI_CKPT_DEVICE": "cuda"},
+        ),
+        _builtin(
+            "cpu-to-gpu",
+            "start on CPU (gloo), restart on CUDA (NCCL) after a stop: drift against the reference reported",
+            [{"kind": "device_change", "device": "cuda"}],
+            env={"MOAI_CKPT_DEVICE": "cpu"},
+        ),
+        _builtin(
+            "handoff",
+            "stop after a step and continue on another machine (e.g. H100 -> H200): run the same command "
+            "with the same --out there",
+            [{"kind": "handoff"}],
         ),
         _builtin(
             "full",
