@@ -230,9 +230,17 @@ class Run:
         if latest is None:
             if self.session is not None:
                 raise SnapshotNotFoundError("no committed snapshot to restore from", url=self.ckpt.url)
-            self.ckpt.run_entry = self.entry
-            self.ckpt.save(0, self.tracked)  # the log needs a base: the initial state
             latest = 0
+            if 0 in log_bases(self.ckpt.storage):
+                # the snapshot of step 0 is gone or its marker is damaged, but its log is there: the
+                # training function has just built step 0's state, and replaying checks every step
+                log.warning("the snapshot of step 0 is missing or damaged; replaying the log from the state built now")
+                self._from_initial_state = True
+                self._unusable.add(0)
+            else:
+                self.ckpt.run_entry = self.entry
+                # the log needs a base: the initial state (over the leftovers of an interrupted first save)
+                self.ckpt.save(0, self.tracked, overwrite=True)
         else:
             latest = self._restore_newest_usable([s for s in steps if s <= latest])
         self.step = latest
