@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from moai_ckpt.capture import PartialState
 from moai_ckpt.checkpointer import Checkpointer, CheckpointerOptions
 from moai_ckpt.distributed import CoordinationError
 from moai_ckpt.errors import (
@@ -59,6 +60,7 @@ __all__ = [
     "ManifestMismatchError",
     "MissingDataError",
     "MoaiCkptError",
+    "PartialState",
     "ReplayDivergenceError",
     "RetryPolicy",
     "Run",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +27,51 @@ from moai_ckpt.keys import sanitize_segment
 RNG_KEY = "_rng"
 
 
+class PartialState(ABC):
+    """State of which each rank holds some entries: a pipeline stage's parameters, their optimizer state.
+
+    ``state_dict()`` maps entry names that mean the same thing on every rank (a parameter's
+    whole-model name) to values (tensors, JSON-able trees). A snapshot stores the union of every
+    rank's entries; an entry held by several ranks (data-parallel replicas) is stored once, and a
+    DTensor entry is one global array whose regions its owners write. A restore reads, on each
+    rank, only the entries that rank's object `holds` (and only the regions `like` says it keeps),
+    so the same snapshot restores into another split of the entries over the ranks.
+    """
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's entries."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load exactly the entries `holds` names, as the snapshot stores them."""
+
+    @abstractmethod
+    def holds(self) -> list[str]:
+        """The entries this rank holds (what a restore reads), even before they have values."""
+
+    def like(self, entry: str) -> torch.Tensor | None:
+        """The live tensor whose shape and sharding the entry's tensors mirror (None: read whole)."""
+        return None
+
+
+def merge_partial(trees: list[Any]) -> dict[str, Any]:
+    """The union of every rank's encoded entries of one `PartialState` (the lowest rank's copy wins)."""
+    merged: dict[str, Any] = {}
+    for tree_ in trees:
+        if isinstance(tree_, dict):
+            for entry, value in tree_.items():
+                merged.setdefault(entry, value)
+    return merged
+
+
 def _type_name(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def kind_of(obj: Any) -> str:
+    if isinstance(obj, PartialState):
+        return "partial"
     if isinstance(obj, torch.nn.Module):
         return "module"
     if isinstance(obj, torch.optim.Optimizer):
@@ -49,7 +90,7 @@ def kind_of(obj: Any) -> str:
 
 
 def state_of(obj: Any, kind: str) -> Any:
-    if kind in ("module", "optimizer", "stateful"):
+    if kind in ("module", "optimizer", "stateful", "partial"):
         return obj.state_dict()
     if kind == "generator":
         return obj.get_state()
@@ -154,6 +195,7 @@ class Restorer:
                 "module": self._check_module,
                 "optimizer": self._check_optimizer,
                 "tensor": self._check_tensor,
+                "partial": self._check_partial,
             }
             checker = checkers.get(kind)
             if checker is not None:
@@ -200,6 +242,21 @@ class Restorer:
                         key,
                     )
 
+    def _check_partial(self, key: str, obj: PartialState, saved: Mapping[str, Any]) -> None:
+        absent = [entry for entry in obj.holds() if entry not in saved]
+        if absent:
+            raise self._error(
+                f"the snapshot holds no entries {absent[:5]}{' ...' if len(absent) > 5 else ''} "
+                f"({len(absent)} of the {len(obj.holds())} this rank needs)",
+                key,
+            )
+        for entry in obj.holds():
+            live, stored = obj.like(entry), saved[entry]
+            if live is not None and isinstance(stored, torch.Tensor) and tuple(live.shape) != tuple(stored.shape):
+                raise self._error(
+                    f"{entry}: shape {tuple(stored.shape)} in snapshot, {tuple(live.shape)} live", f"{key}.{entry}"
+                )
+
     def _check_tensor(self, key: str, live: torch.Tensor, saved: torch.Tensor) -> None:
         if live.shape != saved.shape:
             raise self._error(f"tensor shape {tuple(saved.shape)} in snapshot, {tuple(live.shape)} live", key)
@@ -224,7 +281,7 @@ class Restorer:
     def _load(self, state: MutableMapping[str, Any], key: str, obj: Any, kind: str, value: Any) -> None:
         if kind == "module":
             obj.load_state_dict(value, strict=True)
-        elif kind in ("optimizer", "stateful"):
+        elif kind in ("optimizer", "stateful", "partial"):
             obj.load_state_dict(value)
         elif kind == "generator":
             obj.set_state(value)

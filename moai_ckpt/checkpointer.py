@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moai_ckpt import faults
 from moai_ckpt.arrays import ChunkSpan
-from moai_ckpt.capture import RNG_KEY, Restorer, capture
+from moai_ckpt.capture import RNG_KEY, PartialState, Restorer, capture, merge_partial
 from moai_ckpt.distributed import CoordinationError, RankLostError, World, current_world
 from moai_ckpt.dtypes import from_name, stored_dtype
 from moai_ckpt.errors import (
@@ -343,6 +343,8 @@ class Checkpointer:
             "pieces": {n: p.to_json() for n, p in staged.pieces.items()},
             "devices": staged.devices,
             "rng": staged.objects[staged.rng_key].model_dump(mode="json") if staged.rng_key in staged.objects else None,
+            # each rank holds some entries of a partial object: the snapshot records their union
+            "partial": {k: r.tree for k, r in staged.objects.items() if r.kind == "partial"},
         }
         everyone = world.all_gather_json(mine, f"save of step {step}: planning")
         devices = {n: d for rank in everyone for n, d in rank["devices"].items()}
@@ -375,6 +377,10 @@ class Checkpointer:
         for rank, sent in enumerate(everyone):
             if rank > 0 and sent["rng"] is not None:
                 objects[self._rng_key(rank)] = ObjectRecord.model_validate(sent["rng"])
+        for key, record in staged.objects.items():
+            if record.kind == "partial":
+                merged = merge_partial([sent["partial"].get(key) for sent in everyone])
+                objects[key] = record.model_copy(update={"tree": merged})
 
         def commit() -> CommitMarker | None:
             if world.rank != 0:
@@ -537,6 +543,13 @@ class Checkpointer:
                 self.world.rank,
                 manifest.world_size,
             )
+        for key, obj in wanted.items():
+            record = records.get(key)
+            if isinstance(obj, PartialState) and record is not None and isinstance(record.tree, dict):
+                # only the entries this rank holds: another split of them is another read pattern
+                held = obj.holds()
+                tree = {e: record.tree[e] for e in held if e in record.tree}
+                records[key] = record.model_copy(update={"tree": tree})
         names = sorted({ref for key in wanted if key in records for ref in tensor_refs(records[key].tree)})
         targets = live_targets(records, wanted, manifest.arrays)
         rows = {name: (t.start, t.stop) for name, t in targets.items()}

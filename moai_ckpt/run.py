@@ -29,11 +29,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from moai_ckpt import faults
+from moai_ckpt.capture import PartialState
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.distributed import CoordinationError, RankLostError, World, current_world
 from moai_ckpt.errors import (
@@ -51,6 +52,13 @@ from replay.check import ReplayReport
 from replay.log import LogContents, LogWriter, Placement, StepRecord, log_bases, records_after
 from replay.recorder import Recorder, ReplayDivergenceError, StepWork
 from replay.stepstate import Hyperparameters, StepValues, load_rng_components, parameters_of, rng_components
+
+if TYPE_CHECKING:
+    from moai_ckpt.placement import RunPlacement
+    from parallel.apply import LossFn, Placed
+    from parallel.costmodel import ModelProfile, ProfileOptions
+    from parallel.inventory import Device
+    from parallel.planner import PlanOptions
 
 log = logging.getLogger("moai_ckpt.run")
 R = TypeVar("R")
@@ -122,6 +130,7 @@ class Run:
         self._unusable: set[int] = set()  # committed snapshots that failed their checks
         self._from_initial_state = False  # no snapshot was usable: the run rebuilt step 0 itself
         self.snapshot_failures = 0
+        self._placed_run: RunPlacement | None = None  # set by place()
 
     # -- what the training function uses -------------------------------------------------------
 
@@ -148,6 +157,65 @@ class Run:
         """Objects whose state is snapshotted (modules, optimizers, schedulers, extras...)."""
         self.tracked.update(objects)
 
+    def place(
+        self,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        sample: torch.Tensor | tuple[torch.Tensor, ...],
+        *,
+        global_batch: int,
+        options: PlanOptions | None = None,
+        devices: str | list[Device] | None = None,
+        layers: list[torch.nn.Module] | None = None,
+        profile: ModelProfile | None = None,
+        profile_options: ProfileOptions | None = None,
+        force_replan: bool = False,
+    ) -> Placed:
+        """Place ``model`` on the job's ranks with a computed plan (collective; before `steps`).
+
+        The plan the newest snapshot records is kept when the devices are the same; otherwise a
+        new one is made (same options and global batch), rank 0 prints the two side by side, and
+        the snapshot is restored onto it. Track ``placed.stage_module`` (or ``placed.module``)
+        and an optimizer over ``placed.parameters()``: they are snapshotted by whole-model
+        parameter names, and every snapshot records the plan. `batch` then returns this
+        replica's share of the global batch. See `moai_ckpt.placement`.
+
+        Args:
+            model: the whole model, built identically on every rank (its layers must chain).
+            loss_fn: ``loss_fn(output, target)``, the mean over its micro-batch.
+            sample: one micro-batch of inputs (profiled on `device` by rank 0, then cached).
+            global_batch: samples per optimizer step, kept by every plan.
+            options: what the planner may choose (every rank is used).
+            devices: the job's devices (default: measured on every rank), or a declaration.
+            layers: the model's layer sequence, if it does not expose one.
+            profile: a ready profile (e.g. analytic) instead of measuring one.
+            profile_options: how the profile is measured.
+            force_replan: make a new plan even if the devices did not change.
+
+        Raises:
+            NoFeasiblePlanError: no placement fits the devices' memory (names the closest one).
+        """
+        from moai_ckpt.placement import place
+
+        return place(
+            self,
+            model,
+            loss_fn,
+            sample,
+            global_batch=global_batch,
+            options=options,
+            devices=devices,
+            layers=layers,
+            profile=profile,
+            profile_options=profile_options,
+            force_replan=force_replan,
+        )
+
+    @property
+    def plan(self) -> Any | None:
+        """The `parallel.Plan` the run is placed with (None before `place`)."""
+        return self._placed_run.plan if self._placed_run is not None else None
+
     def sampler(self, num_samples: int, global_batch_size: int, **options: Any) -> GlobalSampler:
         """The run's data position: a `GlobalSampler`, snapshotted with the state."""
         self._sampler = GlobalSampler(num_samples, global_batch_size, **options)
@@ -164,6 +232,8 @@ class Run:
             indices = record.samples  # a mismatch with the sampler is reported by the step's check
         self._sampler.advance(len(indices))
         self._step_state["samples"] = indices
+        if self._placed_run is not None:  # the replica's share: its pipeline stages all see it
+            return GlobalSampler.split(indices, *self._placed_run.data_rank())
         return GlobalSampler.split(indices, self.rank, self.world_size)
 
     def next_batch(self, source: Iterable[Any] | Iterator[Any], *, resumable: bool | None = None) -> Any:
@@ -240,7 +310,7 @@ class Run:
             else:
                 self.ckpt.run_entry = self.entry
                 # the log needs a base: the initial state (over the leftovers of an interrupted first save)
-                self.ckpt.save(0, self.tracked, overwrite=True)
+                self.ckpt.save(0, self._state(), info=self._info(), overwrite=True)
         else:
             latest = self._restore_newest_usable([s for s in steps if s <= latest])
         self.step = latest
@@ -258,7 +328,11 @@ class Run:
             usable = [r for r in usable if r.step <= self._target()]
         self._records = {r.step: r for r in usable}
         placement = current_placement(self.world_size, self.device)
-        changed = sorted({d for r in usable for d in (contents.placement(r.step) or placement).differences(placement)})
+        if self._placed_run is not None:
+            placement = Placement.model_validate({**placement.model_dump(), "plan": self._placed_run.label})
+        changed = sorted(
+            {d for r in usable for d in placement_changes(contents.placement(r.step) or placement, placement)}
+        )
         strict = not changed and (self.session is None or self.session.mode == "restore")
         self.report = ReplayReport(
             base_step=latest,
@@ -305,7 +379,11 @@ class Run:
         problems = []
         for candidate in reversed(steps):
             try:
-                self.ckpt.restore(self.tracked, step=candidate)
+                state = self._state()
+                self.ckpt.restore(state, step=candidate)
+                for key, value in state.items():  # plain values are replaced in the mapping
+                    if key in self.tracked and not isinstance(value, PartialState):
+                        self.tracked[key] = value
             except (CorruptSnapshotError, UnsupportedFormatError, CoordinationError) as exc:
                 if isinstance(exc, RankLostError):
                     raise
@@ -421,7 +499,7 @@ class Run:
             raise RuntimeError(f"step {step} ended without run.record(loss=...)")
         faults.point("step.end")
         if self._params is None:
-            self._params = parameters_of(self.tracked)
+            self._params = self._parameters()
             assert self._recorder is not None
             self._recorder.names, self._recorder.sharded = self._params[0], self._params[2]
             if self._recorder.writer is not None:
@@ -508,6 +586,26 @@ class Run:
 
     # -- snapshots, signals, sessions -----------------------------------------------------------
 
+    def _state(self) -> dict[str, Any]:
+        """What a snapshot holds: the tracked objects, a placed model and its optimizer by
+        whole-model parameter names (so another plan's ranks each read their own stage)."""
+        if self._placed_run is None:
+            return dict(self.tracked)
+        return self._placed_run.snapshot_state(self.tracked)
+
+    def _info(self) -> dict[str, Any] | None:
+        """What a snapshot's manifest records besides the state: the plan it was taken under."""
+        return self._placed_run.info() if self._placed_run is not None else None
+
+    def _parameters(self) -> tuple[list[str], list[torch.Tensor], list[bool]]:
+        """The parameters whose norms the log records (the whole model's when placed)."""
+        if self._placed_run is not None:
+            stage = self._placed_run.placed.stage_module
+            key = next((k for k, v in self.tracked.items() if v is stage or v is self._placed_run.placed.module), None)
+            if key is not None:
+                return self._placed_run.parameters(key)
+        return parameters_of(self.tracked)
+
     def _snapshot_due(self, step: int, timed: bool) -> bool:
         return timed or (self.snapshot_every is not None and step % self.snapshot_every == 0)
 
@@ -516,10 +614,10 @@ class Run:
         overwrite = step in self._unusable
         if self.async_snapshots:
             self._settle_snapshot()
-            self._pending = (step, self.ckpt.save_async(step, self.tracked, overwrite=overwrite))
+            self._pending = (step, self.ckpt.save_async(step, self._state(), overwrite=overwrite, info=self._info()))
             return
         try:
-            self.ckpt.save(step, self.tracked, overwrite=overwrite)
+            self.ckpt.save(step, self._state(), overwrite=overwrite, info=self._info())
         except _SNAPSHOT_FAILURES as exc:
             self._snapshot_failed(step, exc)
             return
@@ -532,7 +630,7 @@ class Run:
         self._settle_snapshot()
         if self.ckpt.latest_step() != self.step:
             try:
-                self.ckpt.save(self.step, self.tracked, overwrite=self.step in self._unusable)
+                self.ckpt.save(self.step, self._state(), overwrite=self.step in self._unusable, info=self._info())
             except _SNAPSHOT_FAILURES as exc:
                 self._snapshot_failed(self.step, exc)
                 return
@@ -576,7 +674,7 @@ class Run:
         self._recorder.drain()
         self._settle_snapshot()
         if self.ckpt.latest_step() != self.step:
-            self.ckpt.save(self.step, self.tracked)
+            self.ckpt.save(self.step, self._state(), info=self._info())
         log.warning("signal %s: snapshot of step %d taken, log flushed; exiting", signum, self.step)
         raise SystemExit(128 + signum)
 
@@ -593,7 +691,7 @@ class Run:
                 if copy_info and self.ckpt.storage.exists(RUN_INFO):
                     target.storage.write(RUN_INFO, self.ckpt.storage.read(RUN_INFO))
                 if target.latest_step() != self.step or self.session.to:
-                    target.save(self.step, self.tracked, overwrite=bool(self.session.to))
+                    target.save(self.step, self._state(), overwrite=bool(self.session.to), info=self._info())
             finally:
                 if target is not self.ckpt:
                     target.close()
@@ -639,6 +737,15 @@ class Run:
             self.ckpt.close()
             self.world.close()
             self._log_world.close()
+
+
+def placement_changes(logged: Placement, now: Placement) -> list[str]:
+    """What differs between the placement a log was written on and this one, plan included."""
+    changes = logged.differences(now)
+    before, after = (logged.model_extra or {}).get("plan"), (now.model_extra or {}).get("plan")
+    if before != after and (before is not None or after is not None):
+        changes.append(f"plan: {before or 'none'} -> {after or 'none'}")
+    return changes
 
 
 def quarantine(storage: Any, base: int, last_good: int) -> None:

@@ -20,6 +20,7 @@ import torch
 from moai_ckpt import arrays as za
 from moai_ckpt.dtypes import from_name
 from moai_ckpt.format import ArrayRecord
+from moai_ckpt.tree import tensor_refs
 
 try:  # DTensor is optional at import time (torch builds without distributed)
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -205,7 +206,8 @@ def live_targets(records: dict[str, Any], wanted: dict[str, Any], arrays: dict[s
     """For each array a restore reads, the rows the live objects need and what to mirror.
 
     Module tensors mirror the live parameter or buffer of the same name; optimizer state tensors
-    mirror their parameter (matched by position, as ``load_state_dict`` does). Everything else is
+    mirror their parameter (matched by position, as ``load_state_dict`` does); a partial object's
+    tensors mirror what its ``like(entry)`` returns, when the shapes agree. Everything else is
     read whole.
     """
     out: dict[str, Target] = {}
@@ -219,7 +221,13 @@ def live_targets(records: dict[str, Any], wanted: dict[str, Any], arrays: dict[s
         if record is None:
             continue
         tree = record.tree
-        if record.kind == "module" and isinstance(obj, torch.nn.Module) and isinstance(tree, dict):
+        if record.kind == "partial" and callable(getattr(obj, "like", None)) and isinstance(tree, dict):
+            for entry, node in tree.items():
+                live = obj.like(entry)
+                for name in sorted(tensor_refs(node)):
+                    if name in arrays and live is not None and arrays[name].shape == tuple(live.shape):
+                        mirror(name, live)
+        elif record.kind == "module" and isinstance(obj, torch.nn.Module) and isinstance(tree, dict):
             live = obj.state_dict()
             for name, node in tree.items():
                 mirror(_ref(node), live.get(name))

@@ -1,7 +1,8 @@
 """Apply a `Plan` with PyTorch's own APIs, on an initialised process group.
 
 - a ``DeviceMesh`` of shape ``(dp, pp)`` whose entries are the plan's ranks;
-- this rank's stage: the plan's contiguous layers in an ``nn.Sequential``, moved to its device;
+- this rank's stage: the plan's contiguous layers in a `StageModule` that names them as the
+  whole model does (``blocks.3.attn.weight``), so a snapshot of any split restores into another;
 - the data-parallel dimension: ``DistributedDataParallel`` over the mesh's ``dp`` group, or FSDP2
   ``fully_shard`` per layer and per stage on the ``dp`` sub-mesh;
 - the pipeline dimension: a ``torch.distributed.pipelining.PipelineStage`` with static shapes
@@ -34,6 +35,42 @@ from parallel.plan import Plan, RankRole
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class StageModule(nn.Module):
+    """A pipeline stage: some of the model's layers, run in order, under their whole-model names.
+
+    Its ``state_dict`` keys are the whole model's (``blocks.3.attn.weight``, or ``3.weight`` for
+    an ``nn.Sequential``), so a stage's state names the same parameters whatever the split.
+    """
+
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        order: list[nn.Module] = []
+        for name, layer in layers:
+            parent: nn.Module = self
+            *path, leaf = name.split(".")
+            for part in path:
+                child = parent._modules.get(part)
+                if child is None:
+                    child = nn.Module()  # a container that mirrors the whole model's nesting
+                    parent.add_module(part, child)
+                parent = child
+            parent.add_module(leaf, layer)
+            order.append(layer)
+        self._layers = tuple(order)  # a tuple: not registered twice
+        self.names = tuple(name for name, _ in layers)
+
+    def layers(self) -> tuple[nn.Module, ...]:
+        """The stage's layers in the order they run."""
+        return self._layers
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        x: Any = inputs
+        for layer in self._layers:
+            out = layer(*x)
+            x = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        return x[0] if len(x) == 1 else x
+
+
 @dataclass
 class Placed:
     """This rank's part of a plan, ready to train.
@@ -41,8 +78,8 @@ class Placed:
     Attributes:
         plan: the plan applied.
         role: this rank's data-parallel rank and stage.
-        stage_module: the unwrapped ``nn.Sequential`` of this stage's layers (for
-            ``state_dict`` and snapshots: its keys are the layer indices of the whole model).
+        stage_module: the unwrapped `StageModule` of this stage's layers (for ``state_dict``
+            and snapshots: its keys are the whole model's parameter names).
         module: what runs (``stage_module`` wrapped by DDP, or itself after ``fully_shard``).
         schedule: the pipeline schedule, or None without a pipeline.
         mesh: the ``(dp, pp)`` device mesh, or None in a single process.
@@ -51,7 +88,7 @@ class Placed:
 
     plan: Plan
     role: RankRole
-    stage_module: nn.Sequential
+    stage_module: StageModule
     module: nn.Module
     loss_fn: LossFn
     device: torch.device
@@ -85,6 +122,26 @@ class Placed:
     def local_batch(self) -> int:
         """Samples this replica processes per step."""
         return self.plan.chosen.micro_batches * self.plan.chosen.micro_batch_size
+
+    def parameters(self) -> list[nn.Parameter]:
+        """This rank's trainable parameters (what its optimizer steps)."""
+        return list(self.module.parameters())
+
+    def replica_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """The replica's loss on every rank of the replica (collective over its pipeline ranks).
+
+        `step` returns the loss on the last stage only; a log of the step wants it on every rank:
+        the mean over all ranks of this is then the global batch's mean loss.
+        """
+        if self.plan.pp == 1:
+            assert loss is not None
+            return loss.detach()
+        value = loss.detach().reshape(()).clone() if loss is not None else torch.zeros((), device=self.device)
+        value = value.to(device=self.device, dtype=torch.float32)
+        last = self.plan.rank_of(self.dp_rank, self.plan.pp - 1)
+        assert self.mesh is not None
+        dist.broadcast(value, src=last, group=self.mesh.get_group("pp"))
+        return value
 
     def take(self, sampler: GlobalSampler) -> list[int]:
         """This replica's sample indices of the sampler's current global batch, then advance.
@@ -203,9 +260,15 @@ def apply_plan(
     Raises:
         PlanMismatchError: the job's world size or the model's layers differ from the plan's.
     """
-    found = [m for _, m in find_layers(model, layers)]
+    named = find_layers(model, layers)
+    found = [m for _, m in named]
     if len(found) != plan.num_layers:
         raise PlanMismatchError(f"the plan places {plan.num_layers} layers, the model has {len(found)}")
+    if tuple(name for name, _ in named) != plan.layer_names:
+        raise PlanMismatchError(
+            f"the plan was made for layers named {plan.layer_names[0]}..{plan.layer_names[-1]}, the model's are "
+            f"{named[0][0]}..{named[-1][0]}"
+        )
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     if world != plan.world_size:
@@ -216,9 +279,7 @@ def apply_plan(
     role = plan.role(rank)
     stage = plan.stages[role.stage]
     dev = _device_for(plan, role, device)
-    module = nn.Sequential()
-    for i in range(stage.start, stage.stop):
-        module.add_module(str(i), found[i])  # keys keep the whole model's layer index
+    module = StageModule(named[stage.start : stage.stop])
     module.to(dev)
     mb = plan.chosen.micro_batch_size
     example = tuple(t[:1].expand(mb, *t.shape[1:]) for t in as_inputs(sample))
@@ -241,7 +302,7 @@ def apply_plan(
         from torch.distributed.fsdp import fully_shard
 
         reshard = plan.pp == 1  # in a pipeline parameters stay gathered across the micro-batches
-        for layer in module:
+        for layer in module.layers():
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=mesh["dp"], reshard_after_forward=reshard)
         fully_shard(module, mesh=mesh["dp"], reshard_after_forward=reshard)

@@ -11,10 +11,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import moai_ckpt
 from moai_ckpt.sampler import GlobalSampler
 from parallel.apply import apply_plan
 from parallel.inventory import job_devices
 from parallel.plan import Plan
+from parallel.planner import PlanOptions
 
 SAMPLES, IN, OUT, WIDTH, DEPTH = 256, 16, 4, 64, 6
 
@@ -100,3 +102,59 @@ def wide_tower_on_meta() -> tuple[nn.Module, torch.Tensor]:
             for _ in range(24)
         ]
         return nn.Sequential(*blocks), torch.empty(1, 1024, 4096)
+
+
+# -- placed runs under fault_tolerant: re-planned on restore --------------------------------------
+
+PLACED_LR = 1e-2
+
+
+@moai_ckpt.fault_tolerant(storage="{run_dir}", snapshot_every=3, collective_timeout_s=30, async_snapshots=False)
+def placed_train(
+    run: moai_ckpt.Run, run_dir: str, total: int, global_batch: int, options: dict[str, Any]
+) -> dict[str, Any]:
+    """Train `build_model` on the plan `Run.place` makes for this job (the recorded one if the
+    devices are unchanged); every rank reports its role and what the run says about the restore."""
+    placed = run.place(
+        build_model(),
+        nn.functional.mse_loss,
+        torch.zeros(4, IN),
+        global_batch=global_batch,
+        options=PlanOptions(**options),
+    )
+    opt = torch.optim.AdamW(placed.parameters(), lr=PLACED_LR)
+    run.track(model=placed.stage_module, optim=opt)
+    run.sampler(SAMPLES, global_batch, seed=3)
+    x, y = data()
+    first_step, shares = None, {}
+    for step in run.steps(total):
+        first_step = step if first_step is None else first_step
+        idx = run.batch()
+        loss = placed.step(x[idx] if placed.is_first else None, y[idx] if placed.is_last else None)
+        opt.step()
+        opt.zero_grad()
+        run.record(loss=placed.replica_loss(loss))
+        shares[step] = idx
+    report = run.report
+    return {
+        "rank": run.rank,
+        "plan": placed.plan.summary(),
+        "dp": placed.plan.dp,
+        "pp": placed.plan.pp,
+        "dp_rank": placed.dp_rank,
+        "stage": placed.stage,
+        "layers": sorted({int(key.split(".")[0]) for key in placed.stage_module.state_dict()}),
+        "first_step": first_step,
+        "replayed": run.replayed,
+        "last_step": run.step,
+        "shares": shares,
+        "placement_changes": report.placement_changes if report is not None else [],
+        "max_drift": report.max_drift() if report is not None and report.steps else {},
+    }
+
+
+def placed_run(run_dir: str, total: int, global_batch: int, options: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return placed_train(run_dir=run_dir, total=total, global_batch=global_batch, options=options)
+    except moai_ckpt.MoaiCkptError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
