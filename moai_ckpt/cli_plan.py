@@ -5,6 +5,11 @@ plan or a training job), or from ``--model MODULE:FUNCTION``: a function returni
 sample_micro_batch)`` (or ``(model, sample, layers)``), measured on this machine and cached in the
 run directory when one is given, or only counted with ``--analytic`` (no timing: the layers run
 on the meta device, so it works for models this machine cannot hold).
+
+When the run directory's newest snapshot records a plan (a run placed by ``Run.place``), the
+command shows the plan a restore onto ``--devices`` would use, against the recorded one: the
+recorded plan when the devices are the same, else a new one made with the recorded options and
+global batch from the recorded profile, exactly as the restoring job decides.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import typer
 from rich.markup import escape
 
 from moai_ckpt.cli import JsonOpt, StorageOpt, _command, _storage_options, _table, err, out
-from moai_ckpt.storage import open_storage
+from moai_ckpt.format import SNAPSHOTS, parse_snapshot_dir
+from moai_ckpt.storage import Storage, open_storage
 from parallel.costmodel import (
     ModelProfile,
     analytic_profile,
@@ -33,6 +39,7 @@ from parallel.errors import ProfileError
 from parallel.inventory import Device, local_device, parse_devices
 from parallel.plan import Plan
 from parallel.planner import PlanOptions, make_plan
+from parallel.replan import RecordedPlan, compare, recorded_plan, replan
 
 
 class ModelFunctionError(ProfileError):
@@ -90,6 +97,19 @@ def _cached_profile(url: str, storage_options: dict[str, Any]) -> ModelProfile:
     return max(profiles, key=lambda p: (p.source == "measured", p.created))
 
 
+def _recorded(url: str, storage_options: dict[str, Any]) -> tuple[Storage, RecordedPlan | None]:
+    storage = open_storage(url, **storage_options)
+    steps = [s for s in map(parse_snapshot_dir, storage.list_dirs(SNAPSHOTS)) if s is not None]
+    return storage, recorded_plan(storage, steps)
+
+
+def _recorded_profile(storage: Storage, recorded: RecordedPlan, storage_options: dict[str, Any]) -> ModelProfile:
+    """The profile the recorded plan was made from, else the run directory's newest one."""
+    if storage.exists(recorded.plan.profile):
+        return load_profile(storage, recorded.plan.profile)
+    return _cached_profile(storage.url, storage_options)
+
+
 def _local_devices() -> list[Device]:
     import torch
 
@@ -117,8 +137,14 @@ def _stages_table(plan: Plan) -> Any:
 @_command("plan")
 def plan_command(
     global_batch: Annotated[
-        int, typer.Option("--global-batch", "-b", min=1, help="Samples per optimizer step (kept exactly).")
-    ],
+        int | None,
+        typer.Option(
+            "--global-batch",
+            "-b",
+            min=1,
+            help="Samples per optimizer step (kept exactly; default: the plan the run's snapshot records).",
+        ),
+    ] = None,
     url: Annotated[
         str | None, typer.Argument(help="Run directory whose cached model profile to use (and cache into).")
     ] = None,
@@ -137,21 +163,47 @@ def plan_command(
     ] = False,
     top: Annotated[int, typer.Option("--top", min=1, help="Candidates to show.")] = 8,
     memory_fraction: Annotated[
-        float, typer.Option("--memory-fraction", min=0.01, max=1.0, help="Share of device memory a plan may fill.")
-    ] = 0.9,
+        float | None,
+        typer.Option(
+            "--memory-fraction", min=0.01, max=1.0, help="Share of device memory a plan may fill (default 0.9)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     storage_option: StorageOpt = None,
 ) -> None:
-    """Show the placement (data / pipeline degrees, stages, micro-batches) a job would get, and why."""
+    """Show the placement (data / pipeline degrees, stages, micro-batches) a job would get, and why.
+
+    With a run directory whose snapshot records a plan: the plan a restore onto --devices would
+    use, against the recorded one.
+    """
     options = _storage_options(storage_option)
+    storage, recorded = _recorded(url, options) if url is not None else (None, None)
     if model is not None:
         profile = _model_profile(model, url, options, analytic)
+    elif storage is not None and recorded is not None:
+        profile = _recorded_profile(storage, recorded, options)
     elif url is not None:
         profile = _cached_profile(url, options)
     else:
         raise typer.BadParameter("give a run directory with a cached profile, or --model MODULE:FUNCTION")
     device_list = parse_devices(devices) if devices else _local_devices()
-    plan = make_plan(device_list, profile, global_batch, PlanOptions(memory_fraction=memory_fraction))
+    if recorded is not None:
+        planner = recorded.options
+        if memory_fraction is not None:
+            planner = planner.model_copy(update={"memory_fraction": memory_fraction})
+        decision = replan(device_list, profile, global_batch or recorded.plan.global_batch, planner, recorded)
+        plan = decision.plan
+        if not as_json:
+            err.print(f"the snapshot of step {recorded.step} records: {escape(recorded.plan.summary())}", style="dim")
+            if decision.changed:
+                out.print(compare(recorded.plan, plan, decision.reason))
+            else:
+                out.print(f"a restore on these devices keeps it ({escape(decision.reason)})")
+            out.print()
+    else:
+        if global_batch is None:
+            raise typer.BadParameter("needed unless the run directory's snapshot records a plan", param_hint="'-b'")
+        plan = make_plan(device_list, profile, global_batch, PlanOptions(memory_fraction=memory_fraction or 0.9))
     if as_json:
         typer.echo(plan.model_dump_json(indent=2))
         return

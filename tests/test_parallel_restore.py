@@ -123,3 +123,62 @@ def test_a_2_stage_by_2_way_pipeline_trains_and_restores_into_a_3_rank_plan(tmp_
     every = sorted(layer for v in values if v["dp_rank"] == 0 for layer in v["layers"])
     assert every == sorted(set(stage_layers[0] + stage_layers[1]))
     check_against_one_process(run_dir, 10)  # the restored state (Adam moments too) went on exactly
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_rank_run(tmp_path: Path) -> str:
+    """A run placed on one rank, 5 steps: snapshots at 0, 3 and 5, each recording its plan."""
+    run_dir = str(tmp_path / "run")
+    ok(launch(TARGET, 1, run_dir=run_dir, total=5, global_batch=GLOBAL_BATCH, options={}))
+    return run_dir
+
+
+def test_plan_of_a_run_shows_the_plan_a_restore_onto_other_devices_would_use_against_the_recorded_one(
+    one_rank_run: str,
+) -> None:
+    from typer.testing import CliRunner
+
+    from moai_ckpt.cli import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["plan", one_rank_run, "--devices", "3xCPU"])
+    assert shown.exit_code == 0, shown.output
+    assert "the snapshot of step 5 records: dp1 x pp1" in shown.output
+    assert "re-planned: devices changed: 1xCPU* -> 3xCPU" in shown.output
+    assert "snapshot's plan" in shown.output and "new plan" in shown.output
+    as_json = runner.invoke(app, ["plan", one_rank_run, "--devices", "3xCPU", "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    plan = json.loads(as_json.output)
+    # the recorded global batch is kept (none was given), on all three devices
+    assert plan["global_batch"] == GLOBAL_BATCH and len(plan["ranks"]) == 3
+    assert plan["chosen"]["dp"] * plan["chosen"]["micro_batches"] * plan["chosen"]["micro_batch_size"] == 12
+
+
+def test_restore_on_another_world_size_re_plans_replays_under_the_new_plan_and_records_it(one_rank_run: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    storage = moai_ckpt.Checkpointer(one_rank_run, local=True).storage
+    storage.delete(["snapshots/000000000005/commit.json"])  # as if the job died after step 5
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-m", "moai_ckpt.cli", "restore", one_rank_run, "--world-size", "2"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=root,
+        env=env,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "re-planned: devices changed" in output and "snapshot's plan" in output  # printed by rank 0
+    assert "plan: dp1 x pp1" in output and "world_size: 1 -> 2" in output  # the summary's placement row
+    recorded = recorded_plan(storage, [5])
+    assert recorded is not None and recorded.plan.world_size == 2 and recorded.step == 5
+    records = logged(one_rank_run)
+    assert {s: r.samples for s, r in records.items()} == expected_batches(5)
