@@ -50,6 +50,9 @@ def run_scenario(
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", min=4, help="Override the scenario's step count.")] = None,
     ranks: Annotated[int | None, typer.Option("--ranks", min=1, help="Override the scenario's rank count.")] = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=1, help="Trials run at once (each uses `ranks` processes).")
+    ] = 1,
 ) -> None:
     """Run a scenario: a fault-free reference, then trials with faults, each checked against it.
 
@@ -71,7 +74,9 @@ def run_scenario(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="SCENARIO") from exc
     try:
-        summary = run_trials(chosen, out_dir, seed=seed, trials=trials, random_faults=random_faults, console=err)
+        summary = run_trials(
+            chosen, out_dir, seed=seed, trials=trials, random_faults=random_faults, console=err, jobs=jobs
+        )
     except ChaosError as exc:
         err.print(f"error: {exc}", style="bold red", soft_wrap=True)
         raise typer.Exit(2) from exc

@@ -63,3 +63,43 @@ def test_a_kill_while_the_log_is_written_strikes_the_rank_that_writes_it() -> No
     at_log = [f for f in drawn if f.phase in ("log.write", "log.flush")]
     assert at_log and all(f.rank == 0 for f in at_log)
     assert {f.rank for f in drawn if f not in at_log} == {0, 1, 2, 3}
+
+
+@pytest.mark.slow
+def test_a_lost_node_is_recovered_bitwise(chaos: ChaosHarness) -> None:
+    """Two torchrun agents on one c10d rendezvous; one dies with its rank, as a node would."""
+    report = chaos.run(faults=[{"kind": "node_loss", "phase": "backward"}], steps=16, nodes=2, seed=1)
+    report.assert_ok()
+    lost = report.faulty.faults[0]
+    first = report.faulty.attempts[0]
+    assert len(first.node_codes) == 2 and -9 in first.node_codes  # one agent SIGKILLed, the other failed
+    assert (lost.detected or "").startswith("node lost") and lost.recovery_s is not None
+
+
+@pytest.mark.slow
+def test_a_run_handed_off_midway_is_continued_by_the_same_command(tmp_path: Path) -> None:
+    """A ``handoff`` stops the run; the same command continues it (on another machine, in real use)."""
+    from moai_ckpt.chaos import run_trials
+
+    scenario = Scenario(name="handoff", kwargs={"steps": 16, "batch_size": 16}, faults=[Fault(kind="handoff", step=7)])
+    first = run_trials(scenario, tmp_path, trials=1)
+    assert first.trials[0].faulty.handed_off and not first.trials[0].ok
+    assert (tmp_path / "seed-0" / "faulty" / "handoff.json").exists()
+    reference_marker = (tmp_path / "reference" / "finished.json").stat().st_mtime
+    second = run_trials(scenario, tmp_path, trials=1)
+    report = second.trials[0]
+    report.assert_ok()
+    assert (tmp_path / "reference" / "finished.json").stat().st_mtime == reference_marker  # not run again
+    assert (report.faulty.faults[0].detected or "").startswith("continued on")
+    assert report.verdict.max_rel_diff == 0.0  # same device type here: nothing drifted
+    assert [a.number for a in report.faulty.attempts] == [0, 1]
+
+
+def test_node_loss_and_device_change_need_what_they_act_on() -> None:
+    with pytest.raises(ValidationError, match="nodes >= 2"):
+        Scenario(faults=[Fault(kind="node_loss")])
+    with pytest.raises(ValidationError, match="names its device"):
+        Scenario(faults=[Fault(kind="device_change")])
+    with pytest.raises(ValidationError, match="split evenly"):
+        Scenario(ranks=3, nodes=2)
+    assert all(f.rank is not None for f in BUILTIN["node-loss"].draw(4))

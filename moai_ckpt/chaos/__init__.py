@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
@@ -81,10 +82,13 @@ def run_trials(
     trials: int = 1,
     console: Console | None = None,
     random_faults: int | None = None,
+    jobs: int = 1,
 ) -> Summary:
     """``trials`` trials with seeds ``seed``, ``seed + 1``, ... sharing one reference run.
 
     With ``random_faults`` each trial draws that many faults of random kinds (its own seed).
+    ``jobs`` trials run at once (each is its own set of processes; recovery times grow with the
+    load this puts on the machine).
     """
     console = console or Console(stderr=True)
     out = Path(out_dir)
@@ -93,17 +97,20 @@ def run_trials(
     with console.status("reference run (no faults)"):
         reference = _reference(scenario, out, quiet=True)
     summary = Summary(scenario)
-    for i in range(trials):
-        s = seed + i
+    seeds = [seed + i for i in range(trials)]
+
+    def one(s: int) -> TrialReport:
         trial_scenario = scenario.with_random_faults(random_faults, s) if random_faults else scenario
-        with console.status(f"trial {i + 1}/{trials} (seed {s})"):
-            report = run_trial(trial_scenario, out, s, reference=reference, quiet=quiet)
-        summary.trials.append(report)
-        mark = "[green]ok[/]" if report.ok else "[bold red]FAILED[/]"
-        faults = ", ".join(r.fault.describe() for r in report.faulty.faults)
-        console.print(f"trial {i + 1}/{trials}, seed {s}: {mark}  {faults}")
-        if trials == 1 or not report.ok:
-            console.print(faults_table(report))
-            console.print(checks_table(report))
+        return run_trial(trial_scenario, out, s, reference=reference, quiet=quiet)
+
+    with console.status(f"{trials} trial(s), {min(jobs, trials)} at a time"), ThreadPoolExecutor(jobs) as pool:
+        for done, report in enumerate(pool.map(one, seeds), 1):
+            summary.trials.append(report)
+            mark = "[green]ok[/]" if report.ok else "[bold red]FAILED[/]"
+            faults = ", ".join(r.fault.describe() for r in report.faulty.faults)
+            console.print(f"trial {done}/{trials}, seed {report.seed}: {mark}  {faults}")
+            if trials == 1 or not report.ok:
+                console.print(faults_table(report))
+                console.print(checks_table(report))
     write(summary, out, console)
     return summary

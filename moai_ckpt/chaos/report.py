@@ -115,15 +115,14 @@ def checks_table(report: TrialReport) -> Table:
 
 def draw_timeline(report: TrialReport, path: Path) -> str | None:
     """Steps over wall time, one colour per attempt; faults, restarts and replays marked."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # the object API, not pyplot: trials may draw from several threads at once
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     faulty, t0 = report.faulty, report.faulty.started
-    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=110)
+    fig = Figure(figsize=(10, 4.8), dpi=110)
+    ax = fig.add_subplot()
     ref = report.reference
     ax.plot(
         [t - ref.started for t, _ in ref.progress],
@@ -132,7 +131,7 @@ def draw_timeline(report: TrialReport, path: Path) -> str | None:
         lw=1.2,
         label="reference run",
     )
-    colors = plt.get_cmap("tab10")
+    colors = colormaps["tab10"]
     for i, attempt in enumerate(faulty.attempts):
         points = [(t - t0, s) for t, s in faulty.progress if attempt.started <= t <= attempt.ended + 0.5]
         label = f"attempt {attempt.number} ({attempt.world_size} rank{'s' if attempt.world_size > 1 else ''})"
@@ -173,7 +172,6 @@ def draw_timeline(report: TrialReport, path: Path) -> str | None:
     ax.grid(alpha=0.25)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return str(path)
 
 
