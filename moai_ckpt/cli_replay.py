@@ -250,6 +250,9 @@ def replay_run(
     verify: Annotated[
         bool, typer.Option("--verify", help="Re-run the logged steps and report determinism per step.")
     ] = False,
+    ops: Annotated[
+        bool, typer.Option("--ops", help="Re-execute the captured steps from their op stream, without the code.")
+    ] = False,
     step: TargetOpt = None,
     world_size: WorldOpt = 1,
     device: DeviceOpt = None,
@@ -261,6 +264,11 @@ def replay_run(
 
     Exit code 1 when a step differs on the placement and device type that wrote the log.
     """
+    if ops:
+        from moai_ckpt.cli_ops import replay_ops
+
+        replay_ops(url, step, device, None, as_json, storage_option)
+        return
     plan = ReplayPlan(url, storage_option, step, entrypoint)
     if not verify:
         _show_log(plan, storage_option, as_json)
@@ -279,6 +287,13 @@ def replay_run(
             out.print(f"[bold red]non-deterministic:[/] {first.describe()}")
         elif report.steps:
             out.print("[green]deterministic:[/] every replayed step matches its record bitwise" if strict else "")
+    first_diverged = report.first_divergence()
+    if first_diverged is not None and not as_json:  # re-run that step under op capture: which op?
+        from moai_ckpt.cli_ops import _print_diff, capture_after_divergence
+
+        diff = capture_after_divergence(url, first_diverged.step, world_size, device, entrypoint, storage_option)
+        if diff is not None:
+            _print_diff(diff)
     if strict and not report.bitwise:
         raise typer.Exit(1)
 

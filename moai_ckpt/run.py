@@ -45,6 +45,7 @@ from moai_ckpt.errors import (
     UnsupportedFormatError,
 )
 from moai_ckpt.format import REPORTS, RUN_INFO, STEP_DIGITS
+from moai_ckpt.opcapture import capture_divergence, check_policy, hooks_for
 from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.session import DEVICE_ENV, RestoreComplete, Session, entry_of, report_progress
 from replay import codec
@@ -89,6 +90,7 @@ class Run:
         log_sync: bool = False,
         log_lag: int = 1,
         snapshot_at_end: bool = True,
+        capture_ops: str = "on_divergence",
         **options: Any,
     ) -> None:
         if log_lag < 1:
@@ -97,6 +99,8 @@ class Run:
         if self.session is not None:
             storage = self.session.storage
         self.ckpt = Checkpointer(storage, **options)
+        self.capture_policy = check_policy(capture_ops)  # op capture: see moai_ckpt.opcapture
+        self._ops = hooks_for(self.capture_policy, self.session.capture_ops if self.session is not None else ())
         timeout = timedelta(seconds=self.ckpt.options.collective_timeout_s)
         self.world: World = current_world(timeout)  # agreement on the training thread
         self._log_world: World = current_world(timeout)  # the recorder thread's own group
@@ -258,6 +262,14 @@ class Run:
         batch = next(iterator)
         self._step_state["batch"] = codec.pack(batch)
         return batch
+
+    def capture_ops(self, step: int | None = None) -> None:
+        """Capture the aten op stream of ``step`` (default: the next step); see `replay.ops`."""
+        from moai_ckpt.opcapture import OpCaptureHooks
+
+        if self._ops is None:
+            self._ops = OpCaptureHooks()
+        self._ops.request(self.step + 1 if step is None else step)
 
     def hparam(self, **values: float | int | bool) -> None:
         """Log extra scalars in force for the current step (e.g. ``accumulation=4``)."""
@@ -446,6 +458,8 @@ class Run:
         return self.session.step
 
     def _target_step_bound(self) -> int | None:
+        if self.session is not None and self.session.step is not None and self.session.step in self.session.capture_ops:
+            return self.session.step - 1  # a captured step must run: restore a snapshot before it
         return self.session.step if self.session is not None else None
 
     # -- each step ------------------------------------------------------------------------------
@@ -490,9 +504,13 @@ class Run:
                     self._step_state["rng"] = {**self._step_state["rng"], **states}
         self._step_state["hparams"] = Hyperparameters.capture(self.tracked)
         faults.point("step.begin")
+        if self._ops is not None:
+            self._ops.begin(self, step)
         self._count("step start", started)
 
     def _end(self, step: int) -> None:
+        if self._ops is not None:
+            self._ops.end(self, step, self._step_state)
         started = time.perf_counter()
         state = self._step_state
         if "loss" not in state:
@@ -723,6 +741,8 @@ class Run:
 
         With ``failing`` (an exception is on its way out) problems are logged, not raised.
         """
+        if self._ops is not None:
+            self._ops.abandon()
         try:
             if self._recorder is not None and self._recorder.error is None:
                 self._recorder.drain(timeout=2 * self.ckpt.options.collective_timeout_s)
@@ -783,6 +803,7 @@ def fault_tolerant(
     log_lag: int = 1,
     snapshot_at_end: bool = True,
     deterministic: bool = False,
+    capture_ops: str = "on_divergence",
     **options: Any,
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Make a training function resumable at its last completed step (see the module docstring).
@@ -802,6 +823,9 @@ def fault_tolerant(
             a crash re-runs at most ``log_lag`` completed steps, bitwise the same.
         snapshot_at_end: snapshot the last step when the loop of `Run.steps` finishes.
         deterministic: ``torch.use_deterministic_algorithms(True)`` and the environment it needs.
+        capture_ops: when to capture a step's aten op stream: ``"never"``, ``"on_divergence"`` (a
+            replay that diverges re-runs its step under capture) or ``"after_snapshot"`` (also the
+            first step after each snapshot); see `moai_ckpt.opcapture` and docs/ops.md.
         **options: `Checkpointer` options and storage options.
     """
     if snapshot_every is not None and snapshot_every < 1:
@@ -827,6 +851,7 @@ def fault_tolerant(
                 log_sync=log_sync,
                 log_lag=log_lag,
                 snapshot_at_end=snapshot_at_end,
+                capture_ops=capture_ops,
                 **options,
             )
             run.entry = entry_of(fn, args, kwargs)
@@ -835,6 +860,13 @@ def fault_tolerant(
             except RestoreComplete as done:
                 run.close()
                 return done.report
+            except ReplayDivergenceError as exc:
+                if run.capture_policy != "never" and exc.check is not None:
+                    label = capture_divergence(run, exc.check.step)
+                    if label is not None and hasattr(exc, "add_note"):
+                        exc.add_note(f"op capture of the diverged step: {label} (moai-ckpt diff-ops)")
+                run.close(failing=True)
+                raise
             except BaseException:
                 run.close(failing=True)
                 raise

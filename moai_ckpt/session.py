@@ -40,6 +40,7 @@ class Session(BaseModel):
     to: str | None = None
     report: str | None = Field(default=None, description="local path for rank 0's JSON report")
     progress: bool = False
+    capture_ops: list[int] = Field(default_factory=list, description="steps to capture the op stream of")
 
     @classmethod
     def from_env(cls) -> Session | None:
