@@ -21,7 +21,7 @@ from rich.console import Console
 from moai_ckpt.chaos.oracle import Verdict, judge
 from moai_ckpt.chaos.report import Summary, TrialReport, checks_table, draw_timeline, faults_table, write
 from moai_ckpt.chaos.runner import HANDOFF, ChaosError, RunOutcome, Trial
-from moai_ckpt.chaos.scenario import BUILTIN, KINDS, PHASES, Fault, Scenario
+from moai_ckpt.chaos.scenario import BUILTIN, DEMO_ENTRYPOINT, KINDS, PHASES, Fault, Scenario
 
 __all__ = [
     "BUILTIN",
@@ -39,18 +39,26 @@ __all__ = [
 ]
 
 
+def _identity(scenario: Scenario) -> dict[str, object]:
+    """The scenario, as two machines compare it (the bundled demo lives at a different path on each)."""
+    fields = scenario.model_dump(mode="json")
+    if fields["entrypoint"] == DEMO_ENTRYPOINT:
+        fields["entrypoint"] = "demo"
+    return fields
+
+
 def _reference(scenario: Scenario, out_dir: Path, quiet: bool) -> RunOutcome:
     """The fault-free run. A handed-off trial is judged against the reference its first machine ran."""
     finished = out_dir / "reference" / "finished.json"
     pending = any(out_dir.glob(f"seed-*/faulty/{HANDOFF}")) and finished.exists()
-    if pending and json.loads(finished.read_text())["scenario"] == scenario.model_dump(mode="json"):
+    if pending and json.loads(finished.read_text())["scenario"] == _identity(scenario):
         run_dir = out_dir / "reference" / "run"
         return RunOutcome(run_dir=run_dir, storage=str(run_dir), finished=True)
     reference = Trial(scenario, out_dir, seed=0, quiet=quiet).run("reference", [])
     if not reference.finished:
         logs = [a.log for a in reference.attempts]
         raise ChaosError(f"the fault-free reference run did not finish; its output: {logs}")
-    finished.write_text(json.dumps({"scenario": scenario.model_dump(mode="json")}))
+    finished.write_text(json.dumps({"scenario": _identity(scenario)}))
     return reference
 
 
