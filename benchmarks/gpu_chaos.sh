@@ -17,7 +17,7 @@ phase=${1:?first or second}
 out=${2:?output directory}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
-cli() { python3 -c 'from moai_ckpt.cli import main; main()' "$@"; }
+cli=(python3 -c 'from moai_ckpt.cli import main; main()')
 gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/machine-$phase.txt"
 echo "cpus $(nproc), torch $(python3 -c 'import torch; print(torch.__version__)')" | tee -a "$out/machine-$phase.txt"
@@ -25,7 +25,7 @@ echo "cpus $(nproc), torch $(python3 -c 'import torch; print(torch.__version__)'
 device_changes() {  # CUDA -> CPU and CPU -> CUDA, one rank per GPU
     for scenario in gpu-to-cpu cpu-to-gpu; do
         echo "== $scenario on $gpus rank(s)"
-        timeout 240 cli chaos run "$scenario" --ranks "$gpus" --steps 30 --out "/tmp/chaos-$scenario" 2>&1 |
+        timeout 240 "${cli[@]}" chaos run "$scenario" --ranks "$gpus" --steps 30 --out "/tmp/chaos-$scenario" 2>&1 |
             grep -v '^\s*$' | tail -28
         cp "/tmp/chaos-$scenario/report.json" "$out/$scenario-$phase.json" 2>/dev/null
     done
@@ -36,13 +36,13 @@ if [ "$phase" = trials ]; then
     jobs=${4:-7}
     export CUDA_VISIBLE_DEVICES="" MOAI_CKPT_DEVICE=cpu
     echo "== $trials random-fault trials of the demo, 2 CPU ranks, $jobs at a time"
-    timeout 570 cli chaos run smoke --random-faults 3 --trials "$trials" --jobs "$jobs" --seed 1000 --steps 30 \
+    timeout 570 "${cli[@]}" chaos run smoke --random-faults 3 --trials "$trials" --jobs "$jobs" --seed 1000 --steps 30 \
         --out /tmp/chaos-random 2>&1 | grep -v '^\s*$' | tail -40
     cp /tmp/chaos-random/report.json "$out/random-trials.json"
 elif [ "$phase" = matrix ]; then
     export CUDA_VISIBLE_DEVICES="" MOAI_CKPT_DEVICE=cpu
     for scenario in kills full; do  # the fault matrices, side by side
-        timeout 560 cli chaos run "$scenario" --out "/tmp/chaos-$scenario" >"$out/$scenario.txt" 2>&1 &
+        timeout 560 "${cli[@]}" chaos run "$scenario" --out "/tmp/chaos-$scenario" >"$out/$scenario.txt" 2>&1 &
     done
     wait
     for scenario in kills full; do
@@ -52,12 +52,12 @@ elif [ "$phase" = matrix ]; then
 elif [ "$phase" = first ]; then
     device_changes
     echo "== handoff, first half"
-    timeout 200 cli chaos run handoff --ranks 1 --steps 30 --out handoff 2>&1 | grep -v '^\s*$' | tail -6
+    timeout 200 "${cli[@]}" chaos run handoff --ranks 1 --steps 30 --out handoff 2>&1 | grep -v '^\s*$' | tail -6
     tar cf "$out/handoff.tar" handoff
 else
     tar xf "${3:?the handoff tarball}"
     echo "== handoff, second half"
-    timeout 200 cli chaos run handoff --ranks 1 --steps 30 --out handoff 2>&1 | grep -v '^\s*$' | tail -28
+    timeout 200 "${cli[@]}" chaos run handoff --ranks 1 --steps 30 --out handoff 2>&1 | grep -v '^\s*$' | tail -28
     cp handoff/report.json "$out/handoff.json"
     cp handoff/seed-0/timeline.png "$out/handoff-timeline.png" 2>/dev/null
     device_changes
