@@ -78,6 +78,8 @@ class Divergence(BaseModel):
                 f"; max abs error {err.max_abs:.3g}, max rel error {err.max_rel:.3g} "
                 f"(over {err.sampled} of {err.numel} elements), norm rel {err.norm_rel:.3g}"
             )
+        if self.kind == "block" and self.b_input_dtypes != self.input_dtypes:
+            errors += f"; B's ops read {sorted(set(self.b_input_dtypes))}"
         shapes = " x ".join(str(tuple(s)) for s in self.input_shapes)
         return (
             f"{where} [{self.phase}] {head}: inputs agree, outputs differ; inputs {shapes} {self.input_dtypes}{errors}"
@@ -120,13 +122,13 @@ def _scalars(node: Any) -> Any:
     """The argument tree with tensors blanked (what must agree besides input values)."""
     if isinstance(node, dict):
         return None if "t" in node and len(node) == 1 else {k: _scalars(v) for k, v in node.items()}
-    if isinstance(node, list):
+    if isinstance(node, list | tuple):
         return [_scalars(v) for v in node]
     return node
 
 
 def _signature(stream: OpStream, op: dict[str, Any]) -> str:
-    inputs = [stream.values[v] for v in value_refs((op["a"], op["k"]))]
+    inputs = [stream.values[v] for v in stream.input_vids(op)]
     return op["op"] + "|" + ";".join(f"{m['dtype']}{m['shape']}" for m in inputs)
 
 
@@ -159,8 +161,9 @@ def value_diff(a: dict[str, Any], b: dict[str, Any]) -> ValueDiff:
 
 
 class _Walk:
-    def __init__(self, a: OpStream, b: OpStream) -> None:
+    def __init__(self, a: OpStream, b: OpStream, loose_a: set[int], loose_b: set[int]) -> None:
         self.a, self.b = a, b
+        self.loose = {id(a): loose_a, id(b): loose_b}  # op indices outside the aligned runs
         self.events: list[Divergence] = []
         self.diverged_after: list[tuple[int, float | None, str]] = []  # (a index, norm rel, op)
         self.seen_inputs: set[str] = set()
@@ -189,17 +192,32 @@ class _Walk:
 
     def block(self, i1: int, i2: int, j1: int, j2: int) -> None:
         a, b = self.a, self.b
-        ext_a = self._block_inputs(a, i1, i2)
-        ext_b = self._block_inputs(b, j1, j2)
         if i1 == i2 or j1 == j2:
             return  # ops only one run has: no outputs to compare
+        direct_a, direct_b = self._block_inputs(a, i1, i2), self._block_inputs(b, j1, j2)
+        roots_a, roots_b = self._roots(a, direct_a), self._roots(b, direct_b)
         outs_a, outs_b = a.output_vids(a.ops[i2 - 1]), b.output_vids(b.ops[j2 - 1])
-        if sorted(_hash(a, v) or "" for v in ext_a) != sorted(_hash(b, v) or "" for v in ext_b):
-            return
+        if sorted(_hash(a, v) or "" for v in roots_a) != sorted(_hash(b, v) or "" for v in roots_b):
+            return  # the block's inputs (traced back through unaligned casts) differ: not its fault
         if [_hash(a, v) for v in outs_a] != [_hash(b, v) for v in outs_b]:
             ops_a = [op["op"] for op in a.ops[i1:i2]]
             ops_b = [op["op"] for op in b.ops[j1:j2]]
-            self.events.append(self._event("block", i1, j1, ops_a, ops_b, ext_a, ext_b, outs_a, outs_b))
+            self.events.append(self._event("block", i1, j1, ops_a, ops_b, direct_a, direct_b, outs_a, outs_b))
+
+    def _roots(self, s: OpStream, vids: list[int]) -> list[int]:
+        """Inputs traced back through unaligned producers (a cast inserted before the block)."""
+        loose, out, todo, seen = self.loose[id(s)], [], list(vids), set()
+        while todo:
+            vid = todo.pop()
+            if vid in seen:
+                continue
+            seen.add(vid)
+            by = s.values[vid]["by"]
+            if by >= 0 and by in loose:
+                todo.extend(s.input_vids(s.ops[by]))
+            else:
+                out.append(vid)
+        return out
 
     @staticmethod
     def _block_inputs(s: OpStream, lo: int, hi: int) -> list[int]:
@@ -244,9 +262,12 @@ def diff_streams(a: OpStream, b: OpStream) -> DiffReport:
     sig_a = [_signature(a, op) for op in a.ops]
     sig_b = [_signature(b, op) for op in b.ops]
     matcher = difflib.SequenceMatcher(None, sig_a, sig_b, autojunk=False)
-    walk = _Walk(a, b)
+    codes = matcher.get_opcodes()
+    loose_a = {i for tag, i1, i2, _, _ in codes if tag != "equal" for i in range(i1, i2)}
+    loose_b = {j for tag, _, _, j1, j2 in codes if tag != "equal" for j in range(j1, j2)}
+    walk = _Walk(a, b, loose_a, loose_b)
     aligned = unaligned_a = unaligned_b = 0
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+    for tag, i1, i2, j1, j2 in codes:
         if tag == "equal":
             for k in range(i2 - i1):
                 walk.pair(i1 + k, j1 + k)

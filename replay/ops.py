@@ -212,7 +212,7 @@ class OpStream:
     blobs: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def input_vids(self, op: dict[str, Any]) -> list[int]:
-        return list(value_refs((op["a"], op["k"])))
+        return list(value_refs([op["a"], op["k"]]))
 
     def output_vids(self, op: dict[str, Any]) -> list[int]:
         outs = list(value_refs(op["o"]))
