@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from replay.ops import OpStream, sample_values, value_refs
+from replay.ops import OpStream, sample_values
 
 
 class ValueDiff(BaseModel):

@@ -45,7 +45,9 @@ from moai_ckpt.errors import MoaiCkptError
 SAMPLE = 64  # elements of each value kept as float64 for error estimates
 SKIPPED_NAMESPACES = ("profiler",)
 # ops whose outputs are uninitialized memory: not hashed (their bytes mean nothing until written)
-UNINITIALIZED = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"})  # record_function markers: no data, not replayable
+UNINITIALIZED = frozenset(
+    {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
+)  # record_function markers: no data, not replayable
 COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional", "_dtensor")
 _K1, _K2 = 0x9E3779B97F4A7C16, 0x2545F4914F6CDD1D  # even multiplier, odd offset: every weight is odd
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -91,7 +91,7 @@ def test_a_stored_capture_reads_back_and_refuses_torn_corrupt_and_unknown_versio
     data = bytearray((root / "values.bin").read_bytes())
     data[len(data) // 2] ^= 0x10
     (root / "values.bin").write_bytes(bytes(data))
-    with pytest.raises(CorruptCaptureError, match="does not match capture.json"):
+    with pytest.raises(CorruptCaptureError, match=r"does not match capture\.json"):
         read_capture(storage, 1, "c1-test")
     index = json.loads((root / "capture.json").read_text())
     (root / "capture.json").write_text(json.dumps({**index, "version": 9}))
@@ -119,5 +119,5 @@ def test_code_free_replay_runs_only_aten_ops_of_single_process_captures() -> Non
         check_replayable(stream)
     stream.world_size = 1
     stream.ops.append({"op": "c10d.allreduce_.default", "a": [], "k": {}, "o": None, "m": []})
-    with pytest.raises(OpCaptureError, match="collectives: c10d.allreduce_"):
+    with pytest.raises(OpCaptureError, match=r"collectives: c10d\.allreduce_"):
         OpReplayer(stream, torch.device("cpu"), {})
