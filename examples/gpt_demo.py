@@ -271,7 +271,10 @@ class _Progress:
 
 
 @moai_ckpt.fault_tolerant(
-    storage="{storage}", snapshot_every=int(os.environ.get(SNAPSHOT_EVERY_ENV, "20")), log_sync=True
+    storage="{storage}",
+    snapshot_every=int(os.environ.get(SNAPSHOT_EVERY_ENV, "20")),
+    log_sync=True,
+    capture_ops=os.environ.get("GPT_DEMO_CAPTURE_OPS", "on_divergence"),  # benchmarks/gpu_ops.sh: after_snapshot
 )
 def train(
     run: moai_ckpt.Run,
