@@ -125,6 +125,17 @@ def test_a_2_stage_by_2_way_pipeline_trains_and_restores_into_a_3_rank_plan(tmp_
     check_against_one_process(run_dir, 10)  # the restored state (Adam moments too) went on exactly
 
 
+def test_an_fsdp2_run_restores_its_shards_onto_3_replicas_and_trains_on_as_one_process(tmp_path: Path) -> None:
+    run_dir = str(tmp_path / "run")
+    fsdp = {"pp": 1, "data_parallel": ["fsdp"]}
+    two = ok(launch(TARGET, 2, run_dir=run_dir, total=4, global_batch=GLOBAL_BATCH, options=fsdp))
+    assert {v["dp"] for v in two} == {2}
+    three = ok(launch(TARGET, 3, run_dir=run_dir, total=7, global_batch=GLOBAL_BATCH, options=fsdp))
+    assert {(v["dp"], v["first_step"], v["last_step"]) for v in three} == {(3, 5, 7)}
+    # each replica read its own rows of the 2-way shards; parameters and Adam moments went on exactly
+    check_against_one_process(run_dir, 7)
+
+
 # -- the command line --------------------------------------------------------------------------
 
 
