@@ -221,6 +221,11 @@ def _print_diff(report: DiffReport) -> None:
     )
     if report.identical:
         table.add_row("verdict", "[green]identical[/]: every aligned op has the same input and output hashes")
+        if report.unaligned_a or report.unaligned_b:
+            table.add_row(
+                "",
+                "(ops only one stream has changed no aligned op's inputs or outputs: e.g. a sampler's permutation drawn again after a restore)",
+            )
         out.print(table)
         return
     first = report.first
