@@ -6,9 +6,10 @@
 #                                                   # capture after each snapshot (steps 1 and 3), the
 #                                                   # capture overhead benchmark, and a local replay --ops
 #   bash benchmarks/gpu_ops.sh replay OUT_DIR      # on the H200, with OUT_DIR copied over from the H100:
-#                                                   # replay --ops of the H100 captures on this GPU (drift
-#                                                   # per step, first divergent op), a capture of step 3
-#                                                   # here, diff-ops H100 vs H200, and the overhead benchmark
+#                                                   # replay --ops of the H100 captures on the CPU and on this
+#                                                   # GPU (drift per step, first divergent op), the H200
+#                                                   # replay stored as a capture, diff-ops H100 vs H200 of
+#                                                   # steps 1 and 3, and the overhead benchmark
 #
 # OUT_DIR/run is the run directory (it moves between the machines: copy OUT_DIR whole).
 set -uo pipefail
@@ -29,23 +30,28 @@ capture)
     # 4 steps, a snapshot every 2: captures of steps 1 and 3 (the first step after each snapshot);
     # snapshot_every comes from GPT_DEMO_SNAPSHOT_EVERY, capture_ops from GPT_DEMO_CAPTURE_OPS
     GPT_DEMO_SNAPSHOT_EVERY=2 GPT_DEMO_CAPTURE_OPS=after_snapshot timeout 300 python3 examples/gpt_demo.py \
-        --storage "$run" --steps 4 --kwargs '{"dim": 256, "layers": 4, "heads": 4, "context": 128, "batch_size": 16}' \
-        2>&1 | tail -5 | tee "$out/train_$gpu.txt"
+        --storage "$run" --steps 4 2>&1 | tail -5 | tee "$out/train_$gpu.txt"
     cli capture "$run" | tee "$out/captures_$gpu.txt"
     echo "== replay --ops on the capturing GPU (same device type: must be bitwise)" | tee "$out/replay_ops_$gpu.txt"
     timeout 300 python3 -m moai_ckpt.cli replay "$run" --ops --device cuda 2>&1 | tee -a "$out/replay_ops_$gpu.txt"
     ;;
 replay)
     [ -d "$run" ] || { echo "no $run: copy the H100's OUT_DIR here first" >&2; exit 2; }
-    echo "== replay --ops of the captures on $gpu" | tee "$out/replay_ops_$gpu.txt"
-    timeout 300 python3 -m moai_ckpt.cli replay "$run" --ops --device cuda 2>&1 | tee -a "$out/replay_ops_$gpu.txt"
-    echo "== replay --ops on the CPU (another device type)" | tee -a "$out/replay_ops_$gpu.txt"
+    echo "== replay --ops on the CPU (another device type)" | tee "$out/replay_ops_$gpu.txt"
     timeout 300 python3 -m moai_ckpt.cli replay "$run" --ops --device cpu 2>&1 | tee -a "$out/replay_ops_$gpu.txt"
-    echo "== capture of step 3 on $gpu (re-runs examples/gpt_demo.py through the session), diffed with the H100's"
-    timeout 300 python3 -m moai_ckpt.cli capture "$run" --step 3 --device cuda 2>&1 | tee "$out/capture3_$gpu.txt"
-    echo "== diff-ops: the H100 capture of step 3 (A) vs this GPU's (B)" | tee "$out/diff_ops_$gpu.txt"
-    cli diff-ops "$run" "$run" --step 3 2>&1 | tee -a "$out/diff_ops_$gpu.txt"
-    cli diff-ops "$run" "$run" --step 3 --json >"$out/diff_ops_$gpu.json" 2>/dev/null
+    # the H100 captures re-executed on this GPU, without the training code; each replayed step is
+    # stored as a capture of its own (label c<ms>-ops-cuda), the H200's op stream for diff-ops
+    echo "== replay --ops of the captures on $gpu" | tee -a "$out/replay_ops_$gpu.txt"
+    timeout 300 python3 -m moai_ckpt.cli replay "$run" --ops --device cuda --save-capture 2>&1 |
+        tee -a "$out/replay_ops_$gpu.txt"
+    timeout 300 python3 -m moai_ckpt.cli replay "$run" --ops --device cuda --json >"$out/replay_ops_$gpu.json" 2>/dev/null
+    cli capture "$run" | tee "$out/captures_$gpu.txt"
+    for step in 1 3; do
+        echo "== diff-ops step $step: the H100 capture (A, the first) vs this GPU's replay of it (B, the newest)" |
+            tee -a "$out/diff_ops_$gpu.txt"
+        cli diff-ops "$run" "$run" --step "$step" 2>&1 | tee -a "$out/diff_ops_$gpu.txt"
+        cli diff-ops "$run" "$run" --step "$step" --json >"$out/diff_ops_step${step}_$gpu.json" 2>/dev/null
+    done
     ;;
 *)
     echo "mode must be capture or replay" >&2

@@ -255,7 +255,13 @@ def _print_diff(report: DiffReport) -> None:
 
 
 def replay_ops(
-    url: str, step: int | None, device: str | None, label: str | None, as_json: bool, storage_option: list[str] | None
+    url: str,
+    step: int | None,
+    device: str | None,
+    label: str | None,
+    as_json: bool,
+    storage_option: list[str] | None,
+    save: bool = False,
 ) -> None:
     """``moai-ckpt replay URL --ops``: re-execute every captured step (up to ``step``) from its op stream."""
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -268,7 +274,12 @@ def replay_ops(
             raise SnapshotNotFoundError(
                 "no op capture to replay" + (f" up to step {step}" if step else ""), url=ckpt.url
             )
-        report = replay_captures(ckpt, target, captures)
+        placement = None
+        if save:
+            from moai_ckpt.run import current_placement
+
+            placement = current_placement(1, target)
+        report = replay_captures(ckpt, target, captures, save=placement)
     if as_json:
         _echo_json(json.loads(report.model_dump_json()))
     else:
@@ -306,5 +317,7 @@ def _print_replay(report: OpReplayReport) -> None:
             out.print(f"step {s.step}: {s.check.describe()}", soft_wrap=True)
         if s.note:
             out.print(f"step {s.step}: {s.note}")
+        if s.saved_as:
+            out.print(f"step {s.step}: stored as capture {s.saved_as} (moai-ckpt diff-ops URL URL --step {s.step})")
     for line in report.skipped:
         out.print(f"[yellow]skipped[/] {line}")

@@ -253,6 +253,9 @@ def replay_run(
     ops: Annotated[
         bool, typer.Option("--ops", help="Re-execute the captured steps from their op stream, without the code.")
     ] = False,
+    save_capture: Annotated[
+        bool, typer.Option("--save-capture", help="With --ops: store each replayed step as a capture, for diff-ops.")
+    ] = False,
     step: TargetOpt = None,
     world_size: WorldOpt = 1,
     device: DeviceOpt = None,
@@ -267,7 +270,7 @@ def replay_run(
     if ops:
         from moai_ckpt.cli_ops import replay_ops
 
-        replay_ops(url, step, device, None, as_json, storage_option)
+        replay_ops(url, step, device, None, as_json, storage_option, save=save_capture)
         return
     plan = ReplayPlan(url, storage_option, step, entrypoint)
     if not verify:

@@ -29,7 +29,7 @@ from moai_ckpt.dtypes import torch_dtype
 from moai_ckpt.errors import SnapshotNotFoundError
 from moai_ckpt.tree import decode
 from replay.check import StepCheck, compare, params_array
-from replay.log import Digests, LogContents, StepRecord
+from replay.log import Digests, LogContents, Placement, StepRecord
 from replay.opdiff import Divergence, value_diff
 from replay.ops import COLLECTIVE_NAMESPACES, OpCaptureError, OpStream, decode_digest, digest, stored_from_snapshot
 
@@ -86,6 +86,7 @@ class OpStepResult(BaseModel):
     host_drift: list[str] = Field(default_factory=list)
     check: StepCheck | None = None
     note: str | None = None
+    saved_as: str | None = Field(default=None, description="label of this replay stored as a capture")
     seconds: float = 0.0
 
     @property
@@ -180,6 +181,7 @@ class OpReplayer:
         self.env: dict[int, Any] = {}
         self.digests: dict[int, torch.Tensor] = {}
         self.host_drift: list[str] = []
+        self.replayed: dict[int, dict[str, Any]] = {}  # value id -> its metadata with this replay's digest
 
     def _device(self, name: str) -> torch.device:
         return torch.device("cpu") if name == "cpu" or self.device.type == "cpu" else self.device
@@ -299,6 +301,7 @@ class OpReplayer:
         for vid, w in words.items():
             h, norm, sample = decode_digest(w)
             replayed[vid] = {**self.stream.values[vid], "hash": h, "norm": norm, "sample": sample}
+        self.replayed = replayed
         externals = [src for vid, src in sorted(self.stream.externals.items()) if not _same(self.stream, replayed, vid)]
         differing, first = 0, None
         for index, op in enumerate(self.stream.ops):
@@ -321,6 +324,24 @@ class OpReplayer:
                     outputs=[value_diff(self.stream.values[v], replayed[v]) for v in outs if v in replayed],
                 )
         return differing, first, externals
+
+    def as_capture(self) -> OpStream:
+        """This replay as a capture of its own: the same ops, with the digests computed here."""
+        values = [self.replayed.get(vid, meta) for vid, meta in enumerate(self.stream.values)]
+        device = str(self.device)
+        values = [{**m, "device": "cpu" if m["device"] == "cpu" else device} for m in values]
+        return OpStream(
+            step=self.stream.step,
+            rank=self.stream.rank,
+            world_size=self.stream.world_size,
+            meta={**self.stream.meta, "replay_of": self.stream.meta.get("label")},
+            ops=self.stream.ops,
+            values=values,
+            externals=self.stream.externals,
+            results=self.stream.results,
+            finals=self.stream.finals,
+            blobs=self.stream.blobs,
+        )
 
     def results(self) -> tuple[float | None, float | None]:
         out: list[float | None] = []
@@ -446,9 +467,15 @@ def replay_stream(
 # -- several steps, from the snapshots --------------------------------------------------------------
 
 
-def replay_captures(ckpt: Checkpointer, device: torch.device, captures: dict[int, str]) -> OpReplayReport:
+def replay_captures(
+    ckpt: Checkpointer, device: torch.device, captures: dict[int, str], *, save: Placement | None = None
+) -> OpReplayReport:
     """Replay the captures ``step -> label`` in step order, each from the snapshot just before it or
-    from the replayed state of the step before it (consecutive captures)."""
+    from the replayed state of the step before it (consecutive captures).
+
+    With ``save`` (the placement replayed on), each replayed step is also stored as a capture of its
+    own (label ``c<ms>-ops-<device type>``), for ``diff-ops`` against the original.
+    """
     from replay.log import records_after
     from replay.opstore import read_capture
 
@@ -476,6 +503,11 @@ def replay_captures(ckpt: Checkpointer, device: torch.device, captures: dict[int
         for source, vid in stream.finals.items():
             if isinstance(replayer.env.get(vid), torch.Tensor):
                 state[source] = replayer.env[vid]
+        if save is not None:
+            from replay.opstore import new_label, write_capture
+
+            result.saved_as = new_label(f"ops-{device.type}")
+            write_capture(ckpt.storage, replayer.as_capture(), result.saved_as, save)
         report.steps.append(result)
         previous = step
     return report
