@@ -152,3 +152,14 @@ def test_with_capture_off_a_run_holds_no_capture_hooks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="capture_ops must be one of"):
         moai_ckpt.fault_tolerant(storage=str(tmp_path / "x"), capture_ops="always")(lambda run: None)()
     torch.manual_seed(0)
+
+
+def test_a_replay_saved_as_a_capture_diffs_identical_with_the_original_on_the_same_device(base_run: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["replay", str(base_run), "--ops", "--device", "cpu", "--save-capture", "--step", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    refs = list_captures(open_storage(str(base_run)), 1)
+    assert refs[-1].label.endswith("-ops-cpu")
+    report = diff_streams(_stream(base_run, 1, 0), _stream(base_run, 1, len(refs) - 1))
+    assert report.identical and report.aligned == report.ops_a
