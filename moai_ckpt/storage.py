@@ -614,6 +614,8 @@ def open_storage(
     protocol = head.split("://", 1)[0] if "://" in head else ("file" if head == url else head)
     if protocol == "file" and set(storage_options) <= {"fsync"}:
         return LocalStorage(url, retry, fsync=bool(storage_options.get("fsync", True)))
+    if protocol == "faulty":  # registered by an entry point once installed; not when run from a checkout
+        import moai_ckpt.testing.faulty  # noqa: F401
     try:
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
     except ImportError as exc:
