@@ -252,7 +252,11 @@ def _check_restores(verdict: Verdict, faulty: RunOutcome) -> None:
                 Path(a.log).read_text(errors="replace") for a in faulty.attempts if a.started > (record.fired_at or 0)
             )
             record.detected = (
-                "the restart set the damaged segment aside" if "the log is damaged" in logs else "NOT detected"
+                "the restart set the damaged segment aside"
+                if "the log is damaged" in logs
+                else "the restart dropped it as a torn tail (checksum) and ran the step again"
+                if "dropped a torn log tail" in logs and record.target in logs
+                else "NOT detected"
             )
 
 

@@ -24,7 +24,8 @@ from typing import Any
 
 from moai_ckpt import faults as fault_points
 from moai_ckpt.chaos.scenario import AT_REST_KINDS, PROCESS_KINDS, STORAGE_KINDS, Fault, Scenario
-from moai_ckpt.format import COMMIT, LOG, STEP_DIGITS, parse_log_segment
+from moai_ckpt.checkpointer import Checkpointer
+from moai_ckpt.format import COMMIT, LOG, STEP_DIGITS, parse_log_segment, snapshot_dir
 from moai_ckpt.session import DEVICE_ENV
 from moai_ckpt.testing.faulty import EVENT_LOG_ENV, PLAN_ENV
 
@@ -336,14 +337,18 @@ class Trial:
         return world_size
 
     def _flip_a_bit(self, run_dir: Path, kind: str) -> str | None:
-        snapshots = sorted(p for p in (run_dir / "snapshots").glob("*") if (p / COMMIT).exists())
-        newest = snapshots[-1] if snapshots else None
+        """Flip one bit in what the next restart will read: the newest usable snapshot, or its log."""
+        with Checkpointer(str(run_dir), local=True) as ckpt:
+            usable = ckpt.steps()  # committed, with a valid marker: what a restart may restore
+        newest = run_dir / snapshot_dir(usable[-1]) if usable else None
         if kind == "corrupt_chunk" and newest is not None:
             candidates = sorted(p for p in newest.rglob("*") if p.is_file() and "/c/" in str(p) and p.stat().st_size)
         elif kind == "corrupt_marker" and newest is not None:
             candidates = [newest / COMMIT]
         elif kind == "corrupt_log":
-            logs = sorted(p for p in (run_dir / LOG).glob("*") if p.name.isdigit())
+            # the log a restart replays first: the one after the newest usable snapshot (a log
+            # whose own snapshot is unusable is read by nobody)
+            logs = sorted(p for p in (run_dir / LOG).glob("*") if p.name.isdigit() and int(p.name) in usable)
             candidates = sorted(p for p in logs[-1].glob("*.seg")) if logs else []
             candidates = candidates[:-1] or candidates  # not the newest segment: damage there reads as torn
         else:

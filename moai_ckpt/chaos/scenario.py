@@ -28,6 +28,7 @@ Phase = Literal[
     "log.flush",
 ]
 PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
+RANK_0_PHASES = ("snapshot.commit", "log.write", "log.flush")  # the coordinator's work alone
 Kind = Literal[
     "kill",  # SIGKILL one rank at a step and phase
     "kill_all",  # SIGKILL every rank at once
@@ -155,8 +156,8 @@ class Scenario(BaseModel):
             if fault.kind in PROCESS_KINDS and fault.phase is None:
                 phases = PHASES if fault.kind != "hang" else ("forward", "backward", "optimizer")
                 update["phase"] = rng.choice(phases)
-            if fault.kind == "kill" and update.get("phase", fault.phase) in ("log.write", "log.flush"):
-                update["rank"] = 0  # rank 0 alone writes the log: a kill there must strike it
+            if fault.kind == "kill" and update.get("phase", fault.phase) in RANK_0_PHASES:
+                update["rank"] = 0  # rank 0 alone writes the log and commits: a kill there must strike it
             if fault.kind == "resize" and fault.world_size is None:
                 update["world_size"] = max(1, self.ranks - 1)
             drawn.append(fault.model_copy(update=update))
