@@ -406,10 +406,12 @@ class Run:
             if problems:
                 log.warning("restored the snapshot of step %d instead of newer unusable ones: %s", candidate, problems)
             return candidate
-        if 0 in self._unusable and 0 in log_bases(self.ckpt.storage):
+        if 0 in log_bases(self.ckpt.storage):
             # the state at step 0 is what the training function itself builds, and the log holds
             # every step since: replaying them from the fresh objects checks each one, so an
-            # initial state that differs from the original is reported, never silently used
+            # initial state that differs from the original is reported, never silently used (the
+            # snapshot of step 0 failed its checks, or its marker is damaged and it is not listed)
+            self._unusable.add(0)
             log.warning(
                 "no snapshot can be restored (%s); starting from the state the training function builds "
                 "(step 0) and replaying the log from step 1",

@@ -421,24 +421,27 @@ def test_a_snapshot_the_storage_refuses_does_not_stop_the_run(tmp_path: Path, re
     [
         ("chunk", "starting from the state the training function builds"),
         ("marker", "the snapshot of step 0 is missing or damaged"),  # step 0 no longer counts as a snapshot
+        ("marker+newer", "starting from the state the training function builds"),  # and step 4's chunk too
     ],
 )
 def test_with_no_usable_snapshot_the_run_rebuilds_step_0_and_replays_the_whole_log(
     tmp_path: Path, reference: dict[str, Any], damaged: str, message: str
 ) -> None:
     run_dir = tmp_path / "run"
-    result_of(run_scenario(run_dir, 3))  # only the snapshot of step 0; steps 1..3 logged after it
+    # the snapshot of step 0 (and of step 4 when "newer"), every step logged after it
+    logged = 5 if damaged == "marker+newer" else 3
+    result_of(run_scenario(run_dir, logged))
     storage = moai_ckpt.Checkpointer(str(run_dir)).storage
-    if damaged == "chunk":
-        key = next(k for k in storage.list("snapshots/000000000000/model") if "/c/" in k)
-    else:
-        key = "snapshots/000000000000/commit.json"
-    data = bytearray(storage.read(key))
-    data[len(data) // 2] ^= 0x04
-    storage.write(key, bytes(data))
+    keys = ["snapshots/000000000000/commit.json"] if damaged.startswith("marker") else []
+    for step in [0] if damaged == "chunk" else [4] if damaged == "marker+newer" else []:
+        keys.append(next(k for k in storage.list(f"snapshots/{step:012d}/model") if "/c/" in k))
+    for key in keys:
+        data = bytearray(storage.read(key))
+        data[len(data) // 2] ^= 0x04
+        storage.write(key, bytes(data))
     assert 0 not in moai_ckpt.Checkpointer(str(run_dir)).steps() or damaged == "chunk"
     resumed = run_scenario(run_dir, TOTAL)
     out = result_of(resumed)
     assert message in resumed.stderr
-    assert out["first_step"] == 1 and out["replayed"] == 3  # every replayed step checked against the log
+    assert out["first_step"] == 1 and out["replayed"] == logged  # every replayed step checked against the log
     assert out["digest"] == reference["digest"]
