@@ -317,13 +317,19 @@ class LinkProbe(BaseModel):
     latency: float = Field(gt=0, description="seconds per ring step")
 
 
-def probe_link(device: torch.device, group: Any | None = None, nbytes: int = 4 << 20, repeats: int = 5) -> LinkProbe:
+def probe_link(
+    device: torch.device, group: Any | None = None, nbytes: int | None = None, repeats: int = 5
+) -> LinkProbe:
     """Time all-reduces of a tiny and of an ``nbytes`` tensor over ``group`` (collective).
 
     A ring all-reduce over ``n`` ranks takes ``2 (n-1) latency + 2 (n-1)/n bytes / bandwidth``.
+    The big message must take well over the latency, or the difference is noise: 256 MiB on an
+    accelerator (4 MiB over NVLink read as petabytes a second), 4 MiB on a CPU.
     """
     import torch.distributed as dist
 
+    if nbytes is None:
+        nbytes = (256 << 20) if device.type != "cpu" else (4 << 20)
     n = dist.get_world_size(group)
     small = torch.zeros(1, device=device)
     big = torch.zeros(nbytes // 4, device=device)
