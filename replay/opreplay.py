@@ -66,7 +66,8 @@ def check_replayable(stream: OpStream) -> None:
             step=stream.step,
         )
     for op in stream.ops:
-        resolve(op["op"]) if not op.get("rng") else None
+        if not op.get("rng"):  # random ops replay their recorded draws
+            resolve(op["op"])
 
 
 class OpStepResult(BaseModel):
