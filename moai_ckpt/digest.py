@@ -50,7 +50,7 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
 def host_digest(t: torch.Tensor) -> str:
     """The crc32c digest of a CPU tensor's bytes (with its byte length)."""
     data = _flat_bytes(t)
-    crc = _crc32c.crc32c(memoryview(data.numpy())) if data.numel() else 0
+    crc = _crc32c.crc32c(data.numpy().data) if data.numel() else 0
     return f"crc32c:{data.numel():x}:{int(crc):08x}"
 
 
