@@ -43,7 +43,10 @@ def export_weights(
     step: StepOpt = None,
     key: Annotated[str, typer.Option("--key", "-k", help="The snapshot entry holding the weights.")] = "model",
     max_shard_size: Annotated[
-        str, typer.Option("--max-shard-size", help="Largest shard file, e.g. 5GB, 500MB, or bytes.")
+        str,
+        typer.Option(
+            "--max-shard-size", help="Largest shard file: 5GB, 500MB (decimal units, as transformers) or bytes."
+        ),
     ] = "5GB",
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,

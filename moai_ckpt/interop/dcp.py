@@ -31,7 +31,9 @@ import io
 import itertools
 import pickle
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -219,6 +221,14 @@ def open_payload(raw: bytes) -> tuple[Any, bool]:
     return (value, True) if _storable(value) else (raw, False)
 
 
+@contextmanager
+def _single_process() -> Iterator[None]:
+    """DCP in this process alone (``no_dist``), without torch's warning that it assumes exactly that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _dcp_fs(dcp_dir: str) -> tuple[Any, str]:
     fs, path = fsspec.core.url_to_fs(dcp_dir)
     return fs, path.rstrip("/")
@@ -238,7 +248,8 @@ def load_dcp(dcp_dir: str, *, trust_metadata: bool = False) -> tuple[dict[str, A
         raise InteropError(f"not a DCP checkpoint: no {METADATA} file in the directory", url=dcp_dir)
     planner = _RebuildPlanner()
     try:
-        dcp.load({}, checkpoint_id=dcp_dir, planner=planner, no_dist=True)
+        with _single_process():
+            dcp.load({}, checkpoint_id=dcp_dir, planner=planner, no_dist=True)
     except _DCP_FAILURES as exc:
         raise InteropError(f"DCP could not read the checkpoint: {type(exc).__name__}: {exc}", url=dcp_dir) from None
     state = planner.original_state_dict
@@ -457,7 +468,8 @@ def export_dcp(
     verbatim = {fqn for fqn in opaque or [] if isinstance(fqn, str)}
     _prepare_target(dcp_dir, overwrite)
     try:
-        dcp.save(state, checkpoint_id=dcp_dir, planner=_VerbatimPlanner(verbatim), no_dist=True)
+        with _single_process():
+            dcp.save(state, checkpoint_id=dcp_dir, planner=_VerbatimPlanner(verbatim), no_dist=True)
     except _DCP_FAILURES as exc:
         raise InteropError(
             f"DCP could not write {dcp_dir}: {type(exc).__name__}: {exc}", url=source, step=step
