@@ -148,6 +148,13 @@ def export_dcp_command(
         typer.Option("--key", "-k", help="An entry to write, repeatable (default: all but the RNG states)."),
     ] = None,
     overwrite: OverwriteOpt = False,
+    trust_payloads: Annotated[
+        bool,
+        typer.Option(
+            "--trust-payloads",
+            help="Write raw torch.save payloads an import kept (DCP's loader unpickles them): trusted snapshots only.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     storage_option: StorageOpt = None,
 ) -> None:
@@ -155,7 +162,13 @@ def export_dcp_command(
     from moai_ckpt.interop.dcp import export_dcp
 
     result = export_dcp(
-        url, dcp_dir, step=step, keys=key or None, overwrite=overwrite, **_storage_options(storage_option)
+        url,
+        dcp_dir,
+        step=step,
+        keys=key or None,
+        overwrite=overwrite,
+        trust_payloads=trust_payloads,
+        **_storage_options(storage_option),
     )
     if as_json:
         _echo_json(vars(result))

@@ -175,7 +175,13 @@ def test_payloads_the_restricted_loader_refuses_stay_raw_and_go_back_verbatim(tm
     kept = read_state(run)["extra"]
     assert kept["n"] == 3
     assert isinstance(kept["buffer"], bytes) and kept["buffer"].startswith(b"PK")  # the torch.save archive, unopened
-    export_dcp(run, back)
+    # written back as they are, DCP's loader would unpickle bytes that whoever wrote the snapshot chose
+    with pytest.raises(InteropError, match=r"raw torch.save payloads \(extra.buffer\)") as info:
+        export_dcp(run, back)
+    assert info.value.key == "extra.buffer"
+    assert not Path(back).exists()
+    export_dcp(run, str(tmp_path / "without"), keys=["w"])  # leaving the entry out needs no trust
+    assert export_dcp(run, back, trust_payloads=True).verbatim == ["extra.buffer"]
     target: dict[str, Any] = {
         "extra": {"buffer": io.BytesIO(), "n": 0},
         "w": {"t": torch.empty(4, 3).to(weights.dtype)},
@@ -184,6 +190,32 @@ def test_payloads_the_restricted_loader_refuses_stay_raw_and_go_back_verbatim(tm
     assert target["extra"]["buffer"].getvalue() == b"opaque bytes"
     assert target["extra"]["n"] == 3
     assert_same(weights, target["w"]["t"])
+
+
+def test_top_level_tensors_need_a_free_entry_name_and_module_keys_must_be_weights(tmp_path: Path) -> None:
+    source, run = str(tmp_path / "dcp"), str(tmp_path / "run")
+    dcp.save({"w": torch.ones(2), "model": {"x": torch.zeros(1)}, "extra": {"n": 1}}, checkpoint_id=source)
+
+    with pytest.raises(InteropError, match="also an entry 'model'"):
+        import_dcp(source, run, trust_metadata=True)
+    with pytest.raises(InteropError, match="entry 'extra' is not a flat state dict of tensors"):
+        import_dcp(source, run, trust_metadata=True, top_level_key="loose", module_keys=["extra"])
+    assert not Path(run).exists()
+
+    result = import_dcp(source, run, trust_metadata=True, top_level_key="loose", module_keys=["loose", "model"])
+    assert (result.top_level_key, result.modules) == ("loose", ["loose", "model"])
+
+
+def test_dcp_checkpoints_on_fsspec_storage_convert_both_ways() -> None:
+    weights = {"w": torch.randn(5, 3).to(torch.bfloat16), "b": torch.arange(3)}
+    dcp.save({"model": weights}, checkpoint_id="memory://interop-test/in", no_dist=True)
+
+    import_dcp("memory://interop-test/in", "memory://interop-test/run", step=4, trust_metadata=True)
+    export_dcp("memory://interop-test/run", "memory://interop-test/out")
+
+    target = {"model": {"w": torch.empty(5, 3, dtype=torch.bfloat16), "b": torch.empty(3, dtype=torch.int64)}}
+    dcp.load(target, checkpoint_id="memory://interop-test/out", no_dist=True)
+    assert_same(weights, target["model"])
 
 
 # -- snapshot -> DCP ---------------------------------------------------------------------------

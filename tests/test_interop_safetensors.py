@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from moai_ckpt import Checkpointer, ChecksumError, cli
+from moai_ckpt import Checkpointer, ChecksumError, PartialState, cli
 from moai_ckpt.format import snapshot_dir
 from moai_ckpt.interop import InteropError, export_safetensors, read_state
 
@@ -135,6 +135,32 @@ def test_safetensors_round_trip_keeps_every_dtype_and_bit(tmp_path: Path) -> Non
 
     assert result.files == ["model.safetensors"]
     assert_bitwise(module.state_dict(), load_file(tmp_path / "out" / "model.safetensors"))
+
+
+class Stage(PartialState):
+    """One pipeline stage's parameters, named by whole-model name, as a placed run stores them."""
+
+    def __init__(self, entries: dict[str, torch.Tensor]) -> None:
+        self.entries = entries
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.entries
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.entries = state
+
+    def holds(self) -> list[str]:
+        return list(self.entries)
+
+
+def test_partial_model_of_a_placed_run_exports_by_whole_model_names(tmp_path: Path) -> None:
+    entries = {"blocks.0.w": torch.randn(4, 4).to(torch.bfloat16), "blocks.1.w": torch.randn(4, 4)}
+    run = str(tmp_path / "run")
+    with Checkpointer(run) as ckpt:
+        ckpt.save(1, {"model": Stage(entries)})
+        assert ckpt.manifest(1).objects["model"].kind == "partial"
+    export_safetensors(run, tmp_path / "out")
+    assert_bitwise(entries, load_file(tmp_path / "out" / "model.safetensors"))
 
 
 def test_flat_json_entry_of_tensors_exports_and_skips_other_values(tmp_path: Path) -> None:

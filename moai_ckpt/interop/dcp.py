@@ -18,7 +18,8 @@ it), and saves it as one snapshot with the library's `Checkpointer`:
 - DCP stores every non-tensor value as a `torch.save` payload. Each is opened with torch's
   restricted loader (``weights_only=True``: plain containers, numbers, strings, tensors); a
   payload it refuses, or whose value a snapshot cannot hold, is kept as its raw bytes, unopened,
-  and listed in the manifest's ``info["dcp"]["opaque"]`` so that export writes it back verbatim.
+  and listed in the manifest's ``info["dcp"]["opaque"]`` so that export can write it back
+  verbatim (only with ``trust_payloads``: DCP's loader unpickles it without restriction).
 
 Export writes the decoded entries with `torch.distributed.checkpoint.save` (every rank's RNG
 entries left out), undoing the import's grouping, so a checkpoint that went through a snapshot
@@ -43,6 +44,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem, WriteItem, WriteItemType
 
 from moai_ckpt.checkpointer import Checkpointer
@@ -388,10 +390,17 @@ class _VerbatimPlanner(DefaultSavePlanner):
     def __init__(self, verbatim: set[str]) -> None:
         super().__init__()
         self._verbatim = verbatim
+        self.raw: set[str] = set()
+
+    def set_up_planner(
+        self, state_dict: dict[str, Any], storage_meta: StorageMeta | None = None, is_coordinator: bool = False
+    ) -> None:
+        super().set_up_planner(state_dict, storage_meta, is_coordinator)
+        # the keys whose raw bytes go out as they are (state_dict is now DCP's flattened view)
+        self.raw = {fqn for fqn in self._verbatim if isinstance(self.state_dict.get(fqn), bytes)}
 
     def transform_object(self, write_item: WriteItem, object: Any) -> Any:
-        verbatim = write_item.type == WriteItemType.BYTE_IO and write_item.index.fqn in self._verbatim
-        if verbatim and isinstance(object, bytes):
+        if write_item.type == WriteItemType.BYTE_IO and write_item.index.fqn in self.raw:
             return io.BytesIO(object)
         return super().transform_object(write_item, object)
 
@@ -432,6 +441,7 @@ def export_dcp(
     step: int | None = None,
     keys: Iterable[str] | None = None,
     overwrite: bool = False,
+    trust_payloads: bool = False,
     **storage_options: Any,
 ) -> DcpExport:
     """Write a snapshot as a DCP checkpoint that `torch.distributed.checkpoint.load` reads.
@@ -442,12 +452,17 @@ def export_dcp(
     ``Stateful`` objects that produced it. Nothing is unpickled; DCP pickles non-tensor values
     with `torch.save`, as it always does.
 
+    Payloads an import kept raw (``info["dcp"]["opaque"]``) go back byte for byte, and DCP's
+    loader unpickles them without restriction: whoever wrote the snapshot chose those bytes, so
+    they are written only with ``trust_payloads``.
+
     Args:
         url: the run directory (a local path or any fsspec URL).
         dcp_dir: the checkpoint directory to write (a local path or an fsspec URL torch's DCP can write).
         step: the snapshot's step (the latest committed one by default).
         keys: the entries to write (default: every entry except moai-ckpt's RNG states).
         overwrite: replace a DCP checkpoint already in ``dcp_dir``.
+        trust_payloads: write raw payloads kept by an import (refused otherwise, naming them).
         **storage_options: passed to the run directory's storage back end.
 
     Returns:
@@ -456,7 +471,8 @@ def export_dcp(
     Raises:
         SnapshotNotFoundError: no committed snapshot (at ``step``).
         CorruptSnapshotError: the snapshot fails a check; nothing is written.
-        InteropError: no such entry, an existing checkpoint, or DCP failed to write.
+        InteropError: no such entry, raw payloads without ``trust_payloads``, an existing
+            checkpoint, or DCP failed to write.
     """
     with open_reader(url, step, **storage_options) as reader:
         chosen = [k for k in reader.manifest.objects if not is_rng_entry(k)] if keys is None else list(keys)
@@ -466,6 +482,17 @@ def export_dcp(
     state = _hoist(state, info, source, step)
     opaque = info.get("opaque") if isinstance(info, dict) else None
     verbatim = {fqn for fqn in opaque or [] if isinstance(fqn, str)}
+    probe = _VerbatimPlanner(verbatim)
+    probe.set_up_planner(state, is_coordinator=True)
+    if probe.raw and not trust_payloads:
+        raise InteropError(
+            f"the snapshot holds raw torch.save payloads ({', '.join(sorted(probe.raw))}) that DCP's loader "
+            "would unpickle as they are: pass trust_payloads=True (--trust-payloads) if you trust whoever "
+            "wrote the snapshot, or leave their entries out (keys / --key)",
+            url=source,
+            step=step,
+            key=sorted(probe.raw)[0],
+        )
     _prepare_target(dcp_dir, overwrite)
     try:
         with _single_process():
@@ -479,5 +506,5 @@ def export_dcp(
         step=step,
         entries=chosen,
         tensors=_count_tensors(state),
-        verbatim=sorted(verbatim),
+        verbatim=sorted(probe.raw),
     )
