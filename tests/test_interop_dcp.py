@@ -162,6 +162,8 @@ def test_without_the_trust_flag_nothing_is_unpickled(tmp_path: Path) -> None:
 def test_not_a_dcp_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InteropError, match=r"no \.metadata file"):
         import_dcp(str(tmp_path), str(tmp_path / "run"), trust_metadata=True)
+    with pytest.raises(InteropError, match="cannot open the DCP directory"):
+        import_dcp("nosuchprotocol://x/step-1", str(tmp_path / "run"), trust_metadata=True)
 
 
 def test_payloads_the_restricted_loader_refuses_stay_raw_and_go_back_verbatim(tmp_path: Path) -> None:

@@ -240,6 +240,14 @@ def test_corrupt_chunk_fails_the_export_and_leaves_no_model_file(
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_an_output_path_that_is_a_file_is_a_clear_error(saved: tuple[str, torch.nn.Module], tmp_path: Path) -> None:
+    run, _ = saved
+    (tmp_path / "taken").write_text("not a directory")
+    with pytest.raises(InteropError, match="cannot write the export") as info:
+        export_safetensors(run, tmp_path / "taken")
+    assert info.value.url == str(tmp_path / "taken")
+
+
 def test_cli_errors_are_one_line_with_exit_code_2(saved: tuple[str, torch.nn.Module], tmp_path: Path) -> None:
     run, _ = saved
     result = CliRunner().invoke(cli.app, ["export", run, "--to", str(tmp_path / "o"), "--max-shard-size", "lots"])

@@ -232,7 +232,11 @@ def _single_process() -> Iterator[None]:
 
 
 def _dcp_fs(dcp_dir: str) -> tuple[Any, str]:
-    fs, path = fsspec.core.url_to_fs(dcp_dir)
+    """The file system and path of a DCP directory (a local path or an fsspec URL)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(dcp_dir)
+    except (ValueError, ImportError) as exc:  # an unknown protocol, or its package is not installed
+        raise InteropError(f"cannot open the DCP directory: {exc}", url=dcp_dir) from None
     return fs, path.rstrip("/")
 
 
@@ -246,7 +250,11 @@ def load_dcp(dcp_dir: str, *, trust_metadata: bool = False) -> tuple[dict[str, A
     if not trust_metadata:
         raise UntrustedDataError(TRUST_MESSAGE, url=dcp_dir)
     fs, path = _dcp_fs(dcp_dir)
-    if not fs.isfile(f"{path}/{METADATA}"):
+    try:
+        found = fs.isfile(f"{path}/{METADATA}")
+    except OSError as exc:
+        raise InteropError(f"cannot read the DCP directory: {exc}", url=dcp_dir) from None
+    if not found:
         raise InteropError(f"not a DCP checkpoint: no {METADATA} file in the directory", url=dcp_dir)
     planner = _RebuildPlanner()
     try:
@@ -408,17 +416,20 @@ class _VerbatimPlanner(DefaultSavePlanner):
 def _prepare_target(dcp_dir: str, overwrite: bool) -> None:
     """Refuse a directory that already holds a DCP checkpoint (or clear its DCP files with ``overwrite``)."""
     fs, path = _dcp_fs(dcp_dir)
-    if not fs.isdir(path):
-        return
-    existing = [p for p in fs.ls(path, detail=False) if _DCP_FILES.match(PurePosixPath(p).name)]
-    if existing and not overwrite:
-        raise InteropError(
-            "the directory already holds a DCP checkpoint; pass overwrite=True (--overwrite) to replace it",
-            url=dcp_dir,
+    try:
+        existing = (
+            [p for p in fs.ls(path, detail=False) if _DCP_FILES.match(PurePosixPath(p).name)] if fs.isdir(path) else []
         )
-    # the metadata goes first: a half-cleared directory is then no checkpoint at all
-    for p in sorted(existing, key=lambda p: not p.endswith(METADATA)):
-        fs.rm(p)
+        if existing and not overwrite:
+            raise InteropError(
+                "the directory already holds a DCP checkpoint; pass overwrite=True (--overwrite) to replace it",
+                url=dcp_dir,
+            )
+        # the metadata goes first: a half-cleared directory is then no checkpoint at all
+        for p in sorted(existing, key=lambda p: not p.endswith(METADATA)):
+            fs.rm(p)
+    except OSError as exc:
+        raise InteropError(f"cannot clear the DCP directory: {exc}", url=dcp_dir) from None
 
 
 def _hoist(state: dict[str, Any], info: Any, url: str, step: int) -> dict[str, Any]:

@@ -15,6 +15,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from moai_ckpt.dtypes import from_name
+from moai_ckpt.errors import MoaiCkptError
 from moai_ckpt.format import ArrayRecord
 from moai_ckpt.interop.errors import InteropError
 from moai_ckpt.interop.state import check_entries, open_reader
@@ -149,6 +152,48 @@ def _write_shard(
     save_file(shard, str(path), metadata=metadata)
 
 
+@contextmanager
+def _local_writes(directory: Path) -> Iterator[None]:
+    """Failures of the output directory as `InteropError`s naming it (storage errors of the snapshot pass)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except MoaiCkptError:
+        raise
+    except (OSError, SafetensorError) as exc:
+        raise InteropError(f"cannot write the export: {type(exc).__name__}: {exc}", url=str(directory)) from None
+
+
+def _write_files(
+    reader: SnapshotReader, weights: dict[str, str], split: Any, out: Path, overwrite: bool, key: str
+) -> list[str]:
+    """Write the shards under temporary names, rename them, write the index, drop stale files."""
+    stale = _clear_target(out, overwrite)
+    metadata = {"format": "pt", "moai_ckpt.step": str(reader.step), "moai_ckpt.entry": key}
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for filename, names in split.filename_to_tensors.items():
+            temporary = out / f".{filename}.{os.getpid()}.tmp"
+            staged.append((temporary, out / filename))
+            _write_shard(reader, weights, names, temporary, metadata)
+        for temporary, final in staged:
+            os.replace(temporary, final)
+    finally:
+        for temporary, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+    files = [final.name for _, final in staged]
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        _write_atomic(out / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        files.append(INDEX_FILE)
+    for old in stale:
+        if old.name not in files:
+            old.unlink(missing_ok=True)
+    return files
+
+
 def export_safetensors(
     url: str,
     directory: str | os.PathLike[str],
@@ -197,28 +242,8 @@ def export_safetensors(
             )
         except ValueError as exc:
             raise InteropError(f"max shard size {max_shard_size!r}: {exc}", url=reader.storage.url) from None
-        stale = _clear_target(out, overwrite)
-        metadata = {"format": "pt", "moai_ckpt.step": str(reader.step), "moai_ckpt.entry": key}
-        staged: list[tuple[Path, Path]] = []
-        try:
-            for filename, names in split.filename_to_tensors.items():
-                temporary = out / f".{filename}.{os.getpid()}.tmp"
-                staged.append((temporary, out / filename))
-                _write_shard(reader, weights, names, temporary, metadata)
-            for temporary, final in staged:
-                os.replace(temporary, final)
-        finally:
-            for temporary, _ in staged:
-                with contextlib.suppress(FileNotFoundError):
-                    temporary.unlink()
-        files = [final.name for _, final in staged]
-        if split.is_sharded:
-            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-            _write_atomic(out / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
-            files.append(INDEX_FILE)
-        for old in stale:
-            if old.name not in files:
-                old.unlink(missing_ok=True)
+        with _local_writes(out):
+            files = _write_files(reader, weights, split, out, overwrite, key)
         return SafetensorsExport(
             directory=str(out),
             step=reader.step,
