@@ -252,7 +252,7 @@ class Checkpointer:
             overwrite: replace a committed snapshot at ``step`` (as in `save`).
 
         Raises:
-            The error of an earlier background save that nobody has looked at yet.
+            Exception: the error of an earlier background save that nobody has looked at yet.
         """
         if if_busy not in ("wait", "skip"):
             raise ValueError(f"if_busy must be 'wait' or 'skip', got {if_busy!r}")

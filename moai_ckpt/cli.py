@@ -615,6 +615,7 @@ def demo_command(
 # the commands that re-run training live in modules of their own; importing them registers them
 from moai_ckpt import (  # noqa: E402, F401
     cli_chaos,
+    cli_interop,
     cli_ops,
     cli_plan,
     cli_replay,
