@@ -163,13 +163,13 @@ def _command(name: str, on: typer.Typer = app) -> Callable[[F], F]:
     return register
 
 
-def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
-    """``["key=value", ...]`` to a dict; values are JSON when they parse, else strings."""
+def _storage_options(pairs: list[str] | None, option: str = "'-o' / '--storage-option'") -> dict[str, Any]:
+    """``["key=value", ...]`` (the values of ``option``) to a dict; values are JSON when they parse, else strings."""
     options: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="'-o' / '--storage-option'")
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=option)
         try:
             options[key.strip()] = json.loads(raw)
         except ValueError:

@@ -34,6 +34,7 @@ from moai_ckpt.cli_replay import (
     CodeChoice,
     DeviceOpt,
     EntryOpt,
+    KwargEnvOpt,
     KwargOpt,
     ReplayPlan,
     TrustOpt,
@@ -72,6 +73,7 @@ def capture_command(
     entrypoint: EntryOpt = None,
     trust_run_json: TrustOpt = False,
     kwarg: KwargOpt = None,
+    kwarg_env: KwargEnvOpt = None,
     call_from_env: Annotated[
         bool, typer.Option("--call-from-env", hidden=True, help="--entrypoint's arguments are in $MOAI_CKPT_CALL.")
     ] = False,
@@ -87,7 +89,7 @@ def capture_command(
     if step is None:
         _list(url, storage_option, as_json)
         return
-    choice = CodeChoice.of(entrypoint, trust_run_json, kwarg, call_from_env)
+    choice = CodeChoice.of(entrypoint, trust_run_json, kwarg, kwarg_env, call_from_env)
     label, index, report, diff = capture_step(url, step, world_size, device, choice, source, storage_option)
     check = report.steps[-1] if report.steps else None
     if as_json:

@@ -89,6 +89,15 @@ KwargOpt = Annotated[
         "Supplies the arguments run.json does not record (secret-looking ones).",
     ),
 ]
+KwargEnvOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--kwarg-env",
+        metavar="NAME=VARIABLE",
+        help="A keyword argument for the training function taken from an environment variable (a string), "
+        "repeatable: keeps secrets such as tokens off the command line.",
+    ),
+]
 WorldOpt = Annotated[
     int, typer.Option("--world-size", "-w", min=1, help="Ranks to replay on (several: started with torchrun).")
 ]
@@ -159,13 +168,22 @@ class CodeChoice:
 
     @classmethod
     def of(
-        cls, entrypoint: str | None, trust: bool, kwarg: list[str] | None, call_from_env: bool = False
+        cls,
+        entrypoint: str | None,
+        trust: bool,
+        kwarg: list[str] | None,
+        kwarg_env: list[str] | None = None,
+        call_from_env: bool = False,
     ) -> CodeChoice:
         if call_from_env and entrypoint is None:
             raise typer.BadParameter("needs --entrypoint", param_hint="'--call-from-env'")
         if entrypoint is not None:
             check_entrypoint(entrypoint)  # refused before anything else happens
-        pairs = _storage_options(kwarg) if kwarg else {}  # the same KEY=VALUE syntax as -o
+        pairs = _storage_options(kwarg, "'--kwarg'")  # the same NAME=VALUE syntax as -o
+        for name, variable in _storage_options(kwarg_env, "'--kwarg-env'").items():
+            if not isinstance(variable, str) or variable not in os.environ:
+                raise typer.BadParameter(f"environment variable {variable!r} is not set", param_hint="'--kwarg-env'")
+            pairs[name] = os.environ[variable]
         return cls(entrypoint, trust, pairs, call_from_env)
 
 
@@ -497,6 +515,7 @@ def restore_run(
     entrypoint: EntryOpt = None,
     trust_run_json: TrustOpt = False,
     kwarg: KwargOpt = None,
+    kwarg_env: KwargEnvOpt = None,
     as_json: JsonOpt = False,
     storage_option: StorageOpt = None,
 ) -> None:
@@ -507,7 +526,7 @@ def restore_run(
     with --to).
     """
     started = time.perf_counter()
-    choice = CodeChoice.of(entrypoint, trust_run_json, kwarg)
+    choice = CodeChoice.of(entrypoint, trust_run_json, kwarg, kwarg_env)
     plan = ReplayPlan(url, storage_option, step)
     if plan.needs_code:
         code = choose_code(plan, choice)
@@ -546,6 +565,7 @@ def replay_run(
     entrypoint: EntryOpt = None,
     trust_run_json: TrustOpt = False,
     kwarg: KwargOpt = None,
+    kwarg_env: KwargEnvOpt = None,
     as_json: JsonOpt = False,
     storage_option: StorageOpt = None,
 ) -> None:
@@ -558,7 +578,7 @@ def replay_run(
 
         replay_ops(url, step, device, None, as_json, storage_option, save=save_capture)
         return
-    choice = CodeChoice.of(entrypoint, trust_run_json, kwarg)
+    choice = CodeChoice.of(entrypoint, trust_run_json, kwarg, kwarg_env)
     plan = ReplayPlan(url, storage_option, step)
     if not verify:
         _show_log(plan, storage_option, as_json)

@@ -54,7 +54,7 @@ def env(**extra: str) -> dict[str, str]:
     return {**base, **extra}
 
 
-def moai(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def moai(*args: str | Path, timeout: float = 240, **extra_env: str) -> subprocess.CompletedProcess[str]:
     """The real CLI in a process of its own, with no terminal on stdin."""
     return subprocess.run(
         [sys.executable, "-m", "moai_ckpt.cli", *map(str, args)],
@@ -62,7 +62,7 @@ def moai(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env=env(),
+        env=env(**extra_env),
         stdin=subprocess.DEVNULL,
     )
 
@@ -186,7 +186,11 @@ def test_entrypoints_in_the_standard_library_are_refused_before_anything_is_impo
     assert "antigravity" not in sys.modules  # importing it would open a web browser
     with pytest.raises(EntrypointError, match="refused"):
         check_entrypoint(f"{os.__file__}:system")  # the standard library's own file
-    for spec in ("moai_ckpt.session:os.system", "moai_ckpt.entry:importlib.import_module", "moai_ckpt.cli_replay:subprocess.run"):
+    for spec in (
+        "moai_ckpt.session:os.system",
+        "moai_ckpt.entry:importlib.import_module",
+        "moai_ckpt.cli_replay:subprocess.run",
+    ):
         with pytest.raises(EntrypointError, match="refused"):
             load_function(spec)  # reached through another module's attributes
     with pytest.raises(EntrypointError, match="not a function name"):
@@ -426,10 +430,15 @@ def test_a_restore_asks_for_the_arguments_run_json_does_not_record(tmp_path: Pat
     train_with_token(run_dir=str(run_dir), total=3, api_token="tok-3141")  # snapshot of 2, step 3 logged
     line = one_error_line(moai("restore", run_dir, "--trust-run-json"))
     assert "api_token" in line and "--kwarg" in line
-    done = moai("restore", run_dir, "--trust-run-json", "--kwarg", "api_token=tok-3141")
+    wrong = moai("restore", run_dir, "--trust-run-json", "--kwarg", "api_token=tok-0000")
+    assert "unexpected PermissionError: wrong api_token" in one_error_line(wrong)  # it reaches the function
+    # the token from the environment, off the command line
+    done = moai("restore", run_dir, "--trust-run-json", "--kwarg-env", "api_token=MY_TOKEN", MY_TOKEN="tok-3141")
     assert done.returncode == 0, done.stderr[-3000:]  # the function checks it got the real token
     assert "tok-3141" not in done.stdout + done.stderr
     assert moai_ckpt.Checkpointer(str(run_dir)).latest_step() == 3
+    unset = CliRunner().invoke(cli.app, ["restore", str(run_dir), "--kwarg-env", "api_token=NO_SUCH_VARIABLE_SET"])
+    assert unset.exit_code == 2 and "NO_SUCH_VARIABLE_SET" in unset.output
 
 
 def test_fault_tolerant_records_only_the_allowed_arguments(tmp_path: Path) -> None:
