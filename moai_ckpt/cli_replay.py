@@ -268,8 +268,9 @@ def _with_kwargs(
     if missing:
         names = ", ".join(describe(m) for m in missing[:8])
         raise EntrypointError(
-            f"run.json does not record the argument(s) {names} of {describe(function)} (secret-looking, or left "
-            "out by record_args): pass them with --kwarg NAME=VALUE (a nested one: the whole argument)",
+            f"run.json does not record the argument(s) {names} of {describe(function)} (secret-looking, not JSON, "
+            "or left out by record_args): pass them with --kwarg NAME=VALUE or --kwarg-env NAME=VARIABLE "
+            "(for a nested one, the whole argument)",
             url=plan.url,
         )
     return filled, kwargs
