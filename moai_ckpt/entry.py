@@ -23,7 +23,6 @@ import inspect
 import json
 import os
 import re
-import site
 import sys
 import sysconfig
 from collections.abc import Callable, Collection
@@ -189,6 +188,7 @@ def not_recorded(value: Any) -> list[str]:
 # -- loading ---------------------------------------------------------------------------------------
 
 _REFUSED_MODULES = frozenset(sys.stdlib_module_names) | frozenset(sys.builtin_module_names) | {"__main__"}
+_PACKAGES_DIR = frozenset({"site-packages", "dist-packages"})  # installed packages, even below the stdlib folder
 
 
 def _split(spec: str) -> tuple[str, str]:
@@ -207,12 +207,8 @@ def _stdlib_file(path: str) -> bool:
     real = os.path.realpath(path)
     paths = sysconfig.get_paths()
     roots = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib") if k in paths}
-    packages = {os.path.realpath(p) for p in [*site.getsitepackages(), paths.get("purelib"), paths.get("platlib")] if p}
-    return any(_inside(real, r) for r in roots) and not any(_inside(real, p) for p in packages)
-
-
-def _inside(path: str, root: str) -> bool:
-    return path.startswith(root.rstrip(os.sep) + os.sep)
+    inside = any(real.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+    return inside and not _PACKAGES_DIR.intersection(real.split(os.sep))
 
 
 def check_entrypoint(spec: str) -> str:
