@@ -15,7 +15,8 @@ restores its newest snapshot, replays the logged steps and continues, ending wit
 bitwise equal to an uninterrupted run. ``moai-ckpt demo`` does exactly that and compares the two.
 
 `train` takes only JSON-able keyword arguments, the run directory (``storage``) among them, so
-``moai-ckpt restore`` can call it again by name from what ``run.json`` records. The snapshot
+``moai-ckpt restore --trust-run-json`` can call it again by name from what ``run.json`` records
+(or ``--entrypoint examples/gpt_demo.py:train`` with ``--kwarg``s). The snapshot
 interval comes from ``GPT_DEMO_SNAPSHOT_EVERY`` (read when this module is imported). Each step's
 log record is durable before the next step starts (``log_sync=True``): a kill loses no completed
 step, which is what the demo shows.

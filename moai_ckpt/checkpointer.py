@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ from moai_ckpt.errors import (
     SnapshotExistsError,
     SnapshotNotFoundError,
     UnsupportedFormatError,
+    redact_url,
 )
 from moai_ckpt.format import (
     COMMIT,
@@ -223,7 +223,7 @@ class Checkpointer:
         log.info(
             "saved step %d to %s: %d arrays, %.1f MB in %.2f s",
             step,
-            self.url,
+            redact_url(self.url),
             marker.body.array_count,
             marker.body.total_bytes / 1e6,
             time.perf_counter() - started,
@@ -411,7 +411,7 @@ class Checkpointer:
         info = RunInfo(
             run_id=uuid.uuid4().hex,
             created=now_iso(),
-            entrypoint=" ".join(sys.argv) or None,
+            entrypoint=(self.run_entry or {}).get("function"),  # never sys.argv: it may hold secrets
             entry=self.run_entry,
             versions=writer_info(),
         )
@@ -518,7 +518,7 @@ class Checkpointer:
                 state[key] = wanted[key]
             if errors:
                 warnings.warn(
-                    f"restored step {candidate} from {self.url} instead of newer corrupt snapshot(s): "
+                    f"restored step {candidate} from {redact_url(self.url)} instead of newer corrupt snapshot(s): "
                     + "; ".join(errors),
                     stacklevel=2,
                 )
@@ -631,7 +631,7 @@ class Checkpointer:
                 prefix = snapshot_dir(s)
                 self.storage.delete([f"{prefix}/{COMMIT}"])  # un-commit first
                 self.storage.delete_prefix(prefix)
-                log.info("pruned step %d from %s", s, self.url)
+                log.info("pruned step %d from %s", s, redact_url(self.url))
             kept = [s for s in committed if s not in doomed]
             if kept:
                 self._prune_logs(kept[0])
@@ -656,7 +656,7 @@ class Checkpointer:
             if base == older[-1] and last_steps[base] > max(later_end, oldest_kept):
                 continue
             self.storage.delete_prefix(log_dir(base))
-            log.info("pruned the log after step %d from %s", base, self.url)
+            log.info("pruned the log after step %d from %s", base, redact_url(self.url))
 
     def _idle_for(self, step: int) -> float:
         """Seconds since anything in an uncommitted snapshot changed.

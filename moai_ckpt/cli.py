@@ -1,9 +1,11 @@
 """The ``moai-ckpt`` command line: list, inspect, verify and prune the snapshots of a run.
 
 Every command takes the run directory as a URL (a local path or any fsspec URL) and storage
-options as repeatable ``-o key=value`` pairs. Tables go to stdout, progress bars and errors to
-stderr, so ``--json`` output stays parseable. Exit codes: 0 success, 1 verification found faults,
-2 an error (a moai-ckpt error, printed as one red line naming URL, step and key, or bad usage).
+options as repeatable ``-o key=value`` pairs (used to open storage, never recorded anywhere).
+Tables go to stdout, progress bars and errors to stderr, so ``--json`` output stays parseable.
+Exit codes: 0 success, 1 a check found faults (verify, replay --verify, diff-ops), 2 an error:
+any failure prints one red line (naming URL, step and key for a moai-ckpt error; a traceback
+only with ``--debug``), or bad usage. A password in a URL is never printed.
 """
 
 from __future__ import annotations
@@ -37,17 +39,22 @@ from rich.table import Table
 from moai_ckpt import __version__
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.dtypes import from_name
-from moai_ckpt.errors import MoaiCkptError, SnapshotNotFoundError, UnsupportedFormatError
-from moai_ckpt.format import ArrayRecord, Manifest, snapshot_dir
+from moai_ckpt.errors import MoaiCkptError, SnapshotNotFoundError, UnsupportedFormatError, redact_url
+from moai_ckpt.format import STEP_DIGITS, ArrayRecord, Manifest, snapshot_dir
 from moai_ckpt.results import SnapshotEntry, VerifyReport
 from moai_ckpt.tree import decode, tensor_refs
+
+try:  # recent typer releases carry their own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - typer on top of click
+    from click import ClickException  # type: ignore[assignment]
 
 app = typer.Typer(
     name="moai-ckpt",
     help="Inspect and maintain moai-ckpt snapshots on any fsspec storage.",
     no_args_is_help=True,
     add_completion=False,
-    pretty_exceptions_enable=False,  # library errors get one red line; everything else a plain traceback
+    pretty_exceptions_enable=False,  # every error gets one red line (see _command); tracebacks with --debug
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 # Rich resolves sys.stdout / sys.stderr at write time, so these follow redirections (and CliRunner).
@@ -66,7 +73,10 @@ StorageOpt = Annotated[
         help="fsspec storage option, repeatable; VALUE is parsed as JSON when it can be (-o anon=true).",
     ),
 ]
-StepOpt = Annotated[int | None, typer.Option("--step", "-s", min=0, help="Snapshot step (default: the latest).")]
+MAX_STEP = 10**STEP_DIGITS - 1  # the largest step a run directory can name
+StepOpt = Annotated[
+    int | None, typer.Option("--step", "-s", min=0, max=MAX_STEP, help="Snapshot step (default: the latest).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
@@ -104,42 +114,62 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _fail(exc: MoaiCkptError) -> NoReturn:
-    """Print a library error as one red line (a traceback too under ``--debug``) and exit 2."""
+def shown_url(url: str) -> str:
+    """A URL as messages show it: without a password (``s3://key:secret@host`` -> ``s3://***@host``)."""
+    return redact_url(url)
+
+
+def _fail(exc: BaseException, *, unexpected: bool = False) -> NoReturn:
+    """Print an error as one red line (a traceback too under ``--debug``) and exit 2.
+
+    Called inside the ``except`` block that caught ``exc``.
+    """
     if _session.debug:
         err.print_exception()
     message = re.sub(r"\s*\n\s*", "; ", str(exc).strip())
-    err.print(f"error: {escape(message)}", style="bold red", soft_wrap=True)
+    if unexpected:
+        hint = "" if _session.debug else "; re-run with --debug for the traceback"
+        message = f"unexpected {type(exc).__name__}: {message or 'no message'}{hint}"
+    err.print(f"error: {escape(redact_url(message))}", style="bold red", soft_wrap=True)
     raise typer.Exit(2)
 
 
-def _command(name: str) -> Callable[[F], F]:
-    """Register a command whose moai-ckpt errors end as one red line and exit code 2."""
+def _command(name: str, on: typer.Typer = app) -> Callable[[F], F]:
+    """Register a command on ``on`` whose every failure ends as one red line and exit code 2.
+
+    A moai-ckpt error prints its message (URL, step and key); any other exception is a bug or a
+    failure of the training code, printed as one line too, with a hint to re-run with ``--debug``.
+    Exits the command chose (``typer.Exit``) and usage errors pass through as they are.
+    """
 
     def register(fn: F) -> F:
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort, ClickException):  # chosen exits and usage errors
+                raise
             except MoaiCkptError as exc:
                 _fail(exc)
             except KeyboardInterrupt:
                 err.print("interrupted", style="bold red")
                 raise typer.Exit(130) from None
+            except Exception as exc:  # noqa: BLE001 - a bug or the training code: one line, not a traceback
+                _fail(exc, unexpected=True)
 
-        app.command(name)(run)
+        on.command(name)(run)
         return fn
 
     return register
 
 
-def _storage_options(pairs: list[str] | None) -> dict[str, Any]:
-    """``["key=value", ...]`` to a dict; values are JSON when they parse, else strings."""
+def _storage_options(pairs: list[str] | None, option: str = "'-o' / '--storage-option'") -> dict[str, Any]:
+    """``["key=value", ...]`` (the values of ``option``) to a dict; values are JSON when they parse, else strings."""
     options: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="'-o' / '--storage-option'")
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=option)
         try:
             options[key.strip()] = json.loads(raw)
         except ValueError:
@@ -249,7 +279,7 @@ def _snapshot_cells(entry: SnapshotEntry, show_all: bool) -> list[str]:
 
 def _snapshots_table(url: str, entries: list[SnapshotEntry], show_all: bool) -> Table:
     zone = datetime.now().astimezone().tzname()
-    table = _table(f"snapshots in {escape(url)} (times in {zone})")
+    table = _table(f"snapshots in {escape(shown_url(url))} (times in {zone})")
     table.add_column("step", justify="right", style="bold", no_wrap=True)
     if show_all:
         table.add_column("status", no_wrap=True)
@@ -327,7 +357,7 @@ def _plain(value: Any) -> Any:
 
 def _inspect_json(url: str, manifest: Manifest, total_bytes: int, writer: dict[str, str]) -> dict[str, Any]:
     return {
-        "url": url,
+        "url": shown_url(url),
         "step": manifest.step,
         "created": manifest.created,
         "format_version": manifest.format_version,
@@ -583,7 +613,7 @@ def prune_snapshots(
 # -- demo --------------------------------------------------------------------------------------
 
 
-@app.command("demo")
+@_command("demo")
 def demo_command(
     directory: Annotated[str, typer.Option("--dir", help="Where the demo's run directories go.")] = "runs/demo",
     steps: Annotated[int, typer.Option("--steps", min=8, help="Training steps of each run.")] = 200,
@@ -593,7 +623,8 @@ def demo_command(
 ) -> None:
     """Train a small GPT under torchrun, SIGKILL a rank mid-step, and compare the recovered run bitwise.
 
-    Exit code 0 when the recovered run ends bitwise equal to the uninterrupted one, 1 otherwise.
+    Exit code 0 when the recovered run ends bitwise equal to the uninterrupted one, 1 when it does
+    not, 2 when the demo could not run.
     """
     from moai_ckpt import demo  # loaded only when the command runs
 
@@ -603,12 +634,9 @@ def demo_command(
         raise typer.BadParameter(str(exc)) from exc
     try:
         comparison = demo.run_demo(options, out)
-    except demo.DemoError as exc:
+    except demo.DemoError as exc:  # it could not run; the message ends with the tail of a log, kept as lines
         err.print(f"error: {escape(str(exc))}", style="bold red", soft_wrap=True)
-        raise typer.Exit(1) from exc
-    except KeyboardInterrupt:
-        err.print("interrupted", style="bold red")
-        raise typer.Exit(130) from None
+        raise typer.Exit(2) from exc
     raise typer.Exit(0 if comparison.bitwise_equal else 1)
 
 

@@ -25,7 +25,7 @@ chaos_app = typer.Typer(
 app.add_typer(chaos_app)
 
 
-@chaos_app.command("list")
+@_command("list", on=chaos_app)
 def list_scenarios() -> None:
     """The built-in scenarios and the fault kinds a scenario can name."""
     from moai_ckpt.chaos import BUILTIN, KINDS
@@ -39,7 +39,7 @@ def list_scenarios() -> None:
     out.print("fault kinds: " + ", ".join(KINDS), soft_wrap=True)
 
 
-@chaos_app.command("run")
+@_command("run", on=chaos_app)
 def run_scenario(
     scenario: Annotated[str, typer.Argument(help="A built-in scenario's name, or a scenario file (JSON).")],
     trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="Trials, with seeds seed, seed+1, ...")] = 1,

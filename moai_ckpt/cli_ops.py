@@ -1,8 +1,9 @@
 """``moai-ckpt capture``, ``moai-ckpt diff-ops`` and ``moai-ckpt replay --ops``: op-level capture.
 
 ``capture`` re-runs a logged step under op capture (through the restore session machinery, so
-it needs the training function, like ``replay --verify``); ``diff-ops`` compares two captures of
-a step; ``replay --ops`` re-executes captures from their op stream alone. See docs/ops.md.
+it needs the training function, allowed as for ``replay --verify``: ``--entrypoint``,
+``--trust-run-json`` or a confirmation); ``diff-ops`` compares two captures of a step;
+``replay --ops`` re-executes captures from their op stream alone. See docs/ops.md.
 """
 
 from __future__ import annotations
@@ -13,9 +14,35 @@ from typing import Annotated, Any
 
 import torch
 import typer
+from rich.markup import escape
 
-from moai_ckpt.cli import JsonOpt, StorageOpt, UrlArg, _command, _echo_json, _open, _table, err, out
-from moai_ckpt.cli_replay import DeviceOpt, EntryOpt, ReplayPlan, WorldOpt, _run_session
+from moai_ckpt.cli import (
+    MAX_STEP,
+    JsonOpt,
+    StorageOpt,
+    UrlArg,
+    _command,
+    _echo_json,
+    _open,
+    _table,
+    err,
+    out,
+    shown_url,
+)
+from moai_ckpt.cli_replay import (
+    Code,
+    CodeChoice,
+    DeviceOpt,
+    EntryOpt,
+    KwargEnvOpt,
+    KwargOpt,
+    ReplayPlan,
+    TrustOpt,
+    WorldOpt,
+    _announce,
+    _run_session,
+    choose_code,
+)
 from moai_ckpt.errors import MoaiCkptError, SnapshotNotFoundError
 from moai_ckpt.opcapture import SOURCE_ENV
 from moai_ckpt.session import Session
@@ -38,11 +65,18 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
 def capture_command(
     url: UrlArg,
     step: Annotated[
-        int | None, typer.Option("--step", "-s", min=1, help="The logged step to capture (omit to list captures).")
+        int | None,
+        typer.Option("--step", "-s", min=1, max=MAX_STEP, help="The logged step to capture (omit to list captures)."),
     ] = None,
     world_size: WorldOpt = 1,
     device: DeviceOpt = None,
     entrypoint: EntryOpt = None,
+    trust_run_json: TrustOpt = False,
+    kwarg: KwargOpt = None,
+    kwarg_env: KwargEnvOpt = None,
+    call_from_env: Annotated[
+        bool, typer.Option("--call-from-env", hidden=True, help="--entrypoint's arguments are in $MOAI_CKPT_CALL.")
+    ] = False,
     source: Annotated[str, typer.Option("--source", hidden=True)] = "request",
     as_json: JsonOpt = False,
     storage_option: StorageOpt = None,
@@ -55,7 +89,8 @@ def capture_command(
     if step is None:
         _list(url, storage_option, as_json)
         return
-    label, index, report, diff = capture_step(url, step, world_size, device, entrypoint, source, storage_option)
+    choice = CodeChoice.of(entrypoint, trust_run_json, kwarg, kwarg_env, call_from_env)
+    label, index, report, diff = capture_step(url, step, world_size, device, choice, source, storage_option)
     check = report.steps[-1] if report.steps else None
     if as_json:
         _echo_json(
@@ -81,22 +116,27 @@ def capture_step(
     step: int,
     world_size: int,
     device: str | None,
-    entrypoint: str | None,
+    code: Code | CodeChoice,
     source: str,
     storage_option: list[str] | None,
 ) -> tuple[str, Any, ReplayReport, DiffReport | None]:
-    """Run a capture session of ``step``: (label, index, session report, diff against an earlier capture)."""
-    plan = ReplayPlan(url, storage_option, step - 1, entrypoint)
+    """Run a capture session of ``step``: (label, index, session report, diff against an earlier capture).
+
+    ``code`` is the function to run, or what the user allowed (`choose_code` decides).
+    """
+    plan = ReplayPlan(url, storage_option, step - 1)
     if step > plan.logged_last:
         raise SnapshotNotFoundError(f"step {step} is not in the log (it ends at step {plan.logged_last})", url=plan.url)
     plan.target = step
+    if isinstance(code, CodeChoice):
+        code = choose_code(plan, code)
     with _open(url, storage_option) as ckpt:
         before = {r.label for r in list_captures(ckpt.storage, step)}
-    err.print(f"capturing step {step} of {plan.url}: snapshot {plan.base}, then the log up to it", style="dim")
+    _announce(plan, code, f"capturing step {step} of")
     session = Session(mode="verify", storage=url, step=step, capture_ops=[step], progress=True)
     os.environ[SOURCE_ENV] = check_label(source)
     try:
-        report: ReplayReport = _run_session(plan, session, world_size, device)
+        report: ReplayReport = _run_session(plan, code, session, world_size, device)
     finally:
         os.environ.pop(SOURCE_ENV, None)
     with _open(url, storage_option) as ckpt:
@@ -116,14 +156,15 @@ def capture_step(
 
 
 def capture_after_divergence(
-    url: str, step: int, world_size: int, device: str | None, entrypoint: str | None, storage_option: list[str] | None
+    url: str, step: int, world_size: int, device: str | None, code: Code, storage_option: list[str] | None
 ) -> DiffReport | None:
-    """``replay --verify`` found step ``step`` diverged: capture it here and diff it with the capture
-    the run made of it, if any. Problems are printed, not raised (the divergence is the result)."""
+    """``replay --verify`` found step ``step`` diverged: capture it here (with the function the
+    verify ran) and diff it with the capture the run made of it, if any. Problems are printed, not
+    raised (the divergence is the result)."""
     try:
-        label, _, _, diff = capture_step(url, step, world_size, device, entrypoint, "divergence", storage_option)
+        label, _, _, diff = capture_step(url, step, world_size, device, code, "divergence", storage_option)
     except MoaiCkptError as exc:
-        err.print(f"could not capture the diverged step {step}: {exc}", style="yellow")
+        err.print(f"could not capture the diverged step {step}: {escape(str(exc))}", style="yellow", soft_wrap=True)
         return None
     err.print(f"captured the diverged step {step} as {label}", style="dim")
     return diff
@@ -150,7 +191,7 @@ def _list(url: str, storage_option: list[str] | None, as_json: bool) -> None:
     if as_json:
         _echo_json(rows)
         return
-    table = _table(f"op captures in {url}")
+    table = _table(f"op captures in {escape(shown_url(url))}")
     for name in ("step", "label", "ranks", "ops", "device"):
         table.add_column(name)
     for r in rows:

@@ -8,11 +8,27 @@ Messages say what failed, where (URL, step, key) and what to do next.
 
 from __future__ import annotations
 
+import re
+
+# ``scheme://userinfo@``: the userinfo (``user:password``) ends at the last ``@`` before the host's
+# ``/``, so a password with a raw ``@`` in it is caught whole
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the userinfo of every URL in it replaced: ``s3://key:secret@host/b`` ->
+    ``s3://***@host/b``.
+
+    For messages only (errors, warnings, CLI output): storage is opened with the real URL.
+    """
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
 
 class MoaiCkptError(Exception):
     """Root of every error raised by moai-ckpt.
 
-    Attributes carry the context as data so tools need not parse messages.
+    Attributes carry the context as data so tools need not parse messages. A password in a URL
+    (``scheme://user:password@host``) never reaches the message or ``url``: see `redact_url`.
     """
 
     def __init__(
@@ -23,13 +39,13 @@ class MoaiCkptError(Exception):
         step: int | None = None,
         key: str | None = None,
     ) -> None:
-        self.url = url
+        self.url = redact_url(url) if url is not None else None
         self.step = step
         self.key = key
         where = ", ".join(
-            f"{name}={value}" for name, value in (("url", url), ("step", step), ("key", key)) if value is not None
+            f"{name}={value}" for name, value in (("url", self.url), ("step", step), ("key", key)) if value is not None
         )
-        super().__init__(f"{message} [{where}]" if where else message)
+        super().__init__(redact_url(f"{message} [{where}]" if where else message))
 
 
 class StorageError(MoaiCkptError, OSError):

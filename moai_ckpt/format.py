@@ -269,15 +269,21 @@ def load_record(model: type[Any], data: bytes, *, url: str, step: int, key: str)
 
 
 class RunInfo(BaseModel):
-    """``run.json``: who this run is."""
+    """``run.json``: who this run is.
+
+    Written by whoever can write the storage, so it is data, never an instruction: the CLI runs
+    the function it names only when the user trusts it (docs/security.md).
+    """
 
     model_config = ConfigDict(extra="allow")
 
     format_version: int = FORMAT_VERSION
     run_id: str
     created: str
-    entrypoint: str | None = None
+    entrypoint: str | None = Field(default=None, description="the training function (module:function), as in entry")
     entry: dict[str, Any] | None = Field(
-        default=None, description="the training function to re-run for a restore: function, args, kwargs, cwd"
+        default=None,
+        description="the training function to re-run for a restore: function, and its JSON arguments args and "
+        "kwargs, with secret-looking ones replaced by {'$not_recorded': name, 'reason': ...} (moai_ckpt.entry)",
     )
     versions: dict[str, str] = Field(default_factory=dict)

@@ -4,8 +4,8 @@ Policies (``fault_tolerant(capture_ops=...)``):
 
 - ``"never"``: no capture, not even on a divergence;
 - ``"on_divergence"`` (default): nothing in steady state; when a replay after a restart diverges
-  from the log, the diverged step is re-run under capture (``moai-ckpt capture``, on this device)
-  before the error propagates;
+  from the log, the diverged step is re-run under capture (``moai-ckpt capture``, on this device,
+  with this process's own training function) before the error propagates;
 - ``"after_snapshot"``: also the first step after each snapshot (the step a restart replays first).
 
 ``run.capture_ops(step)`` asks for any step. With no step to capture the run holds no hooks
@@ -14,6 +14,7 @@ object at all: a step pays one ``is not None`` check.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -23,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moai_ckpt.errors import MoaiCkptError
+from moai_ckpt.entry import CALL_ENV
+from moai_ckpt.errors import MoaiCkptError, redact_url
 from replay.ops import OpRecorder
 from replay.opstore import new_label, write_capture
 
@@ -123,24 +125,48 @@ def hooks_for(policy: str, session_steps: Iterable[int] = ()) -> OpCaptureHooks 
     return OpCaptureHooks(after_snapshot=policy == "after_snapshot" and not steps, steps=steps, source=source)
 
 
-def capture_divergence(run: Run, step: int, timeout_s: float = 3600.0) -> str | None:
+def capture_divergence(
+    run: Run,
+    step: int,
+    function: str | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout_s: float = 3600.0,
+) -> str | None:
     """Re-run ``step`` of a diverged run under capture, in a process of its own (``moai-ckpt capture``).
 
-    Only a single-process run does it; several ranks print the command instead. Never raises: the
-    divergence is the error the caller reports. Returns the label of the new capture, if any.
+    The process re-runs this process's own training function (``function``, with the same
+    arguments, handed over in the environment so they show in no process list and reach no
+    storage), never the one ``run.json`` names: storage is untrusted. Only a single-process run
+    does it; several ranks print the command instead. Never raises: the divergence is the error
+    the caller reports. Returns the label of the new capture, if any.
     """
+    if function is None:
+        log.warning("cannot capture the diverged step %d: the training function has no importable name", step)
+        return None
+    try:
+        call = json.dumps({"args": list(args), "kwargs": kwargs}, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        log.warning("cannot capture the diverged step %d: its arguments are not JSON (%s)", step, exc)
+        return None
     command = [sys.executable, "-m", "moai_ckpt.cli", "capture", run.ckpt.url, "--step", str(step)]
-    command += ["--device", run.device.type, "--source", "divergence"]
+    command += ["--device", run.device.type, "--source", "divergence", "--entrypoint", function]
+    shown = redact_url(" ".join(command))
     if run.world_size > 1:
         if run.rank == 0:
-            log.warning("to see the first divergent op, run: %s --world-size %d", " ".join(command), run.world_size)
+            log.warning(
+                "to see the first divergent op, run: %s --world-size %d (and this run's arguments with --kwarg)",
+                shown,
+                run.world_size,
+            )
         return None
-    log.warning("replay diverged at step %d: re-running it under op capture (%s)", step, " ".join(command))
+    log.warning("replay diverged at step %d: re-running it under op capture (%s)", step, shown)
     env = {k: v for k, v in os.environ.items() if k not in ("MOAI_CKPT_SESSION", "MOAI_CKPT_FAULTS")}
+    env[CALL_ENV] = call
     try:
-        done = subprocess.run(command, env=env, timeout=timeout_s, capture_output=True, text=True)
+        done = subprocess.run([*command, "--call-from-env"], env=env, timeout=timeout_s, capture_output=True, text=True)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("the op capture of step %d failed: %s", step, exc)
+        log.warning("the op capture of step %d failed: %s", step, redact_url(str(exc)))
         return None
     sys.stderr.write(done.stdout[-6000:])
     if done.returncode != 0:

@@ -37,6 +37,7 @@ from moai_ckpt import faults
 from moai_ckpt.capture import PartialState
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.distributed import CoordinationError, RankLostError, World, current_world
+from moai_ckpt.entry import function_spec, record_call
 from moai_ckpt.errors import (
     CorruptSnapshotError,
     MoaiCkptError,
@@ -47,7 +48,7 @@ from moai_ckpt.errors import (
 from moai_ckpt.format import REPORTS, RUN_INFO, STEP_DIGITS
 from moai_ckpt.opcapture import capture_divergence, check_policy, hooks_for
 from moai_ckpt.sampler import GlobalSampler
-from moai_ckpt.session import DEVICE_ENV, RestoreComplete, Session, entry_of, report_progress
+from moai_ckpt.session import DEVICE_ENV, RestoreComplete, Session, report_progress
 from replay import codec
 from replay.check import ReplayReport
 from replay.log import LogContents, LogWriter, Placement, StepRecord, log_bases, records_after
@@ -793,6 +794,14 @@ def quarantine(storage: Any, base: int, last_good: int) -> None:
     storage.delete([key for _, key in damaged])
 
 
+def _storage_url(storage: str, kwargs: dict[str, Any]) -> str:
+    """``storage`` with its ``{name}`` fields filled from the call's keyword arguments."""
+    try:
+        return storage.format(**kwargs) if "{" in storage else storage
+    except (KeyError, IndexError) as exc:
+        raise TypeError(f"fault_tolerant(storage={storage!r}) needs the keyword argument {exc} in the call") from None
+
+
 def fault_tolerant(
     storage: str,
     *,
@@ -806,6 +815,7 @@ def fault_tolerant(
     snapshot_at_end: bool = True,
     deterministic: bool = False,
     capture_ops: str = "on_divergence",
+    record_args: Iterable[str] | None = None,
     **options: Any,
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Make a training function resumable at its last completed step (see the module docstring).
@@ -828,6 +838,10 @@ def fault_tolerant(
         capture_ops: when to capture a step's aten op stream: ``"never"``, ``"on_divergence"`` (a
             replay that diverges re-runs its step under capture) or ``"after_snapshot"`` (also the
             first step after each snapshot); see `moai_ckpt.opcapture` and docs/ops.md.
+        record_args: the names of the arguments ``run.json`` records, as an allow-list (their
+            values as given). By default every JSON-able argument is recorded except those whose
+            name looks secret (``api_key``, ``hf_token``, ``password``...), which are recorded as
+            "not recorded" markers; ``sys.argv`` is never recorded. See docs/security.md.
         **options: `Checkpointer` options and storage options.
     """
     if snapshot_every is not None and snapshot_every < 1:
@@ -836,6 +850,9 @@ def fault_tolerant(
         raise ValueError("set snapshot_every, snapshot_every_s or both")
     if snapshot_every_s is not None and snapshot_every_s <= 0:
         raise ValueError("snapshot_every_s must be positive")
+    if isinstance(record_args, str) or not all(isinstance(n, str) for n in record_args or ()):
+        raise TypeError(f"record_args must be a collection of argument names, got {record_args!r}")
+    allowed = frozenset(record_args) if record_args is not None else None
 
     def wrap(fn: Callable[..., R]) -> Callable[..., R]:
         @functools.wraps(fn)
@@ -844,7 +861,7 @@ def fault_tolerant(
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
                 torch.use_deterministic_algorithms(True)
             run = Run(
-                storage.format(**kwargs) if "{" in storage else storage,
+                _storage_url(storage, kwargs),
                 snapshot_every=snapshot_every,
                 snapshot_every_s=snapshot_every_s,
                 async_snapshots=async_snapshots,
@@ -856,7 +873,7 @@ def fault_tolerant(
                 capture_ops=capture_ops,
                 **options,
             )
-            run.entry = entry_of(fn, args, kwargs)
+            run.entry = record_call(fn, args, kwargs, allowed)
             try:
                 result = fn(run, *args, **kwargs)
             except RestoreComplete as done:
@@ -864,7 +881,8 @@ def fault_tolerant(
                 return done.report
             except ReplayDivergenceError as exc:
                 if run.capture_policy != "never" and exc.check is not None:
-                    label = capture_divergence(run, exc.check.step)
+                    # the capture re-runs this process's own function and call, never run.json's
+                    label = capture_divergence(run, exc.check.step, function_spec(fn), args, kwargs)
                     if label is not None and hasattr(exc, "add_note"):
                         exc.add_note(f"op capture of the diverged step: {label} (moai-ckpt diff-ops)")
                 run.close(failing=True)

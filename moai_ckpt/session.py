@@ -2,14 +2,13 @@
 
 The CLI re-runs a user's training function to replay its log. It says what it wants through the
 environment variable ``MOAI_CKPT_SESSION`` (JSON, validated here), so the same mechanism works in
-one process and in every rank that torchrun starts. The training function is named in the run's
-``run.json`` (`entry_of` records it) or by ``--entrypoint``.
+one process and in every rank that torchrun starts. Which training function runs is the CLI's
+decision (`moai_ckpt.entry`): the one the user names, or the one ``run.json`` records when the
+user trusts it; never one storage names by itself.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -18,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moai_ckpt.errors import MoaiCkptError
+from moai_ckpt.entry import CALL_ENV, load_function
+from moai_ckpt.entry import EntrypointError as EntrypointError  # where callers found it before
 
 ENV = "MOAI_CKPT_SESSION"
 DEVICE_ENV = "MOAI_CKPT_DEVICE"
@@ -62,65 +62,6 @@ class RestoreComplete(BaseException):
         self.report = report
 
 
-class EntrypointError(MoaiCkptError, ValueError):
-    """The training function to re-run cannot be found or called."""
-
-
-def entry_of(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What ``run.json`` records so ``moai-ckpt restore`` can call ``fn`` again."""
-    module = fn.__module__
-    if module == "__main__":
-        main_file = getattr(sys.modules["__main__"], "__file__", None)
-        function = f"{os.path.abspath(main_file)}:{fn.__qualname__}" if main_file else None
-    else:
-        function = f"{module}:{fn.__qualname__}"
-    try:
-        call = json.loads(json.dumps({"args": list(args), "kwargs": kwargs}))
-    except (TypeError, ValueError):
-        call = None  # arguments that are not JSON-able cannot be recorded
-    return {
-        "function": function,
-        "args": call["args"] if call else None,
-        "kwargs": call["kwargs"] if call else None,
-        "cwd": os.getcwd(),
-        "argv": list(sys.argv),
-    }
-
-
-def load_function(spec: str) -> Callable[..., Any]:
-    """``package.module:function`` or ``path/to/file.py:function`` -> the function.
-
-    A file is loaded under a module name of its own, so its ``__main__`` block does not run.
-    """
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise EntrypointError(f"entrypoint {spec!r} is not 'module:function' or 'file.py:function'")
-    if target.endswith(".py"):
-        if not os.path.exists(target):
-            raise EntrypointError(f"entrypoint file {target} does not exist")
-        module_name = "_moai_entry_" + os.path.splitext(os.path.basename(target))[0]
-        loader = importlib.util.spec_from_file_location(module_name, target)
-        if loader is None or loader.loader is None:
-            raise EntrypointError(f"cannot load {target}")
-        module = importlib.util.module_from_spec(loader)
-        sys.modules[module_name] = module
-        sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
-        loader.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            raise EntrypointError(f"cannot import {target!r} for entrypoint {spec!r}: {exc}") from exc
-    fn: Any = module
-    for part in name.split("."):
-        fn = getattr(fn, part, None)
-        if fn is None:
-            raise EntrypointError(f"{target!r} has no {name!r}")
-    if not callable(fn):
-        raise EntrypointError(f"entrypoint {spec!r} is not callable")
-    return fn
-
-
 _progress: Callable[[int, int], None] | None = None
 
 
@@ -137,23 +78,25 @@ def report_progress(step: int, target: int, rank: int) -> None:
         print(f"moai-ckpt: replayed step {step} of {target}", file=sys.stderr, flush=True)
 
 
-def call(function: str, args: list[Any] | None, kwargs: dict[str, Any] | None) -> Any:
-    """Call the training function named ``function`` as the run recorded it."""
-    fn = load_function(function)
+def call(function: str, args: list[Any] | None, kwargs: dict[str, Any] | None, *, recorded: bool = False) -> Any:
+    """Call the training function ``function`` (``recorded``: as run.json names it) with these arguments."""
+    fn = load_function(function, recorded=recorded)
     return fn(*(args or []), **(kwargs or {}))
 
 
 def _worker() -> None:
-    """``python -m moai_ckpt.session FUNCTION CALL_JSON``: one rank of a restore under torchrun.
+    """``python -m moai_ckpt.session FUNCTION [CALL_JSON]``: one rank of a restore under torchrun.
 
-    Joins the process group torchrun describes (gloo on CPU, NCCL on CUDA) unless the training
-    function does so itself, then calls it.
+    ``CALL_JSON`` (``{"args": [...], "kwargs": {...}, "recorded": false}``) comes from the command
+    line or, so that arguments never show in a process list, from ``$MOAI_CKPT_CALL``. Joins the
+    process group torchrun describes (gloo on CPU, NCCL on CUDA) unless the training function
+    does so itself, then calls it.
     """
     import torch
     import torch.distributed as dist
 
-    function, raw = sys.argv[1], sys.argv[2]
-    recorded = json.loads(raw)
+    function = sys.argv[1]
+    given = json.loads(sys.argv[2] if len(sys.argv) > 2 else os.environ.get(CALL_ENV, "{}"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         cuda = os.environ.get(DEVICE_ENV) != "cpu" and torch.cuda.is_available()
         if cuda:
@@ -161,7 +104,7 @@ def _worker() -> None:
         dist.init_process_group("nccl" if cuda else "gloo")
         dist.barrier()
     try:
-        call(function, recorded.get("args"), recorded.get("kwargs"))
+        call(function, given.get("args"), given.get("kwargs"), recorded=bool(given.get("recorded")))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

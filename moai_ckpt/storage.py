@@ -34,6 +34,7 @@ from moai_ckpt.errors import (
     StorageError,
     TransientStorageError,
     TruncatedDataError,
+    redact_url,
 )
 from moai_ckpt.keys import check_key
 
@@ -197,7 +198,12 @@ class Storage:
             if not is_transient(exc) or policy.attempts <= 1:
                 raise self._failure(op, key, exc) from exc
             log.warning(
-                "storage %s of %s/%s failed (attempt 1/%d), retrying: %s", op, self.url, key, policy.attempts, exc
+                "storage %s of %s/%s failed (attempt 1/%d), retrying: %s",
+                op,
+                redact_url(self.url),
+                key,
+                policy.attempts,
+                redact_url(str(exc)),
             )
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -205,11 +211,11 @@ class Storage:
             log.warning(
                 "storage %s of %s/%s failed (attempt %d/%d), retrying: %s",
                 op,
-                self.url,
+                redact_url(self.url),
                 key,
                 state.attempt_number + 1,
                 policy.attempts,
-                exc,
+                redact_url(str(exc)),
             )
 
         first_wait = policy.initial_backoff_s + _JITTER.uniform(0, policy.jitter_s)

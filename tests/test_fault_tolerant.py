@@ -208,7 +208,10 @@ def test_restore_commits_the_state_at_the_last_logged_step_and_a_relaunch_starts
     cli = [sys.executable, "-m", "moai_ckpt.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOAI_TEST_LOG_SYNC": "1", "COLUMNS": "200"}
     env.pop("MOAI_CKPT_FAULTS", None)
-    restored = subprocess.run([*cli, "restore", str(run_dir), "--json"], capture_output=True, text=True, env=env)
+    # the test owns the run directory: it trusts the function run.json names
+    restored = subprocess.run(
+        [*cli, "restore", str(run_dir), "--json", "--trust-run-json"], capture_output=True, text=True, env=env
+    )
     assert restored.returncode == 0, restored.stderr[-3000:]
     report = json.loads(restored.stdout)["report"]
     base = report["base_step"]
@@ -218,6 +221,7 @@ def test_restore_commits_the_state_at_the_last_logged_step_and_a_relaunch_starts
     assert moai_ckpt.Checkpointer(str(run_dir)).latest_step() == 10
     table = subprocess.run([*cli, "restore", str(run_dir)], capture_output=True, text=True, env=env)
     assert table.returncode == 0 and "steps replayed" in table.stdout  # nothing left to replay: still a table
+    assert "no training code ran" in table.stdout  # nor needed: no --trust-run-json, no --entrypoint
     out = result_of(run_scenario(run_dir, TOTAL, sync=True))
     assert out["first_step"] == 11 and out["replayed"] == 0
     assert out["digest"] == reference["digest"]
@@ -230,7 +234,7 @@ def test_replay_verify_reports_determinism_per_step(tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "moai_ckpt.cli", "replay", str(run_dir)]
     shown = subprocess.run(cli, capture_output=True, text=True, env=env)
     assert shown.returncode == 0 and "a restart replays 3 steps" in shown.stdout
-    verified = subprocess.run([*cli, "--verify", "--json"], capture_output=True, text=True, env=env)
+    verified = subprocess.run([*cli, "--verify", "--json", "--trust-run-json"], capture_output=True, text=True, env=env)
     assert verified.returncode == 0, verified.stderr[-3000:]
     report = json.loads(verified.stdout)
     assert [s["step"] for s in report["steps"]] == [5, 6, 7] and all(s["bitwise"] for s in report["steps"])
@@ -242,7 +246,7 @@ def test_replay_verify_reports_determinism_per_step(tmp_path: Path) -> None:
     storage.delete_prefix("log/000000000004")
     six = six.model_copy(update={"digests": six.digests.model_copy(update={"loss": 0.5})})
     LogWriter(storage, 4).copy([five, six, seven], contents)
-    diverged = subprocess.run([*cli, "--verify"], capture_output=True, text=True, env=env)
+    diverged = subprocess.run([*cli, "--verify", "--trust-run-json"], capture_output=True, text=True, env=env)
     assert diverged.returncode == 1, diverged.stdout + diverged.stderr
     assert "non-deterministic" in diverged.stdout and "step 6" in diverged.stdout
 

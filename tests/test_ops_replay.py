@@ -44,7 +44,7 @@ def test_a_run_captures_the_first_step_after_each_snapshot(base_run: Path) -> No
 def test_replay_ops_reexecutes_captures_bitwise_on_cpu_without_importing_the_training_code(base_run: Path) -> None:
     # step 2 has no capture: ask for one (the session re-runs the training function up to it)
     captured = subprocess.run(
-        [sys.executable, "-m", "moai_ckpt.cli", "capture", str(base_run), "--step", "2"],
+        [sys.executable, "-m", "moai_ckpt.cli", "capture", str(base_run), "--step", "2", "--trust-run-json"],
         capture_output=True,
         text=True,
         env=ENV,

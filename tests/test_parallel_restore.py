@@ -178,7 +178,7 @@ def test_restore_on_another_world_size_re_plans_replays_under_the_new_plan_and_r
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(
-        [sys.executable, "-m", "moai_ckpt.cli", "restore", one_rank_run, "--world-size", "2"],
+        [sys.executable, "-m", "moai_ckpt.cli", "restore", one_rank_run, "--world-size", "2", "--trust-run-json"],
         capture_output=True,
         text=True,
         timeout=240,
