@@ -35,6 +35,9 @@ from replay.ops import COLLECTIVE_NAMESPACES, OpCaptureError, OpStream, decode_d
 
 REPLAYABLE_NAMESPACES = ("aten", "prims")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# ops that reach outside tensors (files, the console): a capture read from storage never runs them
+_OUTSIDE_TENSORS = frozenset({"from_file", "_print"})
+_PATH_ARGUMENTS = frozenset({"filename", "path", "file"})
 
 
 def resolve(name: str) -> Callable[..., Any]:
@@ -49,9 +52,16 @@ def resolve(name: str) -> Callable[..., Any]:
             "(a custom op needs the code that defines it; replay the step with `moai-ckpt replay --verify`)"
         )
     try:
-        return getattr(getattr(getattr(torch.ops, namespace), op), overload)
+        resolved = getattr(getattr(getattr(torch.ops, namespace), op), overload)
     except AttributeError:
         raise OpCaptureError(f"this torch ({torch.__version__}) has no op {name}") from None
+    schema = getattr(resolved, "_schema", None)
+    takes_path = schema is not None and any(a.name in _PATH_ARGUMENTS for a in schema.arguments)
+    if op in _OUTSIDE_TENSORS or takes_path:
+        raise OpCaptureError(
+            f"op {name} reaches outside tensors (files or the console): a capture read from storage never runs it"
+        )
+    return resolved
 
 
 def check_replayable(stream: OpStream) -> None:
