@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replay.ops import OpCaptureError
 from replay.opreplay import resolve
+from replay.ops import OpCaptureError
 
 
 @pytest.mark.parametrize("name", ["aten.from_file.default", "aten._print.default"])
