@@ -62,7 +62,8 @@ def sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def main() -> None:
+def train(run_dir: str, out_dir: str) -> None:
+    """The training run (in this process)."""
     # imported here: the test imports this module for its constants, without transformers' import time
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 
@@ -71,7 +72,6 @@ def main() -> None:
     class ProgressCallback(Progress, TrainerCallback):
         pass
 
-    run_dir, out_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     set_seed(0)
     config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2)  # dropout 0.1
@@ -113,6 +113,10 @@ def main() -> None:
     }
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f)
+
+
+def main() -> None:
+    train(sys.argv[1], sys.argv[2])
 
 
 if __name__ == "__main__":

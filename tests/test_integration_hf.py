@@ -8,12 +8,9 @@ Accelerate tests run in this process.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,42 +25,23 @@ from torch import nn
 
 import moai_ckpt
 from moai_ckpt.integrations.hf import load_state, register_state_hooks
+from tests import hf_scenario
+from tests import integration_runs as runs
 from tests.hf_scenario import TOTAL_STEPS
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 # -- Trainer.train() in real processes ------------------------------------------------------------
 
 
-def _env(pause_at: int | None) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("MOAI_TEST_PAUSE_AT", None)
-    if pause_at is not None:
-        env["MOAI_TEST_PAUSE_AT"] = str(pause_at)
-    return env
+SCENARIO = "tests.hf_scenario"
 
 
 def train(out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "tests.hf_scenario", str(out_dir / "run"), str(out_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=_env(None))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs.run(SCENARIO, out_dir, str(out_dir / "run"), str(out_dir))
 
 
 def train_killed_at(out_dir: Path, step: int) -> None:
     """A run SIGKILLed while it is in the forward pass of ``step``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "tests.hf_scenario", str(out_dir / "run"), str(out_dir)]
-    with open(out_dir / "killed.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(step), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while not (out_dir / "paused").exists():
-            assert proc.poll() is None, (out_dir / "killed.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "the run never reached the step to kill"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+    runs.run_killed_at(SCENARIO, out_dir, step, 1, str(out_dir / "run"), str(out_dir))
 
 
 def read(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -72,10 +50,18 @@ def read(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return result, losses
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[runs.Background]:
+    """An uninterrupted run, started now (tests wait for it when they need it)."""
+    out = tmp_path_factory.mktemp("reference")
+    with runs.Background(SCENARIO, out, str(out / "run"), str(out)) as started:
+        yield started
+
+
 @pytest.mark.slow
-def test_a_trainer_run_killed_mid_epoch_resumes_at_its_last_completed_step_bitwise(tmp_path: Path) -> None:
-    train(tmp_path / "reference")
-    reference, reference_losses = read(tmp_path / "reference")
+def test_a_trainer_run_killed_mid_epoch_resumes_at_its_last_completed_step_bitwise(
+    tmp_path: Path, reference: runs.Background
+) -> None:
     killed_at = random.Random(41).randint(2, TOTAL_STEPS - 1)
     print(f"SIGKILL in the forward pass of step {killed_at} of {TOTAL_STEPS}")
     out = tmp_path / "killed"
@@ -84,9 +70,10 @@ def test_a_trainer_run_killed_mid_epoch_resumes_at_its_last_completed_step_bitwi
     assert killed_lines == killed_at - 1
     train(out)
     final, seen = read(out)
-    assert final["tensors"] == reference["tensors"]  # per-tensor sha256 of the model and optimizer state
-    assert final["scheduler"] == reference["scheduler"] and final["rng"] == reference["rng"]
-    assert final["global_step"] == TOTAL_STEPS and final["epoch"] == reference["epoch"]
+    expected_result, reference_losses = read(reference.wait())
+    assert final["tensors"] == expected_result["tensors"]  # per-tensor sha256 of the model and optimizer state
+    assert final["scheduler"] == expected_result["scheduler"] and final["rng"] == expected_result["rng"]
+    assert final["global_step"] == TOTAL_STEPS and final["epoch"] == expected_result["epoch"]
     expected = {line["step"]: line["loss"] for line in reference_losses}
     assert all(line["loss"] == expected[line["step"]] for line in seen)
     resumed = seen[killed_lines:]
@@ -96,6 +83,13 @@ def test_a_trainer_run_killed_mid_epoch_resumes_at_its_last_completed_step_bitwi
     report = final["report"]
     assert report["strict"] and all(s["bitwise"] for s in report["steps"])
     assert [s["step"] for s in report["steps"]] == list(range(final["resumed_from"] + 1, resumed_at))
+
+
+@pytest.mark.slow
+def test_a_finished_run_started_again_is_refused_with_the_reason(tmp_path: Path, reference: runs.Background) -> None:
+    shutil.copytree(reference.wait() / "run", tmp_path / "run")
+    with pytest.raises(ValueError, match=f"already finished: its snapshot is at step {TOTAL_STEPS}"):
+        hf_scenario.train(str(tmp_path / "run"), str(tmp_path))  # in this process
 
 
 # -- Accelerate, in this process ------------------------------------------------------------------
@@ -137,7 +131,7 @@ def steps(accelerator: Accelerator, model: nn.Module, optimizer: Any, scheduler:
         scheduler.step()
         optimizer.zero_grad()
         counter.seen += 8
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

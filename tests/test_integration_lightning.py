@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,48 +31,23 @@ from moai_ckpt.errors import CorruptSnapshotError, UnserializableStateError
 from moai_ckpt.integrations.lightning import CheckpointPointer, MoaiCheckpointIO
 from replay.log import LogWriter, history, read_log, segment_key
 from replay.recorder import ReplayDivergenceError
+from tests import integration_runs as runs
 from tests import lightning_scenario
 from tests.lightning_scenario import TOTAL_STEPS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 # -- real processes -------------------------------------------------------------------------------
 
-
-def _env(pause_at: int | None) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("MOAI_TEST_PAUSE_AT", None)
-    if pause_at is not None:
-        env["MOAI_TEST_PAUSE_AT"] = str(pause_at)
-    return env
+SCENARIO = "tests.lightning_scenario"
 
 
-def fit(run_dir: Path, out_dir: Path, devices: int) -> subprocess.CompletedProcess[str]:
+def fit(run_dir: Path, out_dir: Path, devices: int) -> None:
     """A fit run to its end."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "tests.lightning_scenario", str(run_dir), str(out_dir), str(devices)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=_env(None))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    runs.run(SCENARIO, out_dir, str(run_dir), str(out_dir), str(devices))
 
 
 def fit_killed_at(run_dir: Path, out_dir: Path, devices: int, step: int) -> None:
     """A fit whose every process is SIGKILLed while all its ranks are in the middle of ``step``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "tests.lightning_scenario", str(run_dir), str(out_dir), str(devices)]
-    with open(out_dir / "killed.log", "w") as log:
-        # its own process group: Lightning's second rank is a child of the first, and both die at once
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=_env(step), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + 240
-        while len(list(out_dir.glob("paused-*"))) < devices:
-            assert proc.poll() is None, (out_dir / "killed.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "the fit never reached the step to kill"
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+    runs.run_killed_at(SCENARIO, out_dir, step, devices, str(run_dir), str(out_dir), str(devices))
 
 
 def result(out_dir: Path, rank: int = 0) -> dict[str, Any]:
@@ -112,28 +83,32 @@ def check_resumed_bitwise(out: Path, reference: Path, killed_at: int, killed_lin
 
 
 @pytest.fixture(scope="module")
-def reference_1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference_1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[runs.Background]:
+    """An uninterrupted one-process fit, started now (tests wait for it when they need it)."""
     out = tmp_path_factory.mktemp("reference-1")
-    fit(out / "run", out, 1)
-    return out
+    with runs.Background(SCENARIO, out, str(out / "run"), str(out), "1") as reference:
+        yield reference
 
 
 @pytest.fixture(scope="module")
-def reference_2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference_2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[runs.Background]:
+    """An uninterrupted 2-rank DDP fit, started now."""
     out = tmp_path_factory.mktemp("reference-2")
-    fit(out / "run", out, 2)
-    return out
+    with runs.Background(SCENARIO, out, str(out / "run"), str(out), "2") as reference:
+        yield reference
 
 
 @pytest.mark.slow
-def test_a_fit_killed_mid_epoch_resumes_at_its_last_completed_step_bitwise(tmp_path: Path, reference_1: Path) -> None:
+def test_a_fit_killed_mid_epoch_resumes_at_its_last_completed_step_bitwise(
+    tmp_path: Path, reference_1: runs.Background
+) -> None:
     killed_at = random.Random(17).randint(2, TOTAL_STEPS - 1)
     print(f"SIGKILL in the middle of step {killed_at} of {TOTAL_STEPS}")
     fit_killed_at(tmp_path / "run", tmp_path, 1, killed_at)
     killed_lines = len(losses(tmp_path))
     assert killed_lines == killed_at - 1  # every step before the one in progress completed
     fit(tmp_path / "run", tmp_path, 1)
-    check_resumed_bitwise(tmp_path, reference_1, killed_at, killed_lines)
+    check_resumed_bitwise(tmp_path, reference_1.wait(), killed_at, killed_lines)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +123,7 @@ def killed_ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
 
 @pytest.mark.slow
 def test_a_ddp_fit_killed_on_every_rank_resumes_bitwise_on_two_ranks(
-    tmp_path: Path, killed_ddp: tuple[Path, int], reference_2: Path
+    tmp_path: Path, reference_2: runs.Background, killed_ddp: tuple[Path, int]
 ) -> None:
     killed, killed_at = killed_ddp
     shutil.copytree(killed, tmp_path, dirs_exist_ok=True)
@@ -156,12 +131,12 @@ def test_a_ddp_fit_killed_on_every_rank_resumes_bitwise_on_two_ranks(
     assert killed_lines == [killed_at - 1] * 2
     fit(tmp_path / "run", tmp_path, 2)
     for rank in (0, 1):
-        check_resumed_bitwise(tmp_path, reference_2, killed_at, killed_lines[rank], rank)
+        check_resumed_bitwise(tmp_path, reference_2.wait(), killed_at, killed_lines[rank], rank)
 
 
 @pytest.mark.slow
 def test_a_ddp_fit_resumed_on_one_device_keeps_the_global_data_order_and_reports_drift(
-    tmp_path: Path, killed_ddp: tuple[Path, int], reference_2: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, reference_2: runs.Background, killed_ddp: tuple[Path, int], caplog: pytest.LogCaptureFixture
 ) -> None:
     killed, _ = killed_ddp
     shutil.copytree(killed, tmp_path, dirs_exist_ok=True)
@@ -175,17 +150,17 @@ def test_a_ddp_fit_resumed_on_one_device_keeps_the_global_data_order_and_reports
         assert moai_ckpt.Checkpointer(str(tmp_path / "run")).storage.list("reports")
     # every step of the run, before and after the move to one device, trained on the reference's samples
     resumed = history(moai_ckpt.Checkpointer(str(tmp_path / "run")).storage)
-    original = history(moai_ckpt.Checkpointer(str(reference_2 / "run")).storage)
+    original = history(moai_ckpt.Checkpointer(str(reference_2.wait() / "run")).storage)
     assert sorted(resumed) == sorted(original) == list(range(1, TOTAL_STEPS + 1))
     assert all(resumed[s].samples == original[s].samples for s in original)
 
 
 @pytest.mark.slow
 def test_a_replayed_step_that_differs_from_its_log_record_is_an_error_naming_it(
-    tmp_path: Path, reference_1: Path
+    tmp_path: Path, reference_1: runs.Background
 ) -> None:
     run = tmp_path / "run"
-    shutil.copytree(reference_1 / "run", run)
+    shutil.copytree(reference_1.wait() / "run", run)
     ckpt = moai_ckpt.Checkpointer(str(run))
     last = ckpt.latest_step()
     assert last == TOTAL_STEPS
@@ -199,6 +174,19 @@ def test_a_replayed_step_that_differs_from_its_log_record_is_an_error_naming_it(
     LogWriter(ckpt.storage, base).copy([tampered], contents)  # the same record with its loss changed
     with pytest.raises(ReplayDivergenceError, match=f"step {record.step}: first divergent quantity loss"):
         lightning_scenario.train(str(run), str(tmp_path), 1)  # in this process
+
+
+@pytest.mark.slow
+def test_a_finished_fit_started_again_trains_nothing_and_ends_in_the_same_state(
+    tmp_path: Path, reference_1: runs.Background
+) -> None:
+    reference = reference_1.wait()
+    shutil.copytree(reference / "run", tmp_path / "run")
+    lightning_scenario.train(str(tmp_path / "run"), str(tmp_path), 1)  # in this process
+    assert not (tmp_path / "losses-0.jsonl").exists()  # no step ran
+    final, ref = result(tmp_path), result(reference)
+    assert final["resumed_from"] == TOTAL_STEPS
+    assert (final["tensors"], final["schedulers"], final["rng"]) == (ref["tensors"], ref["schedulers"], ref["rng"])
 
 
 # -- MoaiCheckpointIO, in this process ------------------------------------------------------------

@@ -310,6 +310,9 @@ class StepDriver:
 
     def finish(self) -> ReplayReport | None:
         """Training finished: flush the log, report a replay that ran to the end, snapshot the last step."""
+        if self._resume_rng is not None:  # restored, and no step left to run: the RNG is the snapshot's
+            load_rng_components(self._resume_rng)
+            self._resume_rng = None
         if self._recorder is None or self.ckpt is None:
             return self.report
         self._recorder.drain(timeout=2 * self.ckpt.options.collective_timeout_s)

@@ -50,6 +50,8 @@ class _TrainerStateAdapter:
     """The ``TrainerState`` fields a resumed run continues from (global step, epoch, log history...)."""
 
     _LOCAL = ("is_local_process_zero", "is_world_process_zero")  # facts about this process, not the run
+    # set from this call's TrainingArguments: a run restarted with a larger max_steps trains on
+    _CONFIG = ("max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "train_batch_size")
 
     def __init__(self, state: TrainerState) -> None:
         self.state = state
@@ -60,7 +62,7 @@ class _TrainerStateAdapter:
 
     def load_state_dict(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
-            if hasattr(self.state, key) and key not in self._LOCAL:
+            if hasattr(self.state, key) and key not in self._LOCAL + self._CONFIG:
                 setattr(self.state, key, value)
 
 
@@ -207,6 +209,13 @@ class MoaiTrainerCallback(TrainerCallback):
         self._driver = StepDriver(self.url, **self._settings)
         device = next(model.parameters()).device
         self.resumed_from = self._driver.open(tracked, device)
+        if 0 < state.max_steps <= state.global_step:
+            # the Trainer would run one more step before it looks at max_steps
+            self.close()
+            raise ValueError(
+                f"the run in {self.url} already finished: its snapshot is at step {state.global_step}, "
+                f"max_steps is {state.max_steps}. Raise max_steps (or num_train_epochs) to train on"
+            )
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
