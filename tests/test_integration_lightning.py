@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 from collections.abc import Iterator
@@ -324,3 +325,19 @@ def test_a_pickled_checkpoint_is_refused_without_being_unpickled(tmp_path: Path)
     torch.save({"state_dict": {}}, path)
     with pytest.raises(CorruptSnapshotError, match="not a moai-ckpt checkpoint pointer"):
         MoaiCheckpointIO(str(tmp_path / "store")).load_checkpoint(path)
+
+
+@pytest.mark.parametrize("how", ["link", "copy"])
+def test_removing_a_link_or_copy_of_a_checkpoint_keeps_the_checkpoint_it_points_at(tmp_path: Path, how: str) -> None:
+    plugin = MoaiCheckpointIO(str(tmp_path / "store"))
+    target, last = tmp_path / "epoch=0-step=3.ckpt", tmp_path / "last.ckpt"
+    plugin.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.arange(4.0)}}, target)
+    if how == "link":  # as ModelCheckpoint(save_last="link") makes it; a copy where links are not allowed
+        os.symlink(target.name, last)
+    else:
+        shutil.copy(target, last)
+    plugin.remove_checkpoint(last)
+    assert not last.exists() and not last.is_symlink()
+    assert torch.equal(plugin.load_checkpoint(target)["state_dict"]["w"], torch.arange(4.0))
+    plugin.remove_checkpoint(target)
+    assert not target.exists() and not list((tmp_path / "store" / "checkpoints").iterdir())

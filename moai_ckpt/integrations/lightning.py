@@ -202,9 +202,14 @@ class MoaiCheckpointIO(CheckpointIO):
         with self._lock:
             self.wait()
             fs, local = fsspec.core.url_to_fs(str(path))
-            name = self._read_pointer(fs, local).run if fs.isfile(local) else _run_name(str(path))
-            if fs.exists(local):
+            name = _run_name(str(path))
+            owner = self._owns(fs, local, name)
+            if os.path.islink(local):
+                os.remove(local)
+            elif fs.exists(local):
                 fs.rm(local, recursive=fs.isdir(local))
+            if not owner:
+                return
             parent = open_storage(f"{self.url}/{CHECKPOINTS}")
             with Checkpointer(self._run_url(name), local=True, **self.options) as ckpt:
                 steps = ckpt.steps()
@@ -270,6 +275,18 @@ class MoaiCheckpointIO(CheckpointIO):
         if fs.isdir(local) and fs.exists(f"{local.rstrip('/')}/{SNAPSHOTS}"):
             return path, None
         raise SnapshotNotFoundError(f"no checkpoint at {path} (neither a pointer file nor a run directory)", url=path)
+
+    def _owns(self, fs: Any, local: str, name: str) -> bool:
+        """Whether the checkpoint at ``local`` owns the snapshots of ``name``: not a link or a copy of
+        another name's pointer (ModelCheckpoint's ``last.ckpt``), whose removal must keep them."""
+        if os.path.islink(local):
+            return False
+        if not fs.isfile(local):
+            return True
+        try:
+            return self._read_pointer(fs, local).run == name
+        except CorruptSnapshotError:  # not a pointer: nothing else refers to this name's snapshots
+            return True
 
     @staticmethod
     def _read_pointer(fs: Any, local: str) -> CheckpointPointer:
