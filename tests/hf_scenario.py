@@ -1,13 +1,15 @@
 """A tiny causal LM trained by ``transformers.Trainer`` under `MoaiTrainerCallback` (a real process).
 
     python -m tests.hf_scenario RUN_DIR OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.hf_scenario RUN_DIR OUT_DIR
 
-The model is built from a config (nothing downloaded); the data is a small in-memory dataset.
-With ``MOAI_TEST_PAUSE_AT=K`` the process writes ``OUT_DIR/paused`` in the middle of step K (in
-the forward pass) and waits there to be killed. Completed steps append ``{"step", "loss",
-"replayed"}`` lines to ``OUT_DIR/losses.jsonl``; the end writes ``OUT_DIR/result.json`` (the
-sha256 of every tensor of the model and optimizer, the scheduler's state, the RNG state and the
-replay report).
+The model is built from a config (nothing downloaded); the data is a small in-memory dataset;
+the global batch is the same on any number of processes. With ``MOAI_TEST_PAUSE_AT=K`` each
+process writes ``OUT_DIR/paused-<rank>`` in the middle of step K (in the forward pass) and waits
+there to be killed. Completed steps append ``{"step", "loss", "replayed"}`` lines to
+``OUT_DIR/losses-<rank>.jsonl``; the end writes ``OUT_DIR/result-<rank>.json`` (the sha256 of
+every tensor of the model and optimizer, the scheduler's state, the RNG state and the replay
+report).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any
 
 import torch
 
-SAMPLES, BATCH, EPOCHS, SEQ, VOCAB = 40, 4, 2, 12, 64  # 10 steps an epoch, 20 in all
+SAMPLES, BATCH, EPOCHS, SEQ, VOCAB = 40, 4, 2, 12, 64  # 10 global batches of 4 an epoch, 20 steps in all
 TOTAL_STEPS = SAMPLES // BATCH * EPOCHS
+RANK = int(os.environ.get("RANK", "0"))
 
 
 def dataset() -> list[dict[str, torch.Tensor]]:
@@ -45,7 +48,7 @@ class Progress:
         if module.training:
             self.losses.append(float(output.loss.detach()))
             if os.environ.get("MOAI_TEST_PAUSE_AT") == str(self.step):
-                with open(os.path.join(self.out_dir, "paused"), "w") as f:
+                with open(os.path.join(self.out_dir, f"paused-{RANK}"), "w") as f:
                     f.write(str(os.getpid()))
                 time.sleep(600)  # the test kills the process here
 
@@ -54,7 +57,7 @@ class Progress:
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         line = {"step": state.global_step, "loss": self.losses.pop(), "replayed": self.moai.replaying}
-        with open(os.path.join(self.out_dir, "losses.jsonl"), "a") as f:
+        with open(os.path.join(self.out_dir, f"losses-{RANK}.jsonl"), "a") as f:
             f.write(json.dumps(line) + "\n")
 
 
@@ -79,7 +82,7 @@ def train(run_dir: str, out_dir: str) -> None:
     moai = MoaiTrainerCallback(run_dir, snapshot_every=4)
     args = TrainingArguments(
         output_dir=os.path.join(out_dir, "hf"),
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=BATCH // int(os.environ.get("WORLD_SIZE", "1")),
         num_train_epochs=EPOCHS,
         learning_rate=5e-3,
         lr_scheduler_type="cosine",
@@ -111,7 +114,7 @@ def train(run_dir: str, out_dir: str) -> None:
         "resumed_from": moai.resumed_from,
         "report": report.model_dump(mode="json") if report is not None else None,
     }
-    with open(os.path.join(out_dir, "result.json"), "w") as f:
+    with open(os.path.join(out_dir, f"result-{RANK}.json"), "w") as f:
         json.dump(result, f)
 
 

@@ -1,7 +1,8 @@
 """Hugging Face: a Trainer run killed with SIGKILL resumes bitwise; Accelerate state through moai-ckpt.
 
-The Trainer test runs `tests.hf_scenario` as real processes (a causal LM built from a config, a
-small in-memory dataset) and SIGKILLs the run from here in the middle of a drawn step. The
+The Trainer tests run `tests.hf_scenario` as real processes (a causal LM built from a config, a
+small in-memory dataset), SIGKILL the run from here in the middle of a drawn step, and resume it on
+one process (bitwise) and on two (torchrun; the same global batches, drift reported). The
 Accelerate tests run in this process.
 """
 
@@ -25,6 +26,7 @@ from torch import nn
 
 import moai_ckpt
 from moai_ckpt.integrations.hf import load_state, register_state_hooks
+from replay.log import history
 from tests import hf_scenario
 from tests import integration_runs as runs
 from tests.hf_scenario import TOTAL_STEPS
@@ -35,18 +37,17 @@ from tests.hf_scenario import TOTAL_STEPS
 SCENARIO = "tests.hf_scenario"
 
 
-def train(out_dir: Path) -> None:
-    runs.run(SCENARIO, out_dir, str(out_dir / "run"), str(out_dir))
-
-
-def train_killed_at(out_dir: Path, step: int) -> None:
-    """A run SIGKILLed while it is in the forward pass of ``step``."""
-    runs.run_killed_at(SCENARIO, out_dir, step, 1, str(out_dir / "run"), str(out_dir))
+def train(out_dir: Path, processes: int = 1) -> None:
+    if processes == 1:
+        runs.run(SCENARIO, out_dir, str(out_dir / "run"), str(out_dir))
+    else:  # torchrun's standalone mode: the processes join over a free local port
+        launcher = ["--standalone", f"--nproc_per_node={processes}", "-m", SCENARIO]
+        runs.run("torch.distributed.run", out_dir, *launcher, str(out_dir / "run"), str(out_dir))
 
 
 def read(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    result = json.loads((out_dir / "result.json").read_text())
-    losses = [json.loads(line) for line in (out_dir / "losses.jsonl").read_text().splitlines()]
+    result = json.loads((out_dir / "result-0.json").read_text())
+    losses = [json.loads(line) for line in (out_dir / "losses-0.jsonl").read_text().splitlines()]
     return result, losses
 
 
@@ -58,18 +59,30 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[runs.Backgro
         yield started
 
 
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory: pytest.TempPathFactory, reference: runs.Background) -> tuple[Path, int]:
+    """A run SIGKILLed in the forward pass of a drawn step (while the reference runs): its directory, the step.
+
+    The step is drawn among those that leave at least one logged step after the snapshot the
+    run resumes from (snapshots every 4 steps; the record of step k - 2 is durable once k starts).
+    """
+    out = tmp_path_factory.mktemp("killed")
+    killed_at = random.Random(41).choice([k for k in range(3, TOTAL_STEPS) if k % 4 in (0, 3)])
+    print(f"SIGKILL in the forward pass of step {killed_at} of {TOTAL_STEPS}")
+    runs.run_killed_at(SCENARIO, out, killed_at, 1, str(out / "run"), str(out))
+    return out, killed_at
+
+
 @pytest.mark.slow
 def test_a_trainer_run_killed_mid_epoch_resumes_at_its_last_completed_step_bitwise(
-    tmp_path: Path, reference: runs.Background
+    tmp_path: Path, reference: runs.Background, killed: tuple[Path, int]
 ) -> None:
-    killed_at = random.Random(41).randint(2, TOTAL_STEPS - 1)
-    print(f"SIGKILL in the forward pass of step {killed_at} of {TOTAL_STEPS}")
-    out = tmp_path / "killed"
-    train_killed_at(out, killed_at)
-    killed_lines = len((out / "losses.jsonl").read_text().splitlines())
+    shutil.copytree(killed[0], tmp_path, dirs_exist_ok=True)
+    killed_at = killed[1]
+    killed_lines = len(read_losses(tmp_path))
     assert killed_lines == killed_at - 1
-    train(out)
-    final, seen = read(out)
+    train(tmp_path)
+    final, seen = read(tmp_path)
     expected_result, reference_losses = read(reference.wait())
     assert final["tensors"] == expected_result["tensors"]  # per-tensor sha256 of the model and optimizer state
     assert final["scheduler"] == expected_result["scheduler"] and final["rng"] == expected_result["rng"]
@@ -81,8 +94,32 @@ def test_a_trainer_run_killed_mid_epoch_resumes_at_its_last_completed_step_bitwi
     resumed_at = next(line["step"] for line in resumed if not line["replayed"])
     assert killed_at - 1 <= resumed_at <= killed_at  # the record of killed_at - 1 may not be durable yet
     report = final["report"]
-    assert report["strict"] and all(s["bitwise"] for s in report["steps"])
+    assert report["steps"] and report["strict"] and all(s["bitwise"] for s in report["steps"])
     assert [s["step"] for s in report["steps"]] == list(range(final["resumed_from"] + 1, resumed_at))
+
+
+@pytest.mark.slow
+def test_a_trainer_run_resumed_on_two_processes_keeps_the_global_batches_and_reports_drift(
+    tmp_path: Path, reference: runs.Background, killed: tuple[Path, int]
+) -> None:
+    shutil.copytree(killed[0], tmp_path, dirs_exist_ok=True)
+    train(tmp_path, processes=2)
+    final, _ = read(tmp_path)
+    report = final["report"]
+    assert final["global_step"] == TOTAL_STEPS
+    assert not report["strict"] and report["placement_changes"] == ["world_size: 1 -> 2"]
+    assert report["steps"] and all("samples" not in s["mismatches"] for s in report["steps"])
+    # the loss each record holds is the Trainer's loss of the whole global batch on any number of
+    # processes (dropout draws differ, so it moves a little; a mis-scaled loss would move by 1/2)
+    assert all(s["loss_rel"] < 0.1 for s in report["steps"])
+    resumed = history(moai_ckpt.Checkpointer(str(tmp_path / "run")).storage)
+    original = history(moai_ckpt.Checkpointer(str(reference.wait() / "run")).storage)
+    assert sorted(resumed) == sorted(original) == list(range(1, TOTAL_STEPS + 1))
+    assert all(resumed[s].samples == original[s].samples for s in original)
+
+
+def read_losses(out_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out_dir / "losses-0.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow

@@ -67,27 +67,34 @@ class _TrainerStateAdapter:
 
 
 class _LossTap:
-    """The model's training losses of the current step, read from its forward output (``.loss``)."""
+    """The loss of the current step, from the model's own ``.loss`` outputs, as the Trainer counts it.
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    A model given ``num_items_in_batch`` divides each micro-batch's loss by the tokens of the whole
+    step (on this process, or on every process with ``average_tokens_across_devices``, for which
+    the Trainer multiplies it back by the process count): the step's loss is then the sum over
+    micro-batches. Otherwise each micro-batch's loss is a mean and the step's is their mean.
+    """
+
+    def __init__(self, model: torch.nn.Module, scale: int) -> None:
         self.losses: list[torch.Tensor] = []
-        self.missing = False
-        self.handle = model.register_forward_hook(self._hook)
+        self.normalized = False
+        self.scale = scale  # the process count when tokens are averaged across processes, else 1
+        self.handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+    def _hook(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         if not module.training:
             return  # evaluation inside training
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, torch.Tensor):
             self.losses.append(loss.detach())
-        else:
-            self.missing = True
+            self.normalized = kwargs.get("num_items_in_batch") is not None
 
     def take(self) -> torch.Tensor | float:
         losses, self.losses = self.losses, []
         if not losses:
             return 0.0  # the model computes no loss itself: parameters and gradients are still checked
-        return torch.stack(losses).mean() if len(losses) > 1 else losses[0]
+        stacked = torch.stack(losses)
+        return stacked.sum() * self.scale if self.normalized else stacked.mean()
 
 
 class MoaiTrainerCallback(TrainerCallback):
@@ -109,8 +116,8 @@ class MoaiTrainerCallback(TrainerCallback):
         trainer.train()
 
     ``global_batch_size`` is ``per_device_train_batch_size * gradient_accumulation_steps * processes``.
-    Each step's logged loss is the mean of the model's own ``.loss`` outputs in that step (a model
-    that returns none logs 0.0; its parameters and gradients are still checked). Limits:
+    Each step's logged loss is the Trainer's loss of the step, from the model's own ``.loss``
+    outputs (a model that returns none logs 0.0; its parameters and gradients are still checked). Limits:
     ``dataloader_num_workers=0``; the dataset is a deterministic function of the index; a fp16
     ``GradScaler`` (held by Accelerate, out of a callback's reach) is not snapshotted: use bf16 or
     fp32; do not pass ``resume_from_checkpoint`` (the run resumes from its own directory).
@@ -205,7 +212,7 @@ class MoaiTrainerCallback(TrainerCallback):
         }
         if scheduler is not None:
             tracked["scheduler"] = getattr(scheduler, "scheduler", scheduler)
-        self._tap = _LossTap(model)
+        self._tap = _LossTap(model, args.world_size if getattr(args, "average_tokens_across_devices", False) else 1)
         self._driver = StepDriver(self.url, **self._settings)
         device = next(model.parameters()).device
         self.resumed_from = self._driver.open(tracked, device)
