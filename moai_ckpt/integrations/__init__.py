@@ -1,6 +1,7 @@
 """Adapters that bring moai-ckpt to the trainers people already use.
 
-- `moai_ckpt.integrations.lightning`: PyTorch Lightning (`MoaiCheckpointIO`, `MoaiFaultTolerance`).
+- `moai_ckpt.integrations.lightning`: PyTorch Lightning (`MoaiFaultTolerance`, and `MoaiCheckpointIO`
+  from `lightning_io`).
 - `moai_ckpt.integrations.hf`: Hugging Face `transformers.Trainer` (`MoaiTrainerCallback`) and
   Accelerate (`save_state`, `load_state`, `register_state_hooks`).
 
