@@ -39,7 +39,7 @@ from moai_ckpt.format import REPORTS, STEP_DIGITS
 from moai_ckpt.results import SaveHandle
 from moai_ckpt.run import current_placement, placement_changes, quarantine
 from replay.check import ReplayReport
-from replay.log import LogContents, LogWriter, StepRecord, log_bases, records_after
+from replay.log import LogContents, LogWriter, Placement, StepRecord, log_bases, records_after
 from replay.recorder import Recorder, StepWork
 from replay.stepstate import Hyperparameters, StepValues, load_rng_components, parameters_of, rng_components
 
@@ -103,6 +103,7 @@ class StepDriver:
         self._contents: LogContents | None = None
         self._records: dict[int, StepRecord] = {}
         self._device = torch.device("cpu")
+        self._placement = Placement()
         self._params: tuple[list[str], list[torch.Tensor], list[bool]] | None = None
         self._work: dict[str, Any] = {}
         self._resume_rng: dict[str, bytes] | None = None
