@@ -526,7 +526,10 @@ class Checkpointer:
 
         Everything is read and checked before anything is loaded: on any error the objects are
         untouched. Entries of ``state`` that hold plain values (numbers, strings) are replaced
-        in the mapping; dicts and lists are updated in place.
+        in the mapping; dicts and lists are updated in place. Modules may be wrapped (DDP,
+        ``torch.compile``, ...) differently from when they were saved. Of state whose ranks held
+        different values (rank-local), each rank gets its own copy on the world size that saved,
+        rank 0's on any other; `last_restore` says which (and the choice is logged).
 
         Args:
             state: the objects to restore, keyed as they were saved (a subset is fine).

@@ -37,6 +37,13 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def device() -> torch.device:
+    """This rank's GPU under ``launch(..., backend="nccl")``, else the CPU."""
+    if os.environ.get("MOAI_TEST_BACKEND") == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class SmallCNN(nn.Module):
     """Conv + BatchNorm2d, then Linear + BatchNorm1d, with dropout: buffers every step moves."""
 
@@ -57,14 +64,15 @@ class SmallCNN(nn.Module):
 
 def dataset() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(11)
-    return torch.randn(SAMPLES, 1, 8, 8, generator=g), torch.randint(0, 3, (SAMPLES,), generator=g)
+    x, y = torch.randn(SAMPLES, 1, 8, 8, generator=g), torch.randint(0, 3, (SAMPLES,), generator=g)
+    return x.to(device()), y.to(device())
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:
     """Random horizontal flips drawn from numpy's global RNG, as many training scripts do."""
-    flips = np.random.rand(x.shape[0]) < 0.5
+    flips = torch.from_numpy(np.random.rand(x.shape[0]) < 0.5).to(x.device)
     out = x.clone()
-    out[torch.from_numpy(flips)] = out[torch.from_numpy(flips)].flip(-1)
+    out[flips] = out[flips].flip(-1)
     return out
 
 
@@ -72,9 +80,10 @@ def build() -> tuple[nn.Module, nn.Module, torch.optim.Optimizer, Any]:
     """(the module to train: DDP on several ranks, the plain model, optimizer, OneCycleLR)."""
     torch.manual_seed(0)
     np.random.seed(0)
-    model = SmallCNN()
+    model = SmallCNN().to(device())
     _, world = rank_and_world()
-    trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ids = [device().index] if device().type == "cuda" else None
+    trained = nn.parallel.DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     opt = torch.optim.AdamW(trained.parameters(), lr=3e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=200)
     return trained, model, opt, sched
@@ -129,7 +138,7 @@ def save_rank_local(run_dir: str, steps: int = 3) -> dict[str, Any]:
     rank, world = rank_and_world()
     trained, model, opt, sched = build()
     ema = ema_of(model)
-    local = {"seen": torch.zeros(SAMPLES, dtype=torch.int64)}
+    local = {"seen": torch.zeros(SAMPLES, dtype=torch.int64, device=device())}
     sampler = moai_ckpt.GlobalSampler(SAMPLES, BATCH, seed=1)
     x, y = dataset()
     for _ in range(steps):

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 import moai_ckpt
@@ -153,6 +154,22 @@ def test_a_replay_on_another_world_size_reports_that_it_took_rank_0s_copy(tmp_pa
     assert all(v == "rank 0's copy (saved on 2 ranks, restored on 1)" for v in out["rank_local"].values())
     (written,) = Path(run_dir, "reports").glob("replay-*.json")
     assert json.loads(written.read_text())["rank_local"] == out["rank_local"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (run on the GPU machine)")
+def test_on_two_gpus_over_nccl_device_digests_find_the_rank_local_state(tmp_path: Path) -> None:
+    run_dir = str(tmp_path / "run")
+    states = [
+        v["state"] for v in ok(launch("tests.ranklocal_scenarios:save_rank_local", 2, run_dir=run_dir, backend="nccl"))
+    ]
+    differ = {name for name in states[0] if states[0][name] != states[1][name]}
+    manifest = moai_ckpt.Checkpointer(run_dir).manifest()
+    assert differ >= BUFFERS and set(manifest.rank_local) == differ and manifest.device_types == ["cuda"]
+    values = ok(launch("tests.ranklocal_scenarios:restore_rank_local", 2, run_dir=run_dir, backend="nccl"))
+    for rank, value in enumerate(values):
+        assert sorted(k for k in states[rank] if value["state"].get(k) != states[rank][k]) == [], f"rank {rank}"
+        assert value["per_rank"] and set(value["copies"].values()) == {rank}
 
 
 # -- a DDP + BatchNorm job under torchrun, SIGKILLed from outside three times ------------------------
