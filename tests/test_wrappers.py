@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -272,3 +273,32 @@ def test_a_compiled_model_trains_and_its_snapshot_serves_the_plain_model_and_bac
     assert torch.equal(model[0].weight, plain[0].weight)
     compiled(x).square().mean().backward()
     assert model[0].weight.grad is not None
+
+
+def _train_wrapped(run: moai_ckpt.Run, run_dir: str, wrapping: str, total: int) -> dict[str, Any]:
+    """A small run that tracks the model under ``wrapping`` (the wrapper itself)."""
+    torch.manual_seed(0)
+    net = Net()
+    model = WRAPPINGS[wrapping](net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    run.track(model=model, optim=opt)
+    run.sampler(40, 8, seed=2)
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(3))
+    for _ in run.steps(total):
+        loss = model(x[run.batch()]).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        run.record(loss=loss)
+    report = run.report
+    return {"state": state_of(net, opt), "replayed": run.replayed, "bitwise": report is not None and report.bitwise}
+
+
+def test_a_run_tracking_a_wrapper_resumes_under_another_wrapping_and_replays_bitwise(tmp_path: Path) -> None:
+    train = moai_ckpt.fault_tolerant(storage="{run_dir}", snapshot_every=3, snapshot_at_end=False)(_train_wrapped)
+    reference = train(run_dir=str(tmp_path / "reference"), wrapping="plain", total=7)
+    run_dir = str(tmp_path / "run")
+    train(run_dir=run_dir, wrapping="data_parallel", total=5)  # snapshots 0 and 3; steps 4, 5 in the log
+    resumed = train(run_dir=run_dir, wrapping="checkpoint", total=7)  # restored and replayed as another wrapping
+    assert resumed["replayed"] == 2 and resumed["bitwise"]
+    assert_same(resumed["state"], reference["state"])
