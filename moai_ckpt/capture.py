@@ -23,6 +23,7 @@ from moai_ckpt import tree
 from moai_ckpt.errors import StateMismatchError, UnserializableStateError
 from moai_ckpt.format import ObjectRecord
 from moai_ckpt.keys import sanitize_segment
+from moai_ckpt.wrappers import canonical_names, canonical_state_dict, live_state_dict, stored_to_live
 
 RNG_KEY = "_rng"
 
@@ -90,7 +91,10 @@ def kind_of(obj: Any) -> str:
 
 
 def state_of(obj: Any, kind: str) -> Any:
-    if kind in ("module", "optimizer", "stateful", "partial"):
+    """The state of ``obj`` (of `kind_of` ``kind``) as it is stored: a module's under canonical names."""
+    if kind == "module":
+        return canonical_state_dict(obj)
+    if kind in ("optimizer", "stateful", "partial"):
         return obj.state_dict()
     if kind == "generator":
         return obj.get_state()
@@ -202,19 +206,24 @@ class Restorer:
                 checker(key, obj, self.decoded(key))
 
     def _check_module(self, key: str, module: torch.nn.Module, saved: Mapping[str, Any]) -> None:
+        """Every stored name has one live counterpart (canonical, or an older snapshot's wrapped
+        name), every live entry is stored, and the shapes agree."""
         live = module.state_dict()
-        extra, absent = sorted(set(saved) - set(live)), sorted(set(live) - set(saved))
+        to_live = stored_to_live(module, saved)
+        canonical = canonical_names(module, live)
+        extra = sorted(name for name, target in to_live.items() if target not in live)
+        absent = sorted(canonical[k] for k in set(live) - set(to_live.values()))
         if extra or absent:
             raise self._error(
                 f"module parameter names differ: in snapshot only {extra[:5]}, in model only {absent[:5]}",
                 key,
             )
-        for name, value in live.items():
-            stored = saved[name]
+        for name, stored in saved.items():
+            value = live[to_live[name]]
             if isinstance(value, torch.Tensor) and isinstance(stored, torch.Tensor) and value.shape != stored.shape:
                 raise self._error(
-                    f"{name}: shape {tuple(stored.shape)} in snapshot, {tuple(value.shape)} in model",
-                    f"{key}.{name}",
+                    f"{canonical[to_live[name]]}: shape {tuple(stored.shape)} in snapshot, {tuple(value.shape)} in model",
+                    f"{key}.{canonical[to_live[name]]}",
                 )
 
     def _check_optimizer(self, key: str, opt: torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
@@ -280,7 +289,7 @@ class Restorer:
 
     def _load(self, state: MutableMapping[str, Any], key: str, obj: Any, kind: str, value: Any) -> None:
         if kind == "module":
-            obj.load_state_dict(value, strict=True)
+            obj.load_state_dict(live_state_dict(obj, value), strict=True)
         elif kind in ("optimizer", "stateful", "partial"):
             obj.load_state_dict(value)
         elif kind == "generator":

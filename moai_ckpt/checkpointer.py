@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moai_ckpt import faults
 from moai_ckpt.arrays import ChunkSpan
-from moai_ckpt.capture import RNG_KEY, PartialState, Restorer, capture, merge_partial
+from moai_ckpt.capture import RNG_KEY, Captured, PartialState, Restorer, capture, merge_partial
+from moai_ckpt.digest import digest_tensors
 from moai_ckpt.distributed import CoordinationError, RankLostError, World, current_world
 from moai_ckpt.dtypes import from_name, stored_dtype
 from moai_ckpt.errors import (
@@ -49,9 +50,18 @@ from moai_ckpt.format import (
     parse_snapshot_dir,
     snapshot_dir,
 )
-from moai_ckpt.results import SaveHandle, SnapshotEntry, VerifyReport
+from moai_ckpt.ranklocal import RankLocalChoice, choose, find_rank_local, split_pieces
+from moai_ckpt.results import RestoreInfo, SaveHandle, SnapshotEntry, VerifyReport
 from moai_ckpt.rng import GlobalRNG
-from moai_ckpt.sharding import Piece, WritePlan, live_targets, local_bytes, local_piece, plan_writes
+from moai_ckpt.sharding import (
+    Piece,
+    WritePlan,
+    is_dtensor,
+    live_targets,
+    local_bytes,
+    local_piece,
+    plan_writes,
+)
 from moai_ckpt.snapshot import (
     Fault,
     Progress,
@@ -151,6 +161,8 @@ class Checkpointer:
         self._inflight: SaveHandle | None = None
         #: what ``run.json`` records about the training function (set by `fault_tolerant`)
         self.run_entry: dict[str, Any] | None = None
+        #: what the last `restore` loaded: its step, and which rank's copy of rank-local state
+        self.last_restore: RestoreInfo | None = None
 
     # -- listing -------------------------------------------------------------------------------
 
@@ -330,11 +342,33 @@ class Checkpointer:
                 staged.host[name], pooled = self._pool(name, local), True
             else:
                 staged.host[name] = host_tensor(local)
+        if self.world.world_size > 1:
+            self._start_digests(captured, staged)
         if copy is not None:
             copy.wait()
         elif pooled:
             self._pool.wait()
         return staged
+
+    def _start_digests(self, captured: Captured, staged: Staged) -> None:
+        """Choose the tensors taken as replicated (not DTensors, not this rank's RNG state), whose
+        digests the ranks compare, and queue the digests of those on a device (read in `_persist`)."""
+        own = set(tensor_refs(captured.objects[staged.rng_key].tree)) if staged.rng_key in captured.objects else set()
+        staged.compare = [n for n, t in captured.tensors.items() if n not in own and not is_dtensor(t)]
+        on_device = [(n, captured.tensors[n]) for n in staged.compare if captured.tensors[n].device.type != "cpu"]
+        staged.device_digests = digest_tensors(on_device)
+
+    def _digests(self, staged: Staged) -> dict[str, str]:
+        """Array -> an exact digest of this rank's copy (with its dtype and shape), for the arrays
+        taken as replicated. CPU tensors are digested from their host copies here (off the
+        training thread for `save_async`); device tensors' digests were queued by `_stage`."""
+        if not staged.compare:
+            return {}
+        on_host = [(n, staged.host[n]) for n in staged.compare if staged.devices[n] == "cpu"]
+        found = digest_tensors(on_host).wait()
+        if staged.device_digests is not None:
+            found |= staged.device_digests.wait()
+        return {n: f"{staged.pieces[n].dtype}{list(staged.pieces[n].shape)}:{found[n]}" for n in staged.compare}
 
     def _persist(self, staged: Staged, *, overwrite: bool = False, progress: Progress | None = None) -> CommitMarker:
         """Plan, write this rank's chunks, vote, and (coordinator) commit. Collective."""
@@ -345,14 +379,18 @@ class Checkpointer:
             "rng": staged.objects[staged.rng_key].model_dump(mode="json") if staged.rng_key in staged.objects else None,
             # each rank holds some entries of a partial object: the snapshot records their union
             "partial": {k: r.tree for k, r in staged.objects.items() if r.kind == "partial"},
+            # "replicated" is checked: tensors whose ranks' digests differ are stored per rank
+            "digests": self._digests(staged),
         }
         everyone = world.all_gather_json(mine, f"save of step {step}: planning")
         devices = {n: d for rank in everyone for n, d in rank["devices"].items()}
-        plan = plan_writes(
-            [{n: Piece.from_json(p) for n, p in rank["pieces"].items()} for rank in everyone],
-            self.options.chunk_bytes,
-            devices,
-        )
+        pieces = [{n: Piece.from_json(p) for n, p in rank["pieces"].items()} for rank in everyone]
+        rank_local = find_rank_local(pieces, [rank["digests"] for rank in everyone])
+        for name, copies in rank_local.items():
+            devices |= {path: everyone[rank]["devices"][name] for rank, path in copies.items()}
+        if rank_local and world.rank == 0:
+            log.info("step %d: %d array(s) differ between ranks and are stored per rank", step, len(rank_local))
+        plan = plan_writes(split_pieces(pieces, rank_local), self.options.chunk_bytes, devices)
         # the coordinator clears leftovers of an interrupted save at this step (or refuses to overwrite)
         self._agree(
             f"save of step {step}: preparing",
@@ -364,7 +402,7 @@ class Checkpointer:
         index = self._agree(
             f"save of step {step}: writing",
             lambda: writer.write_chunks(
-                self._jobs(plan, staged),
+                self._jobs(plan, staged, rank_local),
                 rank=world.rank,
                 world_size=world.world_size,
                 device_type=device_type,
@@ -395,6 +433,8 @@ class Checkpointer:
                 device_types=sorted({d.split(":")[0] for d in devices.values()} or {"cpu"}),
                 info=staged.info,
             )
+            if rank_local:
+                manifest = Manifest.model_validate({**manifest.model_dump(), "rank_local": rank_local})
             manifest_bytes = writer.write_metadata(manifest)
             return writer.commit(
                 manifest_bytes, manifest, [RankIndex.model_validate(i) for i in indexes], writer_info()
@@ -417,13 +457,18 @@ class Checkpointer:
         )
         self.storage.write(RUN_INFO, info.model_dump_json(indent=1).encode())
 
-    def _jobs(self, plan: WritePlan, staged: Staged) -> list[tuple[str, ChunkSpan, memoryview]]:
+    def _jobs(
+        self, plan: WritePlan, staged: Staged, rank_local: Mapping[str, Mapping[int, str]]
+    ) -> list[tuple[str, ChunkSpan, memoryview]]:
+        """This rank's chunks to write: (array, span, bytes); a rank-local copy's from its tensor."""
+        tensor_of = {copies[self.world.rank]: name for name, copies in rank_local.items() if self.world.rank in copies}
         jobs = []
         for a in plan.for_rank(self.world.rank):
             record = plan.records[a.name]
             itemsize = from_name(record.dtype).itemsize
             row_bytes = math.prod(record.shape[1:]) * itemsize if record.shape else itemsize
-            jobs.append((a.name, a.span, local_bytes(staged.host[a.name], staged.pieces[a.name], a.span, row_bytes)))
+            name = tensor_of.get(a.name, a.name)
+            jobs.append((a.name, a.span, local_bytes(staged.host[name], staged.pieces[name], a.span, row_bytes)))
         return jobs
 
     def _agree(self, what: str, fn: Callable[[], T], step: int | None = None) -> T:
@@ -481,7 +526,10 @@ class Checkpointer:
 
         Everything is read and checked before anything is loaded: on any error the objects are
         untouched. Entries of ``state`` that hold plain values (numbers, strings) are replaced
-        in the mapping; dicts and lists are updated in place.
+        in the mapping; dicts and lists are updated in place. Modules may be wrapped (DDP,
+        ``torch.compile``, ...) differently from when they were saved. Of state whose ranks held
+        different values (rank-local), each rank gets its own copy on the world size that saved,
+        rank 0's on any other; `last_restore` says which (and the choice is logged).
 
         Args:
             state: the objects to restore, keyed as they were saved (a subset is fine).
@@ -501,7 +549,7 @@ class Checkpointer:
         errors: list[str] = []
         for candidate in chosen:
 
-            def prepare(candidate: int = candidate) -> tuple[dict[str, Any], Restorer]:
+            def prepare(candidate: int = candidate) -> tuple[dict[str, Any], Restorer, RankLocalChoice]:
                 return self._prepare(candidate, state, restore_rng, progress)
 
             try:
@@ -512,10 +560,19 @@ class Checkpointer:
                 errors.append(f"step {candidate}: {exc}")
                 log.warning("snapshot at step %d is unusable, trying an older one: %s", candidate, exc)
                 continue
-            wanted, restorer = prepared
+            wanted, restorer, rank_local = prepared
             restorer.apply(wanted)
             for key in state:
                 state[key] = wanted[key]
+            self.last_restore = RestoreInfo(self.url, candidate, rank_local)
+            if rank_local.copies and self.world.rank == 0:
+                log.log(
+                    logging.INFO if rank_local.per_rank else logging.WARNING,
+                    "restored step %d from %s: %s",
+                    candidate,
+                    self.url,
+                    rank_local.describe(),
+                )
             if errors:
                 warnings.warn(
                     f"restored step {candidate} from {redact_url(self.url)} instead of newer corrupt snapshot(s): "
@@ -527,8 +584,12 @@ class Checkpointer:
 
     def _prepare(
         self, step: int, state: MutableMapping[str, Any], restore_rng: bool | None, progress: Progress | None
-    ) -> tuple[dict[str, Any], Restorer]:
-        """Read and check everything this rank needs of ``step``; touch nothing yet."""
+    ) -> tuple[dict[str, Any], Restorer, RankLocalChoice]:
+        """Read and check everything this rank needs of ``step``; touch nothing yet.
+
+        Of a rank-local array, the copy `moai_ckpt.ranklocal.choose` picks is read (this rank's
+        own on the world size that saved, else the lowest rank's) and stands under the plain name.
+        """
         reader = self._reader(step)
         manifest = reader.manifest
         wanted = dict(state)
@@ -551,20 +612,26 @@ class Checkpointer:
                 tree = {e: record.tree[e] for e in held if e in record.tree}
                 records[key] = record.model_copy(update={"tree": tree})
         names = sorted({ref for key in wanted if key in records for ref in tensor_refs(records[key].tree)})
-        targets = live_targets(records, wanted, manifest.arrays)
-        rows = {name: (t.start, t.stop) for name, t in targets.items()}
-        raw = reader.read_arrays(names, progress, rows)
+        source, rank_local = choose(
+            manifest.rank_local,
+            set(names),
+            saved_world_size=manifest.world_size,
+            world_size=self.world.world_size,
+            rank=self.world.rank,
+        )
+        arrays = {**manifest.arrays, **{name: manifest.arrays[path] for name, path in source.items()}}
+        targets = live_targets(records, wanted, arrays)
+        rows = {source.get(name, name): (t.start, t.stop) for name, t in targets.items()}
+        raw = reader.read_arrays(sorted({source.get(name, name) for name in names}), progress, rows)
         tensors = {}
-        for name, rows_read in raw.items():
-            target = targets.get(name)
+        for name in names:
+            rows_read, target = raw[source.get(name, name)], targets.get(name)
             tensors[name] = (
-                rows_read
-                if target is None
-                else target.wrap(rows_read, manifest.arrays[name].shape, _device_of(target.like))
+                rows_read if target is None else target.wrap(rows_read, arrays[name].shape, _device_of(target.like))
             )
         restorer = Restorer(records, tensors, url=self.url, step=step)
         restorer.check(wanted)
-        return wanted, restorer
+        return wanted, restorer, rank_local
 
     def _resolve(self, step: int | None) -> int:
         if step is not None:

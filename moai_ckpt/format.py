@@ -27,12 +27,13 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moai_ckpt.errors import ChecksumError, CorruptSnapshotError, MoaiCkptError, UnsupportedFormatError
 from moai_ckpt.keys import check_key
 
-FORMAT_VERSION = 1
+#: the newest snapshot format this code reads and the one it writes (1: no rank-local state)
+FORMAT_VERSION = 2
 SNAPSHOTS = "snapshots"
 LOG = "log"
 RUN_INFO = "run.json"
@@ -157,6 +158,23 @@ class Manifest(_Record):
     device_types: list[str] = Field(default_factory=list)
     plan: dict[str, Any] | None = None
     info: dict[str, Any] = Field(default_factory=dict)
+    rank_local: dict[str, dict[int, str]] = Field(
+        default_factory=dict,
+        description="format 2: array -> saving rank -> the array holding that rank's copy (the ranks' "
+        "copies differed; the lowest rank's is the array itself)",
+    )
+
+    @model_validator(mode="after")
+    def _rank_local_copies_are_arrays(self) -> Manifest:
+        for name, copies in self.rank_local.items():
+            if name not in self.arrays or len(copies) < 2 or copies.get(min(copies)) != name:
+                raise ValueError(f"rank-local array {name!r}: the lowest rank's copy must be the listed array itself")
+            for rank, path in copies.items():
+                if not 0 <= rank < self.world_size or path not in self.arrays:
+                    raise ValueError(f"rank-local array {name!r}: rank {rank}'s copy {path!r} is not a listed array")
+                if self.arrays[path].dtype != self.arrays[name].dtype:
+                    raise ValueError(f"rank-local array {name!r}: rank {rank}'s copy has another dtype")
+        return self
 
 
 class ChunkEntry(BaseModel):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from moai_ckpt.errors import CorruptSnapshotError
 from moai_ckpt.format import CommitMarker
+from moai_ckpt.ranklocal import RankLocalChoice
 from moai_ckpt.snapshot import Fault
 
 
@@ -42,6 +43,21 @@ class SaveHandle:
     def __repr__(self) -> str:
         state = "done" if self.done() else "writing"
         return f"SaveHandle(step={self.step}, {state}, stall {self.stall_s * 1e3:.1f} ms)"
+
+
+@dataclass(frozen=True)
+class RestoreInfo:
+    """What the last `Checkpointer.restore` loaded (`Checkpointer.last_restore`).
+
+    Attributes:
+        url: the run directory.
+        step: the step restored.
+        rank_local: which copy of each rank-local array this rank restored (see `moai_ckpt.ranklocal`).
+    """
+
+    url: str
+    step: int
+    rank_local: RankLocalChoice
 
 
 @dataclass(frozen=True)

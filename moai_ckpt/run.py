@@ -358,6 +358,7 @@ class Run:
             placement_changes=changed,
             log_problem=problem,
             from_initial_state=self._from_initial_state,
+            rank_local=self._rank_local_restored(latest),
             restore_s=restore_s,
         )
         self._recorder = Recorder(
@@ -421,6 +422,13 @@ class Run:
             self._from_initial_state = True
             return 0
         raise CorruptSnapshotError("no committed snapshot could be restored: " + "; ".join(problems), url=self.ckpt.url)
+
+    def _rank_local_restored(self, base: int) -> dict[str, str]:
+        """Which copy of each rank-local array the restore of ``base`` took (for the replay report)."""
+        restored = self.ckpt.last_restore
+        if restored is None or restored.step != base or self._from_initial_state:
+            return {}
+        return restored.rank_local.summary()
 
     def _open_log(self, base: int) -> tuple[LogWriter, str | None]:
         """Rank 0: continue the log after ``base``; set damaged records aside (nothing is deleted).

@@ -21,6 +21,7 @@ from moai_ckpt import arrays as za
 from moai_ckpt.dtypes import from_name
 from moai_ckpt.format import ArrayRecord
 from moai_ckpt.tree import tensor_refs
+from moai_ckpt.wrappers import stored_to_live
 
 try:  # DTensor is optional at import time (torch builds without distributed)
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -205,7 +206,7 @@ def _ref(node: Any) -> str | None:
 def live_targets(records: dict[str, Any], wanted: dict[str, Any], arrays: dict[str, ArrayRecord]) -> dict[str, Target]:
     """For each array a restore reads, the rows the live objects need and what to mirror.
 
-    Module tensors mirror the live parameter or buffer of the same name; optimizer state tensors
+    Module tensors mirror the live parameter or buffer of the same canonical name; optimizer state tensors
     mirror their parameter (matched by position, as ``load_state_dict`` does); a partial object's
     tensors mirror what its ``like(entry)`` returns, when the shapes agree. Everything else is
     read whole.
@@ -229,8 +230,9 @@ def live_targets(records: dict[str, Any], wanted: dict[str, Any], arrays: dict[s
                         mirror(name, live)
         elif record.kind == "module" and isinstance(obj, torch.nn.Module) and isinstance(tree, dict):
             live = obj.state_dict()
+            to_live = stored_to_live(obj, tree)  # canonical (or older, wrapped) names -> live keys
             for name, node in tree.items():
-                mirror(_ref(node), live.get(name))
+                mirror(_ref(node), live.get(to_live[name]))
         elif record.kind == "optimizer" and isinstance(obj, torch.optim.Optimizer) and isinstance(tree, dict):
             params = [p for group in obj.param_groups for p in group["params"]]
             saved_ids = [pid for group in tree.get("param_groups", []) for pid in group.get("params", [])]

@@ -70,8 +70,8 @@ def settle(futures: list[Future[Any]]) -> Iterator[None]:
         raise
 
 
-def group_attributes(step: int) -> dict[str, Any]:
-    return {za.MOAI_ATTR: {"format_version": FORMAT_VERSION, "step": step}}
+def group_attributes(step: int, version: int = FORMAT_VERSION) -> dict[str, Any]:
+    return {za.MOAI_ATTR: {"format_version": version, "step": step}}
 
 
 def host_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,7 @@ class SnapshotWriter:
     def write_metadata(self, manifest: Manifest) -> bytes:
         """Coordinator: write every array's and group's ``zarr.json`` and the manifest; returns its bytes."""
         groups = {name.split("/", 1)[0] for name in manifest.arrays}
-        attrs = group_attributes(self.step)
+        attrs = group_attributes(self.step, manifest.format_version)
         data = manifest.model_dump_json(indent=1).encode()
         documents = {
             f"{self.prefix}/{name}/zarr.json": json.dumps(
@@ -420,7 +420,9 @@ class SnapshotReader:
 
     def _group_faults(self) -> list[Fault]:
         """The zarr group documents must be intact for plain zarr to open the snapshot."""
-        expected = {f"{self.prefix}/zarr.json": za.group_metadata(group_attributes(self.step))}
+        expected = {
+            f"{self.prefix}/zarr.json": za.group_metadata(group_attributes(self.step, self.manifest.format_version))
+        }
         for group in sorted({name.split("/", 1)[0] for name in self.arrays}):
             expected[f"{self.prefix}/{group}/zarr.json"] = za.group_metadata()
         faults = []

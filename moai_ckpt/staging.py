@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from moai_ckpt.digest import PendingDigests
 from moai_ckpt.format import ObjectRecord
 from moai_ckpt.sharding import Piece
 
@@ -38,6 +39,9 @@ class Staged:
     pieces: dict[str, Piece] = field(default_factory=dict)
     devices: dict[str, str] = field(default_factory=dict)
     host: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: arrays taken as replicated, whose digests the ranks compare (several ranks only)
+    compare: list[str] = field(default_factory=list)
+    device_digests: PendingDigests | None = None  # of the ``compare`` tensors that live on a device
 
 
 class HostPool:

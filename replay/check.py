@@ -144,6 +144,10 @@ class ReplayReport(BaseModel):
     from_initial_state: bool = Field(
         default=False, description="no snapshot was usable: replayed from the state the training function built"
     )
+    rank_local: dict[str, str] = Field(
+        default_factory=dict,
+        description="rank-local arrays of the restored snapshot -> which copy the ranks restored",
+    )
     restore_s: float = 0.0
     replay_s: float = 0.0
     snapshot_s: float = 0.0

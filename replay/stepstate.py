@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from moai_ckpt.rng import _REGISTERED
+from moai_ckpt.wrappers import canonical_names
 
 _NUMPY_TAIL = struct.Struct("<iid")  # pos, has_gauss, cached_gaussian
 _PY_HEAD = struct.Struct("<I?d")  # version, has gauss_next, gauss_next
@@ -117,7 +118,11 @@ class Hyperparameters:
 
 
 def parameters_of(tracked: Mapping[str, Any]) -> tuple[list[str], list[torch.Tensor], list[bool]]:
-    """(names, this rank's local tensors, sharded?) of every tracked module's parameters, once each."""
+    """(names, this rank's local tensors, sharded?) of every tracked module's parameters, once each.
+
+    Names are ``<tracked key>.<canonical parameter name>``: the same whatever wraps the model
+    (DDP, ``torch.compile``, activation checkpointing), so a log replays under another wrapping.
+    """
     names: list[str] = []
     tensors: list[torch.Tensor] = []
     sharded: list[bool] = []
@@ -125,13 +130,15 @@ def parameters_of(tracked: Mapping[str, Any]) -> tuple[list[str], list[torch.Ten
     for module_name, obj in tracked.items():
         if not isinstance(obj, torch.nn.Module):
             continue
-        for name, p in obj.named_parameters():
+        named = list(obj.named_parameters())
+        canonical = canonical_names(obj, [name for name, _ in named])
+        for name, p in named:
             if id(p) in seen:
                 continue
             seen.add(id(p))
             local = p.to_local() if hasattr(p, "to_local") else p
             placements = getattr(p, "placements", ())
-            names.append(f"{module_name}.{name}")
+            names.append(f"{module_name}.{canonical[name]}")
             tensors.append(local.detach())
             sharded.append(any(pl.is_shard() for pl in placements))
     return names, tensors, sharded
