@@ -68,6 +68,10 @@ class ManifestMismatchError(CorruptSnapshotError):
     """The manifest disagrees with the stored arrays (shape, dtype, layout)."""
 
 
+class LimitExceededError(CorruptSnapshotError):
+    """Stored metadata asks for more than a configured bound allows; refused before anything is allocated."""
+
+
 class UnsupportedFormatError(MoaiCkptError, ValueError):
     """The snapshot was written in a format version this moai-ckpt cannot read."""
 
@@ -82,3 +86,7 @@ class UnserializableStateError(MoaiCkptError, TypeError):
 
 class StateMismatchError(MoaiCkptError, ValueError):
     """The snapshot does not fit the objects being restored (names, shapes, structure)."""
+
+
+class InvalidArgumentError(MoaiCkptError, ValueError):
+    """An argument of a moai-ckpt call has the wrong type or is out of range (checked before any I/O)."""

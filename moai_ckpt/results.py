@@ -54,6 +54,17 @@ class SnapshotEntry:
     problem: str | None = None
 
 
+def skipped_message(skipped: list[SnapshotEntry], used: int | None) -> str:
+    """Why newer snapshots with a damaged commit marker were passed over for step ``used``."""
+    steps = ", ".join(str(e.step) for e in skipped)
+    reasons = "; ".join(f"step {e.step}: {(e.problem or 'damaged').split(' [url=', 1)[0]}" for e in skipped)
+    instead = f"step {used} is used instead" if used is not None else "no older snapshot is committed"
+    return (
+        f"newer snapshot(s) at step {steps} are not committed: their files are there but their commit marker "
+        f"is damaged ({reasons}); {instead}"
+    )
+
+
 @dataclass
 class VerifyReport:
     """The result of `Checkpointer.verify`."""
