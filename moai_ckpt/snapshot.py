@@ -479,7 +479,7 @@ class SnapshotReader:
                     )
             except FileNotFoundError:
                 faults.append(Fault(key, "MissingDataError", "zarr group metadata is missing"))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 faults.append(Fault(key, "CorruptSnapshotError", f"zarr group metadata is not JSON: {exc}"))
         return faults
 
