@@ -391,7 +391,10 @@ class SnapshotReader:
         hi: int,
         progress: Progress | None,
     ) -> None:
-        whole = bytearray(span.stop - span.start)
+        try:
+            whole = bytearray(span.stop - span.start)
+        except MemoryError:
+            raise self._error(LimitExceededError, f"cannot allocate {span.stop - span.start} bytes for a chunk", key)
         self._read_chunk(key, memoryview(whole), span.pad, entry, progress)
         a, b = max(lo, span.start), min(hi, span.stop)
         data[a - lo : b - lo] = whole[a - span.start : b - span.start]
