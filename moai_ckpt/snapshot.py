@@ -394,7 +394,9 @@ class SnapshotReader:
         try:
             whole = bytearray(span.stop - span.start)
         except MemoryError:
-            raise self._error(LimitExceededError, f"cannot allocate {span.stop - span.start} bytes for a chunk", key)
+            raise self._error(
+                LimitExceededError, f"cannot allocate {span.stop - span.start} bytes for a chunk", key
+            ) from None
         self._read_chunk(key, memoryview(whole), span.pad, entry, progress)
         a, b = max(lo, span.start), min(hi, span.stop)
         data[a - lo : b - lo] = whole[a - span.start : b - span.start]
