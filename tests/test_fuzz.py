@@ -41,6 +41,7 @@ from moai_ckpt.format import ArrayRecord, snapshot_dir
 from moai_ckpt.storage import open_storage
 from moai_ckpt.testing import tamper
 from replay.log import Digests, LogContents, LogWriter, StepRecord, read_log, records_after
+from tests.helpers import fingerprint
 
 STEP = 3
 DEADLINE_S = 60.0
@@ -77,28 +78,6 @@ def build_state(seed: int) -> dict[str, Any]:
             "nested": {"a": [1, {"b": None}]},
         },
     }
-
-
-def fingerprint(value: Any) -> Any:
-    """Everything a state holds, as comparable plain data (tensors by dtype, shape and bytes)."""
-    if isinstance(value, torch.Tensor):
-        flat = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        return ("tensor", str(value.dtype), tuple(value.shape), bytes(flat.numpy()))
-    if isinstance(value, nn.Module | torch.optim.Optimizer):
-        return fingerprint(value.state_dict())
-    if isinstance(value, random.Random):
-        return ("random", value.getstate())
-    if isinstance(value, np.random.Generator):
-        return ("numpy", fingerprint(value.bit_generator.state))
-    if isinstance(value, float):
-        return ("float", value.hex())
-    if isinstance(value, np.generic):
-        return ("np", value.dtype.str, repr(value.item()))
-    if isinstance(value, dict):
-        return ("dict", sorted(((repr(k), fingerprint(v)) for k, v in value.items()), key=lambda kv: kv[0]))
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, [fingerprint(v) for v in value])
-    return (type(value).__name__, repr(value))
 
 
 def log_record(step: int, blob: str) -> StepRecord:
