@@ -3,8 +3,8 @@
 `capture` turns ``{"model": model, "optim": opt, "extra": {...}}`` into encoded trees plus the
 tensors to store. `Restorer` does the reverse in two phases: `Restorer.check` decodes every entry
 and validates it against its live object (names, types, shapes, dtypes, structure) without
-touching anything, then `Restorer.apply` loads, putting back what it loaded should a later load
-fail. Either way a failure leaves every user object as it was.
+touching anything, then `Restorer.apply` loads, first what it can put back should a later load
+fail, then the tensors `check` validated entry by entry.
 """
 
 from __future__ import annotations
@@ -333,27 +333,33 @@ class Restorer:
     def apply(self, state: MutableMapping[str, Any]) -> None:
         """Load every entry, in an order that keeps a failure harmless.
 
-        First what can be put back (plain values, generators, stateful objects, optimizers), then
-        partial objects, tensors and modules, which `check` has validated entry by entry. If a load
-        fails, every object loaded before it is put back and the error names the entry.
+        First what can be put back cheaply (plain values, generators, stateful objects,
+        optimizers), then partial objects, tensors and modules, which `check` has validated entry
+        by entry (putting them back would take a copy of their tensors). If a load fails, the
+        objects of the first group are put back and the error names the entry.
         """
-        undo: list[Callable[[], object]] = []
+        undo: list[Callable[[], object] | None] = []
         order = sorted(state, key=lambda k: _APPLY_ORDER.get(kind_of(state[k]), 0))
-        key = ""
+        loaded: list[str] = []
         try:
             for key in order:
                 obj = state[key]
                 kind = kind_of(obj)
                 undo.append(_undo(state, key, obj, kind))
                 self._load(state, key, obj, kind, self.decoded(key))
+                loaded.append(key)
         except Exception as exc:
             for put_back in reversed(undo):
                 with contextlib.suppress(Exception):  # best effort; the original error matters
-                    put_back()
+                    if put_back is not None:
+                        put_back()
             if isinstance(exc, MoaiCkptError):
                 raise
+            kept = [k for k, u in zip(loaded, undo, strict=False) if u is None]
             raise self._error(
-                f"loading failed ({type(exc).__name__}: {exc}); the entries loaded before it were put back", key
+                f"loading failed ({type(exc).__name__}: {exc}); the entries loaded before it were put back"
+                + (f", except {kept}, which were loaded already" if kept else ""),
+                key,
             ) from exc
 
     def _load(self, state: MutableMapping[str, Any], key: str, obj: Any, kind: str, value: Any) -> None:
@@ -387,8 +393,8 @@ class Restorer:
 _APPLY_ORDER = {"stateful": 1, "optimizer": 2, "partial": 3, "tensor": 4, "module": 4}
 
 
-def _undo(state: MutableMapping[str, Any], key: str, obj: Any, kind: str) -> Callable[[], object]:
-    """How to put ``obj`` back as it is now, should a later load fail."""
+def _undo(state: MutableMapping[str, Any], key: str, obj: Any, kind: str) -> Callable[[], object] | None:
+    """How to put ``obj`` back as it is now, should a later load fail (None: it cannot be, cheaply)."""
     if kind == "optimizer":
         # load_state_dict builds a new state and new groups; the old ones stay as they are
         state_before, groups_before = obj.state, obj.param_groups
@@ -425,7 +431,7 @@ def _undo(state: MutableMapping[str, Any], key: str, obj: Any, kind: str) -> Cal
         return lambda: obj.__setitem__(slice(None), values)
     if kind == "json":
         return lambda: state.__setitem__(key, obj)
-    return lambda: None  # partial objects, tensors, modules: validated by `check`, loaded last
+    return None  # partial objects, tensors, modules: validated by `check`, loaded last
 
 
 def _optimizer_types(opt: Any) -> set[str]:
