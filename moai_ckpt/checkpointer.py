@@ -112,7 +112,7 @@ def _valid_info(info: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _device_of(t: torch.Tensor | None) -> torch.device | None:
-    if t is None:
+    if not isinstance(t, torch.Tensor):  # a forged tree may reference an array where a value lives
         return None
     local = t.to_local() if hasattr(t, "to_local") else t
     return None if local.device.type == "meta" else local.device

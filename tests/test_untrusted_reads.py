@@ -360,3 +360,33 @@ def test_a_newer_snapshot_with_a_damaged_marker_is_reported_not_passed_over_sile
     assert any("step 2 are not committed" in str(w.message) and "step 1 is used" in str(w.message) for w in caught)
     result = CliRunner().invoke(cli.app, ["verify", run_dir], env={"COLUMNS": "300"})
     assert result.exit_code == 1 and "not committed" in result.stdout
+
+
+def test_a_logged_batch_that_does_not_parse_is_a_corrupt_snapshot_error() -> None:
+    from replay import codec
+
+    data = codec.pack({"x": torch.arange(6).reshape(3, 2), "ids": [1, 2]}, parts=[2, 1])
+    batch, parts = codec.unpack(data)
+    assert torch.equal(batch["x"], torch.arange(6).reshape(3, 2)) and parts == [2, 1]
+    (length,) = codec._LEN.unpack_from(data, 0)
+    header = json.loads(data[4 : 4 + length])
+
+    def forged(edit: Callable[[dict[str, Any]], Any]) -> bytes:
+        copy = json.loads(json.dumps(header))
+        edit(copy)
+        text = json.dumps(copy).encode()
+        return codec._LEN.pack(len(text)) + text + data[4 + length :]
+
+    name = next(iter(header["tensors"]))
+    for bad in [
+        data[:3],
+        data[: 4 + length // 2],
+        forged(lambda h: h["tensors"][name].__setitem__(1, [10**12, 2])),  # more rows than bytes
+        forged(lambda h: h["tensors"][name].__setitem__(0, "Tensor")),
+        forged(lambda h: h["tensors"].__setitem__(name, [1])),
+        forged(lambda h: h.update(parts="all")),
+        forged(lambda h: h.update(tree={"$tensor": 5})),
+        forged(lambda h: h.pop("tree")),
+    ]:
+        with pytest.raises(moai_ckpt.CorruptSnapshotError):
+            codec.unpack(bad)
