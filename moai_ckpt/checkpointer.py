@@ -540,7 +540,8 @@ class Checkpointer:
         Raises:
             SnapshotNotFoundError: no committed snapshot (at ``step``).
             CorruptSnapshotError: the snapshot fails a check (names URL, step and key).
-            StateMismatchError: the snapshot does not fit the objects (names, shapes).
+            StateMismatchError: the snapshot does not fit the objects (names, types, shapes, dtypes).
+            InvalidArgumentError: ``state`` is not a mapping, or ``step`` not an integer in [0, 1e12).
         """
         if not isinstance(state, MutableMapping):
             raise InvalidArgumentError(f"state must be a dict of named objects, got {type(state).__name__}")
@@ -650,10 +651,11 @@ class Checkpointer:
 
         Returns a report listing every fault (``report.ok`` is True when there are none).
         """
-        step = self._resolve(step)
+        latest = self.latest_step()
+        step = self._resolve(step if step is not None else latest)
         report = VerifyReport(self.url, step)
-        if step == self.latest_step():
-            skipped = self.damaged_after(step)
+        if step == latest:
+            skipped = report.passed_over = self.damaged_after(step)
             if skipped:
                 message = skipped_message(skipped, step)
                 report.faults.extend(

@@ -6,7 +6,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 from moai_ckpt.errors import CorruptSnapshotError
-from moai_ckpt.format import CommitMarker
+from moai_ckpt.format import COMMIT, CommitMarker, snapshot_dir
 from moai_ckpt.snapshot import Fault
 
 
@@ -74,10 +74,19 @@ class VerifyReport:
     faults: list[Fault] = field(default_factory=list)
     arrays: int = 0
     bytes_checked: int = 0  # bytes of chunks that were read and passed their checksums
+    #: newer snapshots a restore passes over for this one, their marker damaged (each also a fault)
+    passed_over: list[SnapshotEntry] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        """No fault: the snapshot is sound and no newer one is lost to a damaged marker."""
         return not self.faults
+
+    @property
+    def snapshot_ok(self) -> bool:
+        """The snapshot itself is sound (the faults of newer snapshots it stands in for aside)."""
+        passed_over = {f"{snapshot_dir(e.step)}/{COMMIT}" for e in self.passed_over}
+        return all(f.key in passed_over for f in self.faults)
 
     def raise_if_failed(self) -> None:
         if self.faults:

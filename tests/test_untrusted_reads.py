@@ -354,6 +354,7 @@ def test_a_newer_snapshot_with_a_damaged_marker_is_reported_not_passed_over_sile
     assert [f.key for f in report.faults] == [f"{snapshot_dir(2)}/commit.json"]
     assert "step 2 are not committed" in report.faults[0].message
     assert ckpt.verify(1).faults == report.faults  # the newest committed step is the one that reports it
+    assert report.snapshot_ok and [e.step for e in report.passed_over] == [2]  # step 1 itself is sound
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert ckpt.restore(Trainer.build(seed=9).state()) == 1
