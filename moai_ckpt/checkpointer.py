@@ -260,10 +260,10 @@ class Checkpointer:
             StorageError: storage failed permanently or after retries; nothing is committed.
             InvalidArgumentError: ``step`` is not an integer in [0, 1e12) (nothing is written).
         """
-        step, info = valid_step(step), _valid_info(info)
+        step, info = self._save_arguments(step, info)
         self._settle_inflight()
         started = time.perf_counter()
-        staged = self._stage(step, state, info)
+        staged = self._located(step, lambda: self._stage(step, state, info))
         with self._claim(step):
             marker = self._persist(staged, overwrite=overwrite, progress=progress)
         log.info(
@@ -300,7 +300,7 @@ class Checkpointer:
         Raises:
             The error of an earlier background save that nobody has looked at yet.
         """
-        step, info = valid_step(step), _valid_info(info)
+        step, info = self._save_arguments(step, info)
         if if_busy not in ("wait", "skip"):
             raise InvalidArgumentError(f"if_busy must be 'wait' or 'skip', got {if_busy!r}")
         if if_busy == "skip" and self.world.world_size > 1:
@@ -311,7 +311,7 @@ class Checkpointer:
             return None
         self._settle_inflight()
         started = time.perf_counter()
-        staged = self._stage(step, state, info, copy=self._pool)
+        staged = self._located(step, lambda: self._stage(step, state, info, copy=self._pool))
         stall = time.perf_counter() - started
         claim = self._claim(step)
         claim.__enter__()
@@ -325,6 +325,21 @@ class Checkpointer:
         handle = SaveHandle(step, self._background.submit(persist), stall)
         self._inflight = handle
         return handle
+
+    def _save_arguments(self, step: object, info: Mapping[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        """The step and info of a save, checked before anything is written."""
+        checked = self._located(None, lambda: valid_step(step))
+        return checked, self._located(checked, lambda: _valid_info(info))
+
+    def _located(self, step: int | None, fn: Callable[[], T]) -> T:
+        """``fn()``, its moai-ckpt errors naming this run's URL and ``step``."""
+        try:
+            return fn()
+        except MoaiCkptError as exc:
+            located = exc.located(url=self.url, step=step)
+            if located is exc:
+                raise
+            raise located from None
 
     def _settle_inflight(self) -> None:
         """Wait for the save in flight; raise its error if nobody has seen it yet."""

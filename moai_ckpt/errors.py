@@ -23,6 +23,7 @@ class MoaiCkptError(Exception):
         step: int | None = None,
         key: str | None = None,
     ) -> None:
+        self.detail = message
         self.url = url
         self.step = step
         self.key = key
@@ -30,6 +31,14 @@ class MoaiCkptError(Exception):
             f"{name}={value}" for name, value in (("url", url), ("step", step), ("key", key)) if value is not None
         )
         super().__init__(f"{message} [{where}]" if where else message)
+
+    def located(self, *, url: str | None = None, step: int | None = None, key: str | None = None) -> MoaiCkptError:
+        """The same error with URL, step and key filled in where it names none (``self`` if nothing changes)."""
+        url, key = self.url or url, self.key or key
+        step = self.step if self.step is not None else step
+        if (url, step, key) == (self.url, self.step, self.key):
+            return self
+        return type(self)(self.detail, url=url, step=step, key=key)
 
 
 class StorageError(MoaiCkptError, OSError):

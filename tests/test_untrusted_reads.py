@@ -292,10 +292,13 @@ def test_save_checks_its_arguments_before_writing_anything(
     run_dir: str, step: Any, state: dict[str, Any], info: Any, error: type[Exception]
 ) -> None:
     ckpt = moai_ckpt.Checkpointer(run_dir)
-    with pytest.raises(error):
+    with pytest.raises(error) as info_save:
         ckpt.save(step, state, info=info)
-    with pytest.raises(error):
+    with pytest.raises(error) as info_async:
         ckpt.save_async(step, state, info=info)
+    for raised in (info_save.value, info_async.value):
+        assert isinstance(raised, moai_ckpt.MoaiCkptError) and raised.url == ckpt.url
+        assert raised.step == (step if error is not moai_ckpt.InvalidArgumentError else None)
     assert not os.path.exists(run_dir) or not any(files for _, _, files in os.walk(run_dir))
 
 
