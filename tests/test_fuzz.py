@@ -1,4 +1,4 @@
-"""Every file of a small snapshot and a small log, damaged in every way we can think of.
+"""Every file of a small snapshot and a small log, damaged in many ways, one case at a time.
 
 The cases come from fixed seeds, so CI runs the same ones every time: bit flips, truncations,
 deletions, JSON values of the wrong type, nested too deep or too large, and resealed edits (every
@@ -111,7 +111,7 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
         log = read_log(ckpt.storage, STEP)
     assert len(log.records) == 4 and log.corruption is None and log.torn_tail is None
     run_json = root / "run.json"
-    run_json.unlink()  # run.json is not read by these reads; another suite covers it
+    run_json.unlink()  # only the command line's restore paths read run.json; none of these reads does
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     return Pristine(root, fingerprint(state), log, files)
 
