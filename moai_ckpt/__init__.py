@@ -12,6 +12,8 @@ from moai_ckpt.distributed import CoordinationError
 from moai_ckpt.errors import (
     ChecksumError,
     CorruptSnapshotError,
+    InvalidArgumentError,
+    LimitExceededError,
     ManifestMismatchError,
     MissingDataError,
     MoaiCkptError,
@@ -57,6 +59,8 @@ __all__ = [
     "CoordinationError",
     "CorruptSnapshotError",
     "GlobalSampler",
+    "InvalidArgumentError",
+    "LimitExceededError",
     "ManifestMismatchError",
     "MissingDataError",
     "MoaiCkptError",

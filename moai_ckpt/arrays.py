@@ -7,6 +7,11 @@ I/O, and each chunk's crc32c computed once and recorded in the rank index as wel
 
 Tensors are chunked along their first dimension only, ``chunk_bytes`` at most per chunk (at least
 one row). Sharded tensors (a later layer) use the same grid with boundaries on shard boundaries.
+
+Array records read back from storage are untrusted: `check_layout` checks one with arithmetic
+alone (dtype, chunk grid, chunk count, bytes against a limit) before anything is listed or
+allocated from it, and `check_array_metadata` compares the whole stored ``zarr.json`` with the
+document the record implies.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import crc32c as _crc32c
 import torch
 
 from moai_ckpt.dtypes import StoredDtype, from_name
-from moai_ckpt.errors import ChecksumError, ManifestMismatchError
+from moai_ckpt.errors import ChecksumError, LimitExceededError, ManifestMismatchError, MoaiCkptError
 from moai_ckpt.format import ArrayRecord
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+MAX_DIM = 2**63 - 1  # torch sizes are 64-bit
 CRC = struct.Struct("<I")
 MOAI_ATTR = "moai_ckpt"
 
@@ -62,6 +68,54 @@ class ChunkSpan:
     @property
     def key(self) -> str:
         return "c" if not self.index else "c/" + "/".join(str(i) for i in self.index)
+
+
+def chunk_count(shape: tuple[int, ...], chunks: tuple[int, ...]) -> int:
+    """How many chunks an array chunked along dimension 0 has, by arithmetic (nothing is listed)."""
+    if not shape:
+        return 1
+    if math.prod(shape) == 0:
+        return 0
+    return -(-shape[0] // chunks[0])
+
+
+def check_layout(record: ArrayRecord, *, limit: int, url: str, step: int, key: str) -> StoredDtype:
+    """Refuse an array record this reader cannot have written, before anything is built from it.
+
+    Only arithmetic: the dtype is known, the chunk grid cuts dimension 0 alone (as
+    `choose_chunks` does), every size fits torch's 64-bit sizes, and the array's bytes are at
+    most ``limit``. A record that passes has `chunk_count` chunks, each of at most ``limit`` bytes.
+
+    Raises:
+        UnsupportedFormatError: an unknown dtype.
+        ManifestMismatchError: a chunk grid this format never writes.
+        LimitExceededError: the array would be larger than ``limit`` bytes.
+    """
+    try:
+        stored = from_name(record.dtype)
+    except MoaiCkptError as exc:
+        raise type(exc)(str(exc), url=url, step=step, key=key) from None
+    shape, chunks = record.shape, record.chunks
+    expected_tail = tuple(max(1, d) for d in shape[1:])
+    if len(chunks) != len(shape) or (shape and (chunks[0] < 1 or chunks[1:] != expected_tail)):
+        raise ManifestMismatchError(
+            f"chunk shape {list(chunks)} does not cut shape {list(shape)} along dimension 0 alone",
+            url=url,
+            step=step,
+            key=key,
+        )
+    nbytes = math.prod(shape) * stored.itemsize
+    if any(d > MAX_DIM for d in (*shape, *chunks)) or math.prod(max(1, d) for d in shape) > MAX_DIM:
+        raise ManifestMismatchError(f"shape {list(shape)} exceeds torch's 64-bit sizes", url=url, step=step, key=key)
+    if nbytes > limit:
+        raise LimitExceededError(
+            f"array of shape {list(shape)} ({record.dtype}) would take {nbytes} bytes, more than the "
+            f"limit of {limit} (raise CheckpointerOptions.max_array_bytes if the snapshot is trusted)",
+            url=url,
+            step=step,
+            key=key,
+        )
+    return stored
 
 
 def chunk_spans(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int) -> Iterator[ChunkSpan]:
@@ -115,20 +169,47 @@ def group_metadata(attributes: dict[str, Any] | None = None) -> bytes:
 
 
 def check_array_metadata(raw: bytes, record: ArrayRecord, *, url: str, step: int, key: str) -> None:
-    """Refuse an array whose ``zarr.json`` (at ``key``) disagrees with the manifest."""
+    """Refuse an array whose ``zarr.json`` (at ``key``) is not exactly the document the manifest implies.
+
+    The whole document counts, types included (``0`` is not ``0.0``, ``false`` is not ``0``): plain
+    zarr reads every field, so a renamed ``fill_value`` or a relabelled dtype attribute is as bad
+    as a wrong shape.
+    """
+    expected = array_metadata(record, from_name(record.dtype))
     try:
         meta = json.loads(raw)
-    except ValueError as exc:
+        problem = None if _canonical(meta) == _canonical(expected) else _difference(meta, expected)
+    except (ValueError, RecursionError) as exc:
         raise ManifestMismatchError(f"array metadata is not JSON: {exc}", url=url, step=step, key=key) from None
-    expected = array_metadata(record, from_name(record.dtype))
-    for field in ("node_type", "shape", "data_type", "chunk_grid", "chunk_key_encoding", "codecs"):
-        if meta.get(field) != expected[field]:
-            raise ManifestMismatchError(
-                f"array {field} is {meta.get(field)!r} on storage but the manifest implies {expected[field]!r}",
-                url=url,
-                step=step,
-                key=key,
-            )
+    if problem is not None:
+        raise ManifestMismatchError(problem, url=url, step=step, key=key)
+
+
+def _canonical(document: Any) -> str:
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+def _difference(meta: Any, expected: dict[str, Any]) -> str:
+    """What differs between a stored ``zarr.json`` and the expected one, field by field."""
+    if not isinstance(meta, dict):
+        return f"array metadata is a JSON {type(meta).__name__}, not an object"
+    problems = [
+        f"array {field} is {_short(meta[field])} on storage but the manifest implies {_short(expected[field])}"
+        for field in expected
+        if field in meta and _canonical(meta[field]) != _canonical(expected[field])
+    ]
+    problems += [
+        f"array {field} is missing (the manifest implies {_short(expected[field])})"
+        for field in expected
+        if field not in meta
+    ]
+    problems += [f"unexpected field {_short(field)} in the array metadata" for field in meta if field not in expected]
+    return "; ".join(problems)
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

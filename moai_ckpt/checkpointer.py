@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import operator
 import os
 import threading
 import time
@@ -26,9 +28,11 @@ from moai_ckpt.distributed import CoordinationError, RankLostError, World, curre
 from moai_ckpt.dtypes import from_name, stored_dtype
 from moai_ckpt.errors import (
     CorruptSnapshotError,
+    InvalidArgumentError,
     MoaiCkptError,
     SnapshotExistsError,
     SnapshotNotFoundError,
+    UnserializableStateError,
     UnsupportedFormatError,
     redact_url,
 )
@@ -51,7 +55,7 @@ from moai_ckpt.format import (
     snapshot_dir,
 )
 from moai_ckpt.ranklocal import RankLocalChoice, choose, find_rank_local, split_pieces
-from moai_ckpt.results import RestoreInfo, SaveHandle, SnapshotEntry, VerifyReport
+from moai_ckpt.results import RestoreInfo, SaveHandle, SnapshotEntry, VerifyReport, skipped_message
 from moai_ckpt.rng import GlobalRNG
 from moai_ckpt.sharding import (
     Piece,
@@ -63,6 +67,7 @@ from moai_ckpt.sharding import (
     plan_writes,
 )
 from moai_ckpt.snapshot import (
+    DEFAULT_MAX_ARRAY_BYTES,
     Fault,
     Progress,
     SnapshotReader,
@@ -73,7 +78,7 @@ from moai_ckpt.snapshot import (
 )
 from moai_ckpt.staging import HostPool, Staged, Stager
 from moai_ckpt.storage import LocalStorage, RetryPolicy, Storage, open_storage
-from moai_ckpt.tree import tensor_refs
+from moai_ckpt.tree import MAX_DEPTH, json_depth, tensor_refs
 
 log = logging.getLogger("moai_ckpt")
 T = TypeVar("T")
@@ -82,8 +87,42 @@ T = TypeVar("T")
 _LISTED = ("committed", "unsupported")
 
 
+def valid_step(step: object) -> int:
+    """``step`` as a plain int in [0, 1e12), or `InvalidArgumentError` (checked before any I/O).
+
+    Integer types other than ``int`` (numpy integers, 0-d integer tensors) are accepted; bools are not.
+    """
+    if isinstance(step, bool):
+        raise InvalidArgumentError(f"step must be an integer, got the bool {step}")
+    try:
+        value = operator.index(step)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidArgumentError(f"step must be an integer, got {type(step).__name__} {step!r:.40}") from None
+    if not 0 <= value < 10**STEP_DIGITS:
+        raise InvalidArgumentError(f"step must be in [0, 1e{STEP_DIGITS}), got {value}")
+    return value
+
+
+def _valid_info(info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``info`` as a plain dict once it is strict JSON with string keys a manifest can hold."""
+    if info is None:
+        return {}
+    if not isinstance(info, Mapping):
+        raise UnserializableStateError(f"info must be a dict, got {type(info).__name__}", key="info")
+    bad = [k for k in info if not isinstance(k, str)]
+    if bad:
+        raise UnserializableStateError(f"info keys must be strings, got {bad[0]!r}", key="info")
+    try:
+        json.dumps(info, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise UnserializableStateError(f"info is not strict JSON: {exc}", key="info") from None
+    if json_depth(info) > MAX_DEPTH:
+        raise UnserializableStateError(f"info is nested more than {MAX_DEPTH} levels deep", key="info")
+    return dict(info)
+
+
 def _device_of(t: torch.Tensor | None) -> torch.device | None:
-    if t is None:
+    if not isinstance(t, torch.Tensor):  # a forged tree may reference an array where a value lives
         return None
     local = t.to_local() if hasattr(t, "to_local") else t
     return None if local.device.type == "meta" else local.device
@@ -104,6 +143,11 @@ class CheckpointerOptions(BaseModel):
     )
     collective_timeout_s: float = Field(
         default=300.0, gt=0, description="bound on every collective of a distributed save or restore"
+    )
+    max_array_bytes: int = Field(
+        default=DEFAULT_MAX_ARRAY_BYTES,
+        ge=1,
+        description="largest array a restore or verify allocates; larger records are refused before any allocation",
     )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
 
@@ -226,10 +270,12 @@ class Checkpointer:
             SnapshotExistsError: a committed snapshot exists at ``step`` and ``overwrite`` is off.
             UnserializableStateError: a value is neither a tensor nor JSON-able (names its key).
             StorageError: storage failed permanently or after retries; nothing is committed.
+            InvalidArgumentError: ``step`` is not an integer in [0, 1e12) (nothing is written).
         """
+        step, info = self._save_arguments(step, info)
         self._settle_inflight()
         started = time.perf_counter()
-        staged = self._stage(step, state, info)
+        staged = self._located(step, lambda: self._stage(step, state, info))
         with self._claim(step):
             marker = self._persist(staged, overwrite=overwrite, progress=progress)
         log.info(
@@ -266,17 +312,18 @@ class Checkpointer:
         Raises:
             Exception: the error of an earlier background save that nobody has looked at yet.
         """
+        step, info = self._save_arguments(step, info)
         if if_busy not in ("wait", "skip"):
-            raise ValueError(f"if_busy must be 'wait' or 'skip', got {if_busy!r}")
+            raise InvalidArgumentError(f"if_busy must be 'wait' or 'skip', got {if_busy!r}")
         if if_busy == "skip" and self.world.world_size > 1:
-            raise ValueError("if_busy='skip' needs every rank to agree; use 'wait' under torch.distributed")
+            raise InvalidArgumentError("if_busy='skip' needs every rank to agree; use 'wait' under torch.distributed")
         previous = self._inflight
         if if_busy == "skip" and previous is not None and not previous.done():
             warnings.warn(f"save of step {step} skipped: step {previous.step} is still being written", stacklevel=2)
             return None
         self._settle_inflight()
         started = time.perf_counter()
-        staged = self._stage(step, state, info, copy=self._pool)
+        staged = self._located(step, lambda: self._stage(step, state, info, copy=self._pool))
         stall = time.perf_counter() - started
         claim = self._claim(step)
         claim.__enter__()
@@ -290,6 +337,21 @@ class Checkpointer:
         handle = SaveHandle(step, self._background.submit(persist), stall)
         self._inflight = handle
         return handle
+
+    def _save_arguments(self, step: object, info: Mapping[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        """The step and info of a save, checked before anything is written."""
+        checked = self._located(None, lambda: valid_step(step))
+        return checked, self._located(checked, lambda: _valid_info(info))
+
+    def _located(self, step: int | None, fn: Callable[[], T]) -> T:
+        """``fn()``, its moai-ckpt errors naming this run's URL and ``step``."""
+        try:
+            return fn()
+        except MoaiCkptError as exc:
+            located = exc.located(url=self.url, step=step)
+            if located is exc:
+                raise
+            raise located from None
 
     def _settle_inflight(self) -> None:
         """Wait for the save in flight; raise its error if nobody has seen it yet."""
@@ -541,8 +603,11 @@ class Checkpointer:
         Raises:
             SnapshotNotFoundError: no committed snapshot (at ``step``).
             CorruptSnapshotError: the snapshot fails a check (names URL, step and key).
-            StateMismatchError: the snapshot does not fit the objects (names, shapes).
+            StateMismatchError: the snapshot does not fit the objects (names, types, shapes, dtypes).
+            InvalidArgumentError: ``state`` is not a mapping, or ``step`` not an integer in [0, 1e12).
         """
+        if not isinstance(state, MutableMapping):
+            raise InvalidArgumentError(f"state must be a dict of named objects, got {type(state).__name__}")
         first = self._resolve(step)  # every rank lists; rank 0's answer is the one all use
         order = [first] + ([s for s in reversed(self.steps()) if s != first] if fallback and step is None else [])
         chosen = self.world.broadcast_json(order, "restore: choosing the step")
@@ -579,6 +644,11 @@ class Checkpointer:
                     + "; ".join(errors),
                     stacklevel=2,
                 )
+            skipped = self.damaged_after(candidate) if step is None and self.world.rank == 0 else []
+            if skipped:
+                message = f"{self.url}: {skipped_message(skipped, candidate)}"
+                log.warning("%s", message)
+                warnings.warn(message, stacklevel=2)
             return candidate
         raise CorruptSnapshotError("no committed snapshot could be restored: " + "; ".join(errors), url=self.url)
 
@@ -635,24 +705,44 @@ class Checkpointer:
 
     def _resolve(self, step: int | None) -> int:
         if step is not None:
-            return step
+            return valid_step(step)
         latest = self.latest_step()
         if latest is None:
             raise SnapshotNotFoundError("no committed snapshot in this run directory", url=self.url)
         return latest
 
     def _reader(self, step: int) -> SnapshotReader:
-        return SnapshotReader(self.storage, step, self._executor)
+        return SnapshotReader(self.storage, step, self._executor, max_array_bytes=self.options.max_array_bytes)
+
+    def damaged_after(self, step: int | None) -> list[SnapshotEntry]:
+        """Snapshots newer than ``step`` (all, for None) whose commit marker is there but damaged.
+
+        A damaged marker means "not committed", so restores pass over them; their files may still
+        be there, and this says which were passed over and why (`SnapshotEntry.problem`).
+        """
+        newer = [s for s in self._listed_steps() if step is None or s > step]
+        return [e for e in map(self._entry, newer) if e.status == "invalid"]
 
     # -- integrity and housekeeping ------------------------------------------------------------
 
     def verify(self, step: int | None = None, *, progress: Progress | None = None) -> VerifyReport:
         """Re-read every chunk of a snapshot and check every checksum and record.
 
+        Verifying the newest committed snapshot also reports newer snapshots that are not
+        committed because their marker is damaged (a restore passes over them, so they are lost).
+
         Returns a report listing every fault (``report.ok`` is True when there are none).
         """
-        step = self._resolve(step)
+        latest = self.latest_step()
+        step = self._resolve(step if step is not None else latest)
         report = VerifyReport(self.url, step)
+        if step == latest:
+            skipped = report.passed_over = self.damaged_after(step)
+            if skipped:
+                message = skipped_message(skipped, step)
+                report.faults.extend(
+                    Fault(f"{snapshot_dir(e.step)}/{COMMIT}", "CorruptSnapshotError", message) for e in skipped
+                )
         try:
             reader = self._reader(step)
         except (SnapshotNotFoundError, UnsupportedFormatError):

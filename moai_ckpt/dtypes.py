@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moai_ckpt.errors import UnserializableStateError
+from moai_ckpt.errors import UnserializableStateError, UnsupportedFormatError
 
 
 @dataclass(frozen=True)
@@ -76,15 +76,22 @@ def stored_dtype(dtype: torch.dtype, *, key: str | None = None) -> StoredDtype:
 
 
 def from_name(name: str) -> StoredDtype:
-    """The storage layout for a logical dtype name read from a manifest."""
+    """The storage layout for a logical dtype name read from a manifest.
+
+    Raises:
+        UnsupportedFormatError: the name is no dtype this moai-ckpt and torch build can store
+            (a ``ValueError``; readers add the URL, step and key).
+    """
     try:
         return _BY_NAME[name]
-    except KeyError:
-        raise ValueError(f"unknown tensor dtype {name!r}") from None
+    except (KeyError, TypeError):  # TypeError: an unhashable value where a name belongs
+        raise UnsupportedFormatError(
+            f"unknown tensor dtype {name!r} (written by a newer torch or moai-ckpt?)"
+        ) from None
 
 
-def is_known(name: str) -> bool:
-    return name in _BY_NAME
+def is_known(name: object) -> bool:
+    return isinstance(name, str) and name in _BY_NAME
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -39,6 +39,7 @@ class MoaiCkptError(Exception):
         step: int | None = None,
         key: str | None = None,
     ) -> None:
+        self.detail = message
         self.url = redact_url(url) if url is not None else None
         self.step = step
         self.key = key
@@ -46,6 +47,14 @@ class MoaiCkptError(Exception):
             f"{name}={value}" for name, value in (("url", self.url), ("step", step), ("key", key)) if value is not None
         )
         super().__init__(redact_url(f"{message} [{where}]" if where else message))
+
+    def located(self, *, url: str | None = None, step: int | None = None, key: str | None = None) -> MoaiCkptError:
+        """The same error with URL, step and key filled in where it names none (``self`` if nothing changes)."""
+        url, key = self.url or url, self.key or key
+        step = self.step if self.step is not None else step
+        if (url, step, key) == (self.url, self.step, self.key):
+            return self
+        return type(self)(self.detail, url=url, step=step, key=key)
 
 
 class StorageError(MoaiCkptError, OSError):
@@ -84,6 +93,10 @@ class ManifestMismatchError(CorruptSnapshotError):
     """The manifest disagrees with the stored arrays (shape, dtype, layout)."""
 
 
+class LimitExceededError(CorruptSnapshotError):
+    """Stored metadata asks for more than a configured bound allows; refused before anything is allocated."""
+
+
 class UnsupportedFormatError(MoaiCkptError, ValueError):
     """The snapshot was written in a format version this moai-ckpt cannot read."""
 
@@ -98,3 +111,7 @@ class UnserializableStateError(MoaiCkptError, TypeError):
 
 class StateMismatchError(MoaiCkptError, ValueError):
     """The snapshot does not fit the objects being restored (names, shapes, structure)."""
+
+
+class InvalidArgumentError(MoaiCkptError, ValueError):
+    """An argument of a moai-ckpt call has the wrong type or is out of range (checked before any I/O)."""

@@ -244,7 +244,8 @@ def load_commit(data: bytes, *, url: str, step: int) -> CommitMarker:
     """Parse and validate a commit marker read from ``snapshots/<step>/commit.json``."""
     try:
         raw = json.loads(data)
-        version = raw.get("body", {}).get("format_version", FORMAT_VERSION) if isinstance(raw, dict) else None
+        body = raw.get("body") if isinstance(raw, dict) else None
+        version = body.get("format_version", FORMAT_VERSION) if isinstance(body, dict) else None
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise UnsupportedFormatError(
                 f"snapshot written in format version {version}; this moai-ckpt reads up to "
@@ -255,7 +256,7 @@ def load_commit(data: bytes, *, url: str, step: int) -> CommitMarker:
         marker = CommitMarker.model_validate(raw)
     except UnsupportedFormatError:
         raise
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, ValidationError, RecursionError) as exc:
         raise CorruptSnapshotError(
             f"commit marker does not parse: {exc}", url=url, step=step, key=f"{snapshot_dir(step)}/{COMMIT}"
         ) from None

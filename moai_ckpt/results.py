@@ -6,7 +6,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 from moai_ckpt.errors import CorruptSnapshotError
-from moai_ckpt.format import CommitMarker
+from moai_ckpt.format import COMMIT, CommitMarker, snapshot_dir
 from moai_ckpt.ranklocal import RankLocalChoice
 from moai_ckpt.snapshot import Fault
 
@@ -70,6 +70,17 @@ class SnapshotEntry:
     problem: str | None = None
 
 
+def skipped_message(skipped: list[SnapshotEntry], used: int | None) -> str:
+    """Why newer snapshots with a damaged commit marker were passed over for step ``used``."""
+    steps = ", ".join(str(e.step) for e in skipped)
+    reasons = "; ".join(f"step {e.step}: {(e.problem or 'damaged').split(' [url=', 1)[0]}" for e in skipped)
+    instead = f"step {used} is used instead" if used is not None else "no older snapshot is committed"
+    return (
+        f"newer snapshot(s) at step {steps} are not committed: their files are there but their commit marker "
+        f"is damaged ({reasons}); {instead}"
+    )
+
+
 @dataclass
 class VerifyReport:
     """The result of `Checkpointer.verify`."""
@@ -79,10 +90,19 @@ class VerifyReport:
     faults: list[Fault] = field(default_factory=list)
     arrays: int = 0
     bytes_checked: int = 0  # bytes of chunks that were read and passed their checksums
+    #: newer snapshots a restore passes over for this one, their marker damaged (each also a fault)
+    passed_over: list[SnapshotEntry] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        """No fault: the snapshot is sound and no newer one is lost to a damaged marker."""
         return not self.faults
+
+    @property
+    def snapshot_ok(self) -> bool:
+        """The snapshot itself is sound (the faults of newer snapshots it stands in for aside)."""
+        passed_over = {f"{snapshot_dir(e.step)}/{COMMIT}" for e in self.passed_over}
+        return all(f.key in passed_over for f in self.faults)
 
     def raise_if_failed(self) -> None:
         if self.faults:

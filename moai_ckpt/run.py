@@ -47,6 +47,7 @@ from moai_ckpt.errors import (
 )
 from moai_ckpt.format import REPORTS, RUN_INFO, STEP_DIGITS
 from moai_ckpt.opcapture import capture_divergence, check_policy, hooks_for
+from moai_ckpt.results import skipped_message
 from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.session import DEVICE_ENV, RestoreComplete, Session, report_progress
 from replay import codec
@@ -326,6 +327,8 @@ class Run:
                 self.ckpt.save(0, self._state(), info=self._info(), overwrite=True)
         else:
             latest = self._restore_newest_usable([s for s in steps if s <= latest])
+        if self.world.rank == 0:
+            self._warn_skipped(latest, target)
         self.step = latest
         self._last_snapshot = time.monotonic()
         restore_s = time.perf_counter() - self._started
@@ -382,6 +385,12 @@ class Run:
                 usable[-1].step,
                 f" on a changed placement ({'; '.join(changed)}): drift is reported" if changed else "",
             )
+
+    def _warn_skipped(self, restored: int, target: int | None) -> None:
+        """Say which newer snapshots were passed over because their commit marker is damaged."""
+        skipped = [e for e in self.ckpt.damaged_after(restored) if target is None or e.step <= target]
+        if skipped:
+            log.warning("%s", skipped_message(skipped, restored))
 
     def _restore_newest_usable(self, steps: list[int]) -> int:
         """Restore the newest snapshot that passes every check; older ones stand in for corrupt ones.

@@ -235,13 +235,10 @@ def live_targets(records: dict[str, Any], wanted: dict[str, Any], arrays: dict[s
                 mirror(_ref(node), live.get(to_live[name]))
         elif record.kind == "optimizer" and isinstance(obj, torch.optim.Optimizer) and isinstance(tree, dict):
             params = [p for group in obj.param_groups for p in group["params"]]
-            saved_ids = [pid for group in tree.get("param_groups", []) for pid in group.get("params", [])]
-            by_id = dict(zip(saved_ids, params, strict=False))
-            state = tree.get("state", {})
-            pairs = state.get("$dict", []) if isinstance(state, dict) else []
-            for pid, pstate in pairs:
+            by_id = dict(zip(_saved_ids(tree), params, strict=False))
+            for pid, pstate in _state_pairs(tree):
                 param = by_id.get(pid)
-                for node in (pstate or {}).values():
+                for node in pstate.values():
                     ref = _ref(node)
                     if (
                         ref is not None
@@ -251,3 +248,28 @@ def live_targets(records: dict[str, Any], wanted: dict[str, Any], arrays: dict[s
                     ):
                         mirror(ref, param)
     return out
+
+
+# the stored tree is untrusted: anything but the shape `encode` writes is skipped here, and
+# `capture.Restorer.check` refuses it with an error naming it
+
+
+def _saved_ids(tree: dict[str, Any]) -> list[int]:
+    """The parameter ids of an encoded optimizer state dict, group by group."""
+    groups = tree.get("param_groups")
+    ids: list[int] = []
+    for group in groups if isinstance(groups, list) else []:
+        params = group.get("params") if isinstance(group, dict) else None
+        ids += [pid for pid in params if type(pid) is int] if isinstance(params, list) else []
+    return ids
+
+
+def _state_pairs(tree: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(parameter id, encoded state) pairs of an encoded optimizer state dict."""
+    state = tree.get("state")
+    pairs = state.get("$dict") if isinstance(state, dict) else None
+    return [
+        (pair[0], pair[1])
+        for pair in (pairs if isinstance(pairs, list) else [])
+        if isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and isinstance(pair[1], dict)
+    ]

@@ -3,15 +3,17 @@
 `SnapshotWriter` writes a rank's chunks straight from tensor memory, then its rank index; the
 coordinator writes the group metadata and manifest, waits for every rank, and writes the commit
 marker last. `SnapshotReader` trusts nothing it has not checked: the marker's own checksum and
-version, the manifest's and rank indexes' sha256 against the marker, each array's ``zarr.json``
-against the manifest, chunk coverage against the rank indexes, and every chunk's crc32c.
+version, the manifest's and rank indexes' sha256 against the marker, each array's record by
+arithmetic (dtype, chunk grid, bytes under a limit) before any list or tensor is built from it,
+each array's whole ``zarr.json`` against the manifest, chunk coverage against the rank indexes,
+and every chunk's crc32c.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,9 +23,10 @@ import torch
 
 from moai_ckpt import arrays as za
 from moai_ckpt import faults
-from moai_ckpt.dtypes import from_name, is_known, torch_dtype
+from moai_ckpt.dtypes import StoredDtype, from_name, torch_dtype
 from moai_ckpt.errors import (
     CorruptSnapshotError,
+    LimitExceededError,
     ManifestMismatchError,
     MissingDataError,
     MoaiCkptError,
@@ -49,9 +52,12 @@ from moai_ckpt.format import (
     snapshot_dir,
 )
 from moai_ckpt.storage import Storage
-from moai_ckpt.tree import tensor_refs
+from moai_ckpt.tree import decode, tensor_refs
 
 Progress = Callable[[int], None]
+
+#: the largest array a reader allocates unless told otherwise (`CheckpointerOptions.max_array_bytes`)
+DEFAULT_MAX_ARRAY_BYTES = 1 << 40
 
 
 @contextmanager
@@ -77,6 +83,8 @@ def group_attributes(step: int, version: int = FORMAT_VERSION) -> dict[str, Any]
 def host_tensor(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU tensor with ``t``'s contents (no copy when ``t`` already is one)."""
     t = t.detach()
+    if t.is_conj() or t.is_neg():  # lazy conjugate / negative views have no bytes of their own yet
+        t = t.resolve_conj().resolve_neg()
     if t.device.type != "cpu":
         t = t.to("cpu")
     return t if t.is_contiguous() else t.contiguous()
@@ -205,12 +213,23 @@ class Fault:
 
 
 class SnapshotReader:
-    """A committed snapshot, opened and validated (marker, manifest, rank indexes)."""
+    """A committed snapshot, opened and validated (marker, manifest, rank indexes).
 
-    def __init__(self, storage: Storage, step: int, executor: Executor) -> None:
+    Args:
+        storage: the run directory.
+        step: the snapshot to open.
+        executor: runs the chunk reads.
+        max_array_bytes: the largest array this reader allocates; a record asking for more is
+            refused with `LimitExceededError` before anything is built from it.
+    """
+
+    def __init__(
+        self, storage: Storage, step: int, executor: Executor, *, max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES
+    ) -> None:
         self.storage = storage
         self.step = step
         self.executor = executor
+        self.max_array_bytes = max_array_bytes
         self.prefix = snapshot_dir(step)
         url = storage.url
         try:
@@ -269,17 +288,35 @@ class SnapshotReader:
             key = f"{self.prefix}/{key}"
         return cls(message, url=self.storage.url, step=self.step, key=key)
 
+    def _layout(self, record: ArrayRecord) -> StoredDtype:
+        """The record's stored dtype, once its layout passed `arrays.check_layout` (arithmetic only)."""
+        key = f"{self.prefix}/{record.path}"
+        return za.check_layout(record, limit=self.max_array_bytes, url=self.storage.url, step=self.step, key=key)
+
     def _spans(self, record: ArrayRecord) -> list[tuple[za.ChunkSpan, ChunkEntry]]:
-        stored = from_name(record.dtype)
-        expected = list(za.chunk_spans(record.shape, record.chunks, stored.itemsize))
-        if record.shape and record.chunks and (len(record.chunks) != len(record.shape)):
-            raise self._error(ManifestMismatchError, "chunk rank differs from array rank", record.path)
+        """Every chunk of an array with its rank-index entry; as many as the rank indexes list, at most.
+
+        The chunk count comes from arithmetic, and the spans are generated lazily: a shape that
+        claims more chunks than the rank indexes list fails at the first unlisted one, never
+        after building a list of what the shape claims.
+        """
+        stored = self._layout(record)
+        count = za.chunk_count(record.shape, record.chunks)
         table = self.chunks.get(record.path, {})
+        if len(table) > count:
+            raise self._error(
+                ManifestMismatchError, f"rank indexes list {len(table)} chunks, the shape implies {count}", record.path
+            )
         out = []
-        for span in expected:
+        for span in za.chunk_spans(record.shape, record.chunks, stored.itemsize):
             entry = table.get(span.index)
             if entry is None:
-                raise self._error(MissingDataError, "no rank index lists this chunk", f"{record.path}/{span.key}")
+                raise self._error(
+                    MissingDataError,
+                    f"no rank index lists this chunk (the shape implies {count} chunks, the rank indexes list "
+                    f"{len(table)})",
+                    f"{record.path}/{span.key}",
+                )
             if entry.nbytes != span.encoded_size:
                 raise self._error(
                     ManifestMismatchError,
@@ -287,13 +324,11 @@ class SnapshotReader:
                     f"{record.path}/{span.key}",
                 )
             out.append((span, entry))
-        if len(table) != len(expected):
-            raise self._error(
-                ManifestMismatchError, f"rank indexes list {len(table)} chunks, expected {len(expected)}", record.path
-            )
         return out
 
     def check_metadata(self, record: ArrayRecord) -> None:
+        """Check the record's layout, then its whole ``zarr.json`` against what the record implies."""
+        self._layout(record)
         key = f"{self.prefix}/{record.path}/zarr.json"
         try:
             raw = self.storage.read(key)
@@ -314,8 +349,6 @@ class SnapshotReader:
         the edge is read whole (its checksum covers all of it) and the overlap copied.
         """
         record = self.arrays[name]
-        if not is_known(record.dtype):
-            raise self._error(ManifestMismatchError, f"unknown dtype {record.dtype!r}", name)
         spans = self._spans(record)
         itemsize = from_name(record.dtype).itemsize
         total_rows = record.shape[0] if record.shape else 1
@@ -323,7 +356,7 @@ class SnapshotReader:
         if not 0 <= first <= last <= total_rows:
             raise self._error(ManifestMismatchError, f"rows {first}..{last} outside 0..{total_rows}", name)
         shape = (last - first, *record.shape[1:]) if record.shape else ()
-        out = torch.empty(shape, dtype=torch_dtype(record.dtype))
+        out = self._allocate(name, shape, record.dtype)
         data = za.tensor_bytes(out)
         row_bytes = math.prod(record.shape[1:]) * itemsize if record.shape else itemsize
         lo, hi = first * row_bytes, last * row_bytes
@@ -339,6 +372,15 @@ class SnapshotReader:
                 futures.append(self.executor.submit(self._read_overlap, key, span, entry, data, lo, hi, progress))
         return out, futures
 
+    def _allocate(self, name: str, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+        """An uninitialised CPU tensor; the layout check bounded its size, the host may still refuse it."""
+        try:
+            return torch.empty(shape, dtype=torch_dtype(dtype))
+        except (RuntimeError, MemoryError) as exc:
+            raise self._error(
+                LimitExceededError, f"cannot allocate {list(shape)} {dtype} for this array: {exc}", name
+            ) from None
+
     def _read_overlap(
         self,
         key: str,
@@ -349,7 +391,12 @@ class SnapshotReader:
         hi: int,
         progress: Progress | None,
     ) -> None:
-        whole = bytearray(span.stop - span.start)
+        try:
+            whole = bytearray(span.stop - span.start)
+        except MemoryError:
+            raise self._error(
+                LimitExceededError, f"cannot allocate {span.stop - span.start} bytes for a chunk", key
+            ) from None
         self._read_chunk(key, memoryview(whole), span.pad, entry, progress)
         a, b = max(lo, span.start), min(hi, span.stop)
         data[a - lo : b - lo] = whole[a - span.start : b - span.start]
@@ -393,10 +440,11 @@ class SnapshotReader:
         return out
 
     def nbytes(self) -> int:
-        return sum(math.prod(r.shape) * from_name(r.dtype).itemsize for r in self.arrays.values())
+        """Bytes of every array the manifest lists (an array of unknown dtype counts 0)."""
+        return sum(_nbytes(r) for r in self.arrays.values())
 
     def verify(self, progress: Progress | None = None) -> list[Fault]:
-        """Re-read every chunk; return every fault found (empty when the snapshot is sound)."""
+        """Decode every state tree and re-read every chunk; return every fault found (empty when sound)."""
         faults: list[Fault] = []
         for key, obj in self.manifest.objects.items():
             for ref in tensor_refs(obj.tree):
@@ -404,6 +452,10 @@ class SnapshotReader:
                     faults.append(
                         Fault(key, "manifest", f"state references array {ref!r} that the manifest does not list")
                     )
+            try:
+                decode(obj.tree, _Placeholders(), key, url=self.storage.url, step=self.step)
+            except CorruptSnapshotError as exc:
+                faults.append(Fault(key, type(exc).__name__, str(exc)))
         faults.extend(self._group_faults())
         for window in self._windows(VERIFY_WINDOW_BYTES):
             try:
@@ -434,7 +486,7 @@ class SnapshotReader:
                     )
             except FileNotFoundError:
                 faults.append(Fault(key, "MissingDataError", "zarr group metadata is missing"))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 faults.append(Fault(key, "CorruptSnapshotError", f"zarr group metadata is not JSON: {exc}"))
         return faults
 
@@ -444,7 +496,7 @@ class SnapshotReader:
         size = 0
         for name, record in self.arrays.items():
             window.append(name)
-            size += math.prod(record.shape) * from_name(record.dtype).itemsize
+            size += _nbytes(record)
             if size >= limit:
                 yield window
                 window, size = [], 0
@@ -454,6 +506,27 @@ class SnapshotReader:
 
 VERIFY_WINDOW_BYTES = 256 << 20
 _READ_FAULTS = (CorruptSnapshotError, StorageError, FileNotFoundError, ValueError)
+
+
+class _Placeholders(Mapping[str, torch.Tensor]):
+    """An empty tensor for every array name, so verification decodes state trees without reading arrays."""
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.empty(0)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _nbytes(record: ArrayRecord) -> int:
+    """An array's logical size in bytes, or 0 for a dtype this reader does not know (it reports that)."""
+    try:
+        return math.prod(record.shape) * from_name(record.dtype).itemsize
+    except MoaiCkptError:
+        return 0
 
 
 def writer_info() -> dict[str, str]:

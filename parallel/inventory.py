@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -32,6 +33,8 @@ from parallel.errors import DeviceSpecError
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+#: the most devices a declaration (and so a plan) covers: keeps the planner's search finite
+MAX_DEVICES = 4096
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 _ITEM = re.compile(r"^\s*(?:(\d+)\s*[xX*]\s*)?([A-Za-z0-9_.\-]+?)\s*(?::\s*([\d.]+)\s*([A-Za-z]*)\s*)?$")
@@ -102,12 +105,20 @@ def parse_devices(spec: str) -> list[Device]:
             )
         if count < 1:
             raise DeviceSpecError(f"device item {item.strip()!r} declares no device")
+        if len(devices) + count > MAX_DEVICES:
+            raise DeviceSpecError(f"{spec!r} declares more than {MAX_DEVICES} devices, the most a plan covers")
         memory = None
         if amount is not None:
             factor = _UNITS.get(unit.upper())
             if factor is None:
                 raise DeviceSpecError(f"unknown memory unit {unit!r} in {item.strip()!r}; use GB, GiB, MB, ...")
-            memory = int(float(amount) * factor)
+            try:
+                size = float(amount) * factor
+            except ValueError:
+                raise DeviceSpecError(f"cannot read the memory in {item.strip()!r}") from None
+            if not math.isfinite(size) or size <= 0:
+                raise DeviceSpecError(f"device item {item.strip()!r} declares no finite memory")
+            memory = int(size)
             if memory <= 0:
                 raise DeviceSpecError(f"device item {item.strip()!r} declares no memory")
         devices.extend(from_catalog(entry, memory) for _ in range(count))

@@ -33,10 +33,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from parallel.costmodel import ModelProfile, human
-from parallel.errors import NoFeasiblePlanError
-from parallel.inventory import Device, describe
+from parallel.errors import DeviceSpecError, NoFeasiblePlanError
+from parallel.inventory import MAX_DEVICES, Device, describe
 from parallel.partition import Split, split_layers
 from parallel.plan import Candidate, DataParallel, Plan, RankRole, Schedule, Stage, StepTime
+
+#: micro-batch counts the search tries per replica, at most (with `MAX_DEVICES`, the search stays
+#: finite whatever the request)
+MAX_MICRO_BATCHES = 4096
 
 
 class PlanOptions(BaseModel):
@@ -56,7 +60,9 @@ class PlanOptions(BaseModel):
     micro_batches: int | None = Field(
         default=None, ge=1, description="only this many micro-batches per replica per step (default: any)"
     )
-    max_micro_batches: int = Field(default=64, ge=1, description="most micro-batches per replica per step")
+    max_micro_batches: int = Field(
+        default=64, ge=1, le=MAX_MICRO_BATCHES, description="most micro-batches per replica per step"
+    )
     min_micro_batch: int = Field(default=1, ge=1, description="smallest micro-batch size")
     memory_fraction: float = Field(
         default=0.9, gt=0, le=1, description="share of each device's memory the plan may fill"
@@ -371,11 +377,16 @@ class _Search:
         local = self.global_batch // dp
         modes: tuple[DataParallel, ...] = options.data_parallel if dp > 1 else ("none",)
         schedules: tuple[Schedule, ...] = options.schedules if pp > 1 else ("none",)
-        for mb in _divisors(local):
-            m = local // mb
-            if m > options.max_micro_batches or mb < options.min_micro_batch:
+        # micro-batch counts, not sizes, are enumerated: at most max_micro_batches of them, however
+        # large the global batch (largest count first: the smallest micro-batches come first)
+        counts = (
+            [options.micro_batches] if options.micro_batches is not None else range(options.max_micro_batches, 0, -1)
+        )
+        for m in counts:
+            if local % m or m > options.max_micro_batches:
                 continue
-            if options.micro_batches is not None and m != options.micro_batches:
+            mb = local // m
+            if mb < options.min_micro_batch:
                 continue
             if pp > 1 and m < pp:
                 continue  # PyTorch's pipeline schedules need at least one micro-batch per stage
@@ -462,6 +473,8 @@ def rank_candidates(
         raise ValueError(f"global_batch must be positive, got {global_batch}")
     if not devices:
         raise ValueError("devices: at least one device is needed")
+    if len(devices) > MAX_DEVICES:
+        raise DeviceSpecError(f"devices: {len(devices)} devices, the planner plans for at most {MAX_DEVICES}")
     search = _Search(devices, profile, global_batch, options or PlanOptions())
     search.run()
     fitting = sorted(search.fitting, key=_rank_key)

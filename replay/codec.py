@@ -10,12 +10,13 @@ otherwise).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
 import torch
 
-from moai_ckpt.errors import UnserializableStateError
+from moai_ckpt.errors import CorruptSnapshotError, UnserializableStateError
 from moai_ckpt.tree import TensorSink, decode, encode
 
 _LEN = struct.Struct("<I")
@@ -36,17 +37,37 @@ def pack(batch: Any, parts: list[int] | None = None) -> bytes:
 
 
 def unpack(data: bytes, device: torch.device | str = "cpu") -> tuple[Any, list[int] | None]:
-    """(the batch, the rows per rank it was joined from)."""
-    (length,) = _LEN.unpack_from(data, 0)
-    header = json.loads(data[_LEN.size : _LEN.size + length])
-    body = memoryview(data)[_LEN.size + length :]
-    tensors = {}
-    for name, (dtype, shape, offset, nbytes) in header["tensors"].items():
-        raw = torch.frombuffer(bytearray(body[offset : offset + nbytes]), dtype=torch.uint8) if nbytes else None
-        dt = getattr(torch, dtype)
-        t = raw.view(dt).reshape(shape) if raw is not None else torch.empty(shape, dtype=dt)
-        tensors[name] = t.to(device)
-    return decode(header["tree"], tensors), header["parts"]
+    """(the batch, the rows per rank it was joined from).
+
+    The bytes come from storage: anything `pack` does not write is a `CorruptSnapshotError`.
+    """
+    try:
+        (length,) = _LEN.unpack_from(data, 0)
+        header = json.loads(data[_LEN.size : _LEN.size + length])
+        body = memoryview(data)[_LEN.size + length :]
+        tensors = {name: _tensor(meta, body).to(device) for name, meta in header["tensors"].items()}
+        parts = header["parts"]
+        tree = header["tree"]
+    except (struct.error, ValueError, RecursionError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise CorruptSnapshotError(f"logged batch does not parse ({type(exc).__name__}: {exc})") from None
+    if parts is not None and not (isinstance(parts, list) and all(type(p) is int and p >= 0 for p in parts)):
+        raise CorruptSnapshotError("logged batch has a malformed row split")
+    return decode(tree, tensors, "batch"), parts
+
+
+def _tensor(meta: Any, body: memoryview) -> torch.Tensor:
+    """One tensor of a packed batch, checked against the bytes there are before anything is allocated."""
+    dtype_name, shape, offset, nbytes = meta
+    dtype = getattr(torch, dtype_name) if isinstance(dtype_name, str) else None
+    dims_ok = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+    if not isinstance(dtype, torch.dtype) or not dims_ok or type(offset) is not int or type(nbytes) is not int:
+        raise ValueError(f"malformed tensor entry {meta!r:.200}")
+    if nbytes != math.prod(shape) * dtype.itemsize or not 0 <= offset <= offset + nbytes <= len(body):
+        raise ValueError(f"tensor entry of {nbytes} bytes at {offset} does not fit its shape or the batch")
+    if not nbytes:
+        return torch.empty(shape, dtype=dtype)
+    raw = torch.frombuffer(bytearray(body[offset : offset + nbytes]), dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape)
 
 
 def _rows(batch: Any) -> int:

@@ -225,17 +225,24 @@ class _Reader:
         self.storage = storage
         self.contents = LogContents(base_step, url=storage.url)
         self.by_step: dict[int, bytes] = {}
+        self.segment_last = -1  # the last step recorded in the segment being read
 
     def read(self) -> LogContents:
         found = segments(self.storage, self.contents.base_step)
-        for i, (_first, _last, key) in enumerate(found):
-            frames, damage = unframe(self.storage.read(key))
+        for i, (_first, last, key) in enumerate(found):
+            data = self.storage.read(key)
+            frames, damage = unframe(data)
             header: SegmentHeader | None = None
+            self.segment_last = -1
             for kind, payload in frames:
                 header, problem = self._take(kind, payload, header, key)
                 if problem is not None:
                     self.contents.corruption = problem
                     return self.contents
+            if damage is None and self.segment_last < last:
+                # a segment is written whole and named after its last record: one that ends
+                # earlier was cut at a frame boundary
+                damage = Damage(len(data), f"segment ends before step {last}, the last its name says", True)
             if damage is not None:
                 where = f"{damage.reason} at byte {damage.offset} after step {self.contents.last_step}"
                 if damage.at_end and i == len(found) - 1:
@@ -278,6 +285,7 @@ class _Reader:
             return _check_version(payload, url, key) or CorruptLogError(
                 f"log record does not validate: {exc}", url=url, key=key
             )
+        self.segment_last = max(self.segment_last, record.step)
         if record.step in self.by_step:
             if self.by_step[record.step] != payload:
                 return CorruptLogError(f"two different records for step {record.step}", url=url, key=key)
@@ -307,7 +315,7 @@ def _check_version(payload: bytes, url: str, key: str) -> CorruptLogError | None
         import json
 
         version = json.loads(payload).get("version")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None
     if isinstance(version, int) and version > LOG_VERSION:
         raise UnsupportedFormatError(

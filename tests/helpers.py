@@ -12,7 +12,15 @@ from torch import nn
 
 from moai_ckpt.testing import assert_bitwise_equal, tensors_of
 
-__all__ = ["TinyNet", "Trainer", "assert_bitwise_equal", "full_state_tensors", "next_randoms", "tensors_of"]
+__all__ = [
+    "TinyNet",
+    "Trainer",
+    "assert_bitwise_equal",
+    "fingerprint",
+    "full_state_tensors",
+    "next_randoms",
+    "tensors_of",
+]
 
 
 class TinyNet(nn.Module):
@@ -96,3 +104,27 @@ def full_state_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
         **tensors_of(trainer.model.state_dict(), "model"),
         **tensors_of(trainer.optim.state_dict(), "optim"),
     }
+
+
+def fingerprint(value: Any) -> Any:
+    """Everything a state holds, as comparable plain data (tensors by dtype, shape and bytes)."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        return ("tensor", str(value.dtype), tuple(value.shape), bytes(flat.numpy()))
+    if isinstance(value, torch.Generator):
+        return ("generator", fingerprint(value.get_state()))
+    if callable(getattr(value, "state_dict", None)):  # modules, optimizers, schedulers, scalers
+        return (type(value).__name__, fingerprint(value.state_dict()))
+    if isinstance(value, random.Random):
+        return ("random", value.getstate())
+    if isinstance(value, np.random.Generator):
+        return ("numpy", fingerprint(value.bit_generator.state))
+    if isinstance(value, float):
+        return ("float", value.hex())
+    if isinstance(value, np.generic):
+        return ("np", value.dtype.str, repr(value.item()))
+    if isinstance(value, dict):
+        return ("dict", sorted(((repr(k), fingerprint(v)) for k, v in value.items()), key=lambda kv: kv[0]))
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [fingerprint(v) for v in value])
+    return (type(value).__name__, repr(value))

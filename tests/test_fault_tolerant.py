@@ -398,6 +398,9 @@ def test_a_corrupt_newest_snapshot_is_never_loaded_an_older_one_is_and_the_log_b
     out = result_of(resumed)
     if damage == "chunk":
         assert "cannot be restored" in resumed.stderr  # detected, and never loaded
+    else:  # the relaunch says which newer snapshot it passed over, and why
+        assert "snapshot(s) at step 8 are not committed" in resumed.stderr
+        assert "commit marker is damaged" in resumed.stderr and "step 4 is used instead" in resumed.stderr
     assert out["first_step"] == 5 and out["replayed"] == 6  # from step 4, through the logs of 4 and 8
     assert out["digest"] == reference["digest"]
     ckpt = moai_ckpt.Checkpointer(str(run_dir))

@@ -268,3 +268,22 @@ def test_pruning_with_a_monotone_bound_keeps_the_optimum(
         return math.inf if additive(i, j, k) > capacity else additive(i, j, k)
 
     assert split_layers(layers, stages, cost, bound).bottleneck == split_layers(layers, stages, cost).bottleneck
+
+
+@pytest.mark.timeout(60)
+def test_a_huge_global_batch_is_answered_at_once_not_searched_divisor_by_divisor() -> None:
+    # before: every divisor of the per-replica batch was tried, a loop of 1e12 / dp iterations
+    with pytest.raises(NoFeasiblePlanError, match="global batch 1000000000000") as info:
+        make_plan(parse_devices("4xH100,4xA100"), uniform_profile(layers=6), 10**12)
+    assert "m64 x" in str(info.value)  # the closest candidate has the most micro-batches allowed
+    fitting, _ = rank_candidates(parse_devices("2xH100"), uniform_profile(layers=6, act_per_sample=1), 2**40)
+    assert fitting and all(c.dp * c.micro_batches * c.micro_batch_size == 2**40 for c in fitting)
+
+
+def test_device_declarations_and_micro_batch_options_are_bounded() -> None:
+    with pytest.raises(DeviceSpecError, match="more than 4096 devices"):
+        parse_devices("4000xH100,97xA100")
+    with pytest.raises(DeviceSpecError, match="memory"):
+        parse_devices("1xH100:1.2.3GB")
+    with pytest.raises(ValidationError, match="max_micro_batches"):
+        PlanOptions(max_micro_batches=10**12)

@@ -217,7 +217,7 @@ def _check_restores(verdict: Verdict, faulty: RunOutcome) -> None:
     reports = _replay_reports(faulty.run_dir)
     with Checkpointer(str(faulty.run_dir), local=True) as ckpt:
         committed = set(ckpt.steps())
-        torn = {s for s in committed if s not in corrupted and not ckpt.verify(s).ok}
+        torn = {s for s in committed if s not in corrupted and not ckpt.verify(s).snapshot_ok}
     bad = []
     for report in reports:
         base = int(report["base_step"])
