@@ -1,0 +1,238 @@
+"""The workload zoo: training scripts written as users write them (tests/workloads/), each SIGKILLed
+from outside at 3 seeded points and restarted, end bitwise equal to an uninterrupted run.
+
+Each workload prints ``zoo step N rank R pid P loss HEX`` per step and, at its end, writes the
+sha256 of every entry of its full final state (model parameters and buffers, optimizer,
+scheduler, scaler, EMA copy, data position, carried hidden state, RNGs), computed by the script
+itself, not by moai-ckpt (`tests/workloads/zoo_result.py`). The test kills a process once a
+drawn step has been printed, plus a drawn delay: one worker of a torchrun job (torchrun restarts
+them), or the only process of a plain job (the test starts it again, as a user or a scheduler
+would). Whatever the kills hit (a forward pass, a snapshot, a log write, a replay), the checks
+are the same: every entry's digest equals the uninterrupted run's, and every loss printed for
+every step, live or replayed, in any attempt, equals the uninterrupted run's loss of that step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+pytestmark = [pytest.mark.workloads, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS_DIR = ROOT / "tests" / "workloads"
+KILLS = 3
+RUN_TIMEOUT_S = 300.0
+_LINE = re.compile(r"^zoo step (\d+) rank (\d+) pid (\d+) loss (\S+)$")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A script of tests/workloads/ and how it is launched."""
+
+    script: str
+    ranks: int = 1
+    steps: int = 30
+
+    def command(self, run_dir: Path, out: Path, restarts: int) -> list[str]:
+        args = [str(WORKLOADS_DIR / self.script), "--run-dir", str(run_dir), "--steps", str(self.steps)]
+        args += ["--out", str(out)]
+        if self.ranks == 1:
+            return [sys.executable, *args]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.ranks}"]
+        return [*launcher, f"--max-restarts={restarts}", *args]
+
+
+WORKLOADS = {
+    "cnn_ddp": Workload("cnn_ddp.py", ranks=2),
+    "hf_causal_lm": Workload("hf_causal_lm.py"),
+    "lstm_tbptt": Workload("lstm_tbptt.py", steps=40),
+    "bf16_autocast": Workload("bf16_autocast.py"),
+    "ema": Workload("ema.py"),
+    "compiled": Workload("compiled.py"),
+    "fsdp2": Workload("fsdp2.py", ranks=2),
+    "stateful_loader": Workload("stateful_loader.py"),
+}
+
+
+@dataclass
+class Kill:
+    """One SIGKILL the test sent: after which printed step, how long after, to which process."""
+
+    after_step: int
+    delay_s: float
+    rank: int
+    pid: int
+    landed: bool = False
+
+
+@dataclass
+class Outcome:
+    """What a run of a workload printed and wrote, over all its attempts."""
+
+    results: dict[int, dict[str, Any]]  # rank -> the script's final JSON
+    losses: dict[tuple[int, int], list[str]]  # (rank, step) -> every loss printed for it
+    kills: list[Kill] = field(default_factory=list)
+    launches: int = 0
+    logs: list[Path] = field(default_factory=list)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        text = "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+        return text[-chars:]
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def run_workload(workload: Workload, root: Path, seed: int | None = None) -> Outcome:
+    """Run ``workload`` to its end; with a ``seed``, SIGKILL it at `KILLS` drawn points on the way.
+
+    A kill is sent once the job has printed a step at or after the drawn one (in a process not
+    yet killed), after the drawn delay. A plain job killed this way is started again with the
+    same command; a torchrun job restarts its workers itself.
+    """
+    rng = random.Random(f"{workload.script}/{seed}")
+    plan: list[tuple[int, float, int]] = []
+    if seed is not None:
+        steps = sorted(rng.sample(range(3, workload.steps - 6), KILLS))
+        plan = [(s, rng.uniform(0.0, 0.03), rng.randrange(workload.ranks)) for s in steps]
+    run_dir, out = root / "run", root / "result"
+    outcome = Outcome(results={}, losses={})
+    dead: set[int] = set()  # pids of processes killed (or of the generation a kill tore down)
+    live: dict[int, int] = {}  # rank -> pid of the newest process seen printing for it
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    # torchrun's restarted gloo workers otherwise read the killed generation's addresses from the
+    # shared rendezvous store and fail to connect (pytorch#135712; docs/demo.md says the same to users)
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    env.pop("MOAI_CKPT_FAULTS", None)
+    while True:
+        log_path = root / f"attempt-{outcome.launches}.log"
+        outcome.logs.append(log_path)
+        outcome.launches += 1
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                workload.command(run_dir, out, restarts=KILLS),
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                cwd=WORKLOADS_DIR,
+                env=env,
+            )
+            assert proc.stdout is not None
+            lines: queue.Queue[str | None] = queue.Queue()
+            threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+            killed_this_launch = False
+            while True:
+                try:
+                    line = lines.get(timeout=0.05)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    break
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    raise AssertionError(f"{workload.script} did not finish in {RUN_TIMEOUT_S} s: {outcome.log_tail()}")
+                match = _LINE.match(line)
+                if match is None:
+                    continue
+                step, rank, pid, loss = int(match[1]), int(match[2]), int(match[3]), match[4]
+                outcome.losses.setdefault((rank, step), []).append(loss)
+                if pid in dead:
+                    continue
+                live[rank] = pid
+                if plan and step >= plan[0][0] and (workload.ranks == 1 or plan[0][2] in live):
+                    _, delay, target = plan.pop(0)
+                    time.sleep(delay)
+                    kill = Kill(step, delay, target, live[target])
+                    try:
+                        os.kill(kill.pid, signal.SIGKILL)
+                        kill.landed = True
+                    except ProcessLookupError:
+                        pass  # it had already exited: the job ended before the kill
+                    outcome.kills.append(kill)
+                    dead.update(live.values())  # torchrun tears the whole generation down
+                    live.clear()
+                    killed_this_launch = True
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        if code == 0:
+            break
+        if workload.ranks == 1 and killed_this_launch and code == -signal.SIGKILL:
+            continue  # the user (or the scheduler) starts it again
+        raise AssertionError(f"{workload.script} exited with {code}: {outcome.log_tail()}")
+    for rank in range(workload.ranks):
+        with open(f"{out}.rank{rank}.json") as f:
+            outcome.results[rank] = json.load(f)
+    return outcome
+
+
+_references: dict[str, Outcome] = {}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The uninterrupted run of a workload, run once per module and shared."""
+
+    def get(name: str) -> Outcome:
+        if name not in _references:
+            _references[name] = run_workload(WORKLOADS[name], tmp_path_factory.mktemp(f"{name}-reference"))
+        return _references[name]
+
+    return get
+
+
+def differing_entries(expected: dict[str, str], got: dict[str, str]) -> list[str]:
+    """Entries whose digests differ, plus those only one side has (marked)."""
+    out = [k for k in expected if k in got and got[k] != expected[k]]
+    out += [f"{k} (missing)" for k in expected if k not in got]
+    out += [f"{k} (extra)" for k in got if k not in expected]
+    return sorted(out)
+
+
+class RunsDiffer(AssertionError):
+    """A killed and restarted run did not end as the uninterrupted one."""
+
+
+def assert_same_run(name: str, reference: Outcome, faulty: Outcome) -> None:
+    """Every entry of every rank's final state, and every loss of every step, as in the reference."""
+    problems = []
+    for rank, expected in reference.results.items():
+        differ = differing_entries(expected["digests"], faulty.results[rank]["digests"])
+        if differ:
+            problems.append(f"rank {rank}: {len(differ)} of {len(expected['digests'])} state entries differ: {differ}")
+    if set(faulty.losses) != set(reference.losses):
+        problems.append(f"steps never printed: {sorted(set(reference.losses) - set(faulty.losses))}")
+    wrong = sorted(key for key, values in faulty.losses.items() if any(v != reference.losses[key][0] for v in values))
+    if wrong:
+        problems.append(f"losses differ at (rank, step) {wrong}")
+    if problems:
+        kills = [(k.after_step, k.rank) for k in faulty.kills]
+        raise RunsDiffer(f"{name}, killed after (step, rank) {kills}, differs from the uninterrupted run: {problems}")
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_a_workload_killed_three_times_ends_bitwise_equal(name: str, reference: Any, tmp_path: Path) -> None:
+    ref = reference(name)
+    assert (
+        all(len(v) == 1 for v in ref.losses.values())
+        and len(ref.losses) == WORKLOADS[name].steps * WORKLOADS[name].ranks
+    )
+    faulty = run_workload(WORKLOADS[name], tmp_path, seed=0)
+    assert len(faulty.kills) == KILLS and all(k.landed for k in faulty.kills), faulty.kills
+    assert_same_run(name, ref, faulty)
