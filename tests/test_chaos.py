@@ -104,3 +104,26 @@ def test_node_loss_and_device_change_need_what_they_act_on() -> None:
     with pytest.raises(ValidationError, match="split evenly"):
         Scenario(ranks=3, nodes=2)
     assert all(f.rank is not None for f in BUILTIN["node-loss"].draw(4))
+
+
+ZOO = Path(__file__).resolve().parent / "workloads"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("script", "ranks", "seed"), [("fsdp2.py", 2, 11), ("hf_causal_lm.py", 1, 12)])
+def test_zoo_workloads_survive_seeded_random_faults_bitwise(script: str, ranks: int, seed: int, tmp_path: Path) -> None:
+    """Users' scripts of the workload zoo (tests/workloads/) under 3 faults of random kinds, drawn from the seed."""
+    from moai_ckpt.chaos import run_trial
+
+    job = Scenario(
+        name=f"zoo-{script.removesuffix('.py')}",
+        entrypoint=f"{ZOO / script}:train",
+        kwargs={"steps": 24},
+        storage_kwarg="run_dir",
+        ranks=ranks,
+    )
+    scenario = job.with_random_faults(3, seed)
+    report = run_trial(scenario, tmp_path, seed, quiet=True)
+    report.assert_ok()
+    assert len(report.faulty.faults) == 3 and all(r.fired_at is not None for r in report.faulty.faults)
+    assert report.verdict.differing == [] and report.verdict.max_rel_diff == 0.0
