@@ -127,3 +127,34 @@ def test_zoo_workloads_survive_seeded_random_faults_bitwise(script: str, ranks: 
     report.assert_ok()
     assert len(report.faulty.faults) == 3 and all(r.fired_at is not None for r in report.faulty.faults)
     assert report.verdict.differing == [] and report.verdict.max_rel_diff == 0.0
+
+
+def test_the_cli_refuses_kwargs_that_are_not_a_json_object(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from moai_ckpt import cli
+
+    result = CliRunner().invoke(
+        cli.app, ["chaos", "run", "smoke", "--entrypoint", "x.py:train", "--kwargs", "[1]", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "JSON object" in result.output
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.slow
+def test_the_cli_runs_a_scenario_on_a_job_named_by_entrypoint(tmp_path: Path) -> None:
+    """``moai-ckpt chaos run FILE --entrypoint ... --storage-kwarg ...``: the scenario's faults, another job."""
+    from typer.testing import CliRunner
+
+    from moai_ckpt import cli
+
+    scenario = tmp_path / "one-kill.json"
+    scenario.write_text(json.dumps({"name": "one-kill", "ranks": 1, "faults": [{"kind": "kill", "step": 5}]}))
+    args = ["chaos", "run", str(scenario), "--entrypoint", f"{ZOO / 'lstm_tbptt.py'}:train"]
+    args += ["--storage-kwarg", "run_dir", "--steps", "10", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli.app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    trial = report["results"][0]
+    assert trial["ok"] and trial["faults"][0]["fired_step"] == 5 and len(trial["attempts"]) == 2
+    assert (tmp_path / "out" / "reference" / "run" / "snapshots").is_dir()
