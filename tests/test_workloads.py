@@ -152,11 +152,19 @@ def run_workload(workload: Workload, root: Path, seed: int | None = None) -> Out
             lines: queue.Queue[str | None] = queue.Queue()
             threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
             killed_this_launch = False
+            quiet_since: float | None = None
             while True:
                 try:
                     line = lines.get(timeout=0.05)
+                    quiet_since = None
                 except queue.Empty:
                     line = ""
+                    # a killed process's own children (data loader workers) may hold the pipe open
+                    # a while: once it has exited and nothing more comes, its output is all read
+                    if proc.poll() is not None:
+                        quiet_since = quiet_since or time.monotonic()
+                        if time.monotonic() - quiet_since > 0.5:
+                            break
                 if line is None:
                     break
                 if time.monotonic() > deadline:
