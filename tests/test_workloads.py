@@ -97,12 +97,6 @@ class Outcome:
         return text[-chars:]
 
 
-def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
-    for line in stream:
-        lines.put(line.rstrip("\n"))
-    lines.put(None)
-
-
 def kill_plan(workload: Workload, seed: int) -> list[tuple[int, float, int]]:
     """`KILLS` (step, delay in seconds, rank) to kill at, drawn from the seed.
 
@@ -117,90 +111,117 @@ def kill_plan(workload: Workload, seed: int) -> list[tuple[int, float, int]]:
     return [(s, rng.uniform(0.0, 0.03), rng.randrange(workload.ranks)) for s in steps]
 
 
-def run_workload(workload: Workload, root: Path, seed: int | None = None) -> Outcome:
-    """Run ``workload`` to its end; with a ``seed``, SIGKILL it at `KILLS` drawn points on the way.
-
-    A kill is sent once the job has printed a step at or after the drawn one (in a process not
-    yet killed), after the drawn delay. A plain job killed this way is started again with the
-    same command; a torchrun job restarts its workers itself.
-    """
-    plan = kill_plan(workload, seed) if seed is not None else []
-    run_dir, out = root / "run", root / "result"
-    outcome = Outcome(results={}, losses={})
-    dead: set[int] = set()  # pids of processes killed (or of the generation a kill tore down)
-    live: dict[int, int] = {}  # rank -> pid of the newest process seen printing for it
-    deadline = time.monotonic() + RUN_TIMEOUT_S
+def _environment() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     # torchrun's restarted gloo workers otherwise read the killed generation's addresses from the
     # shared rendezvous store and fail to connect (pytorch#135712; docs/demo.md says the same to users)
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     env.pop("MOAI_CKPT_FAULTS", None)
-    while True:
-        log_path = root / f"attempt-{outcome.launches}.log"
-        outcome.logs.append(log_path)
-        outcome.launches += 1
+    return env
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+class Supervisor:
+    """Runs a workload to its end and sends it the planned kills, from outside.
+
+    A kill is sent once the job has printed a step at or after the planned one (from a process
+    not yet killed), after the planned delay. A plain job killed this way is started again with
+    the same command, as a user or a scheduler would; a torchrun job restarts its workers itself.
+    """
+
+    def __init__(self, workload: Workload, root: Path, plan: list[tuple[int, float, int]]) -> None:
+        self.workload, self.root, self.plan = workload, root, list(plan)
+        self.out = root / "result"
+        self.outcome = Outcome(results={}, losses={})
+        self.dead: set[int] = set()  # pids killed, or of the generation a kill tore down
+        self.live: dict[int, int] = {}  # rank -> pid of the newest process seen printing for it
+        self.deadline = time.monotonic() + RUN_TIMEOUT_S
+
+    def run(self) -> Outcome:
+        while True:
+            code, killed = self._attempt()
+            if code == 0:
+                break
+            if not (self.workload.ranks == 1 and killed and code == -signal.SIGKILL):
+                raise AssertionError(f"{self.workload.script} exited with {code}: {self.outcome.log_tail()}")
+        for rank in range(self.workload.ranks):
+            with open(f"{self.out}.rank{rank}.json") as f:
+                self.outcome.results[rank] = json.load(f)
+        return self.outcome
+
+    def _attempt(self) -> tuple[int, bool]:
+        """One launch, read line by line: (its exit code, whether a kill was sent to it)."""
+        log_path = self.root / f"attempt-{self.outcome.launches}.log"
+        self.outcome.logs.append(log_path)
+        self.outcome.launches += 1
+        command = self.workload.command(self.root / "run", self.out, restarts=KILLS)
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
-                workload.command(run_dir, out, restarts=KILLS),
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                cwd=WORKLOADS_DIR,
-                env=env,
+                command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=WORKLOADS_DIR, env=_environment()
             )
             assert proc.stdout is not None
             lines: queue.Queue[str | None] = queue.Queue()
             threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
-            killed_this_launch = False
-            quiet_since: float | None = None
-            while True:
-                try:
-                    line = lines.get(timeout=0.05)
-                    quiet_since = None
-                except queue.Empty:
-                    line = ""
-                    # a killed process's own children (data loader workers) may hold the pipe open
-                    # a while: once it has exited and nothing more comes, its output is all read
-                    if proc.poll() is not None:
-                        quiet_since = quiet_since or time.monotonic()
-                        if time.monotonic() - quiet_since > 0.5:
-                            break
-                if line is None:
-                    break
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    raise AssertionError(f"{workload.script} did not finish in {RUN_TIMEOUT_S} s: {outcome.log_tail()}")
-                match = _LINE.match(line)
-                if match is None:
-                    continue
-                step, rank, pid, loss = int(match[1]), int(match[2]), int(match[3]), match[4]
-                outcome.losses.setdefault((rank, step), []).append(loss)
-                if pid in dead:
-                    continue
-                live[rank] = pid
-                if plan and step >= plan[0][0] and (workload.ranks == 1 or plan[0][2] in live):
-                    _, delay, target = plan.pop(0)
-                    time.sleep(delay)
-                    kill = Kill(step, delay, target, live[target])
-                    try:
-                        os.kill(kill.pid, signal.SIGKILL)
-                        kill.landed = True
-                    except ProcessLookupError:
-                        pass  # it had already exited: the job ended before the kill
-                    outcome.kills.append(kill)
-                    dead.update(live.values())  # torchrun tears the whole generation down
-                    live.clear()
-                    killed_this_launch = True
-            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        if code == 0:
-            break
-        if workload.ranks == 1 and killed_this_launch and code == -signal.SIGKILL:
-            continue  # the user (or the scheduler) starts it again
-        raise AssertionError(f"{workload.script} exited with {code}: {outcome.log_tail()}")
-    for rank in range(workload.ranks):
-        with open(f"{out}.rank{rank}.json") as f:
-            outcome.results[rank] = json.load(f)
-    return outcome
+            killed = False
+            for line in self._lines(proc, lines):
+                killed = self._on_line(line) or killed
+            return proc.wait(timeout=max(1.0, self.deadline - time.monotonic())), killed
+
+    def _lines(self, proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> Iterator[str]:
+        """The process's output lines until it ends (or, past the deadline, an error)."""
+        quiet_since: float | None = None
+        while time.monotonic() < self.deadline:
+            try:
+                line = lines.get(timeout=0.05)
+            except queue.Empty:
+                # a killed process's children (data loader workers) may hold the pipe open a while:
+                # once it has exited and nothing more comes, its output is all read
+                if proc.poll() is not None:
+                    quiet_since = quiet_since or time.monotonic()
+                    if time.monotonic() - quiet_since > 0.5:
+                        return
+                continue
+            if line is None:
+                return
+            quiet_since = None
+            yield line
+        proc.kill()
+        raise AssertionError(f"{self.workload.script} did not finish in {RUN_TIMEOUT_S} s: {self.outcome.log_tail()}")
+
+    def _on_line(self, line: str) -> bool:
+        """Note a progress line's loss; send the next kill if it is due. Whether a kill was sent."""
+        match = _LINE.match(line)
+        if match is None:
+            return False
+        step, rank, pid, loss = int(match[1]), int(match[2]), int(match[3]), match[4]
+        self.outcome.losses.setdefault((rank, step), []).append(loss)
+        if pid in self.dead:
+            return False
+        self.live[rank] = pid
+        if not self.plan or step < self.plan[0][0] or self.plan[0][2] not in self.live:
+            return False
+        _, delay, target = self.plan.pop(0)
+        time.sleep(delay)
+        kill = Kill(step, delay, target, self.live[target])
+        try:
+            os.kill(kill.pid, signal.SIGKILL)
+            kill.landed = True
+        except ProcessLookupError:
+            pass  # it had already exited: the job ended before the kill
+        self.outcome.kills.append(kill)
+        self.dead.update(self.live.values())  # torchrun tears the whole generation down
+        self.live.clear()
+        return True
+
+
+def run_workload(workload: Workload, root: Path, seed: int | None = None) -> Outcome:
+    """Run ``workload`` to its end; with a ``seed``, SIGKILL it at `KILLS` drawn points on the way."""
+    return Supervisor(workload, root, kill_plan(workload, seed) if seed is not None else []).run()
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +299,17 @@ def test_a_workload_killed_three_times_ends_bitwise_equal(
     assert all(len(v) == 1 for v in ref.losses.values())  # one line per step and rank, nothing lost
     assert len(faulty.kills) == KILLS and all(k.landed for k in faulty.kills), faulty.kills
     assert_same_run(name, ref, faulty)
+
+
+def test_the_comparison_names_a_differing_entry_and_a_differing_loss() -> None:
+    """The check itself: one entry's digest or one replayed loss off is a failure that names it."""
+    reference = Outcome(
+        results={0: {"digests": {"model/w": "a", "optim/state/0/exp_avg": "b"}}}, losses={(0, 1): ["1"]}
+    )
+    faulty = Outcome(results={0: {"digests": {"model/w": "a", "optim/state/0/exp_avg": "c"}}}, losses={(0, 1): ["1"]})
+    with pytest.raises(RunsDiffer, match=r"1 of 2 state entries differ: \['optim/state/0/exp_avg'\]"):
+        assert_same_run("planted", reference, faulty)
+    faulty = Outcome(results=reference.results, losses={(0, 1): ["1", "2"]})  # replayed with another loss
+    with pytest.raises(RunsDiffer, match=r"losses differ at \(rank, step\) \[\(0, 1\)\]"):
+        assert_same_run("planted", reference, faulty)
+    assert_same_run("same", reference, Outcome(results=reference.results, losses={(0, 1): ["1", "1"]}))
