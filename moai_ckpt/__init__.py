@@ -32,6 +32,7 @@ from moai_ckpt.results import SaveHandle, SnapshotEntry, VerifyReport
 from moai_ckpt.rng import register_generator, unregister_generator
 from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage
+from moai_ckpt.trackable import NotResumableError
 
 if TYPE_CHECKING:
     from moai_ckpt.run import ReplayDivergenceError, Run, fault_tolerant
@@ -64,6 +65,7 @@ __all__ = [
     "ManifestMismatchError",
     "MissingDataError",
     "MoaiCkptError",
+    "NotResumableError",
     "PartialState",
     "ReplayDivergenceError",
     "RetryPolicy",

@@ -4,12 +4,14 @@
     moai-ckpt chaos run smoke --trials 3 --seed 0 --out runs/chaos
     moai-ckpt chaos run my_scenario.json
     moai-ckpt chaos run smoke --random-faults 4 --trials 50      # each trial draws 4 faults
+    moai-ckpt chaos run smoke --entrypoint train.py:train --storage-kwarg run_dir   # your job, smoke's faults
 
 Exit code 0 when every trial passes every check, 1 otherwise.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import typer
@@ -53,6 +55,19 @@ def run_scenario(
     jobs: Annotated[
         int, typer.Option("--jobs", "-j", min=1, help="Trials run at once (each uses `ranks` processes).")
     ] = 1,
+    entrypoint: Annotated[
+        str | None,
+        typer.Option(
+            "--entrypoint", help="Run this fault_tolerant function (module:function or file.py:function) instead."
+        ),
+    ] = None,
+    kwargs: Annotated[
+        str | None,
+        typer.Option("--kwargs", help='Its JSON keyword arguments (default with --entrypoint: {"steps": STEPS}).'),
+    ] = None,
+    storage_kwarg: Annotated[
+        str | None, typer.Option("--storage-kwarg", help="The keyword argument that takes the run directory.")
+    ] = None,
 ) -> None:
     """Run a scenario: a fault-free reference, then trials with faults, each checked against it.
 
@@ -63,7 +78,10 @@ def run_scenario(
 
     try:
         chosen = Scenario.load(scenario)
-        update: dict[str, object] = {}
+        update: dict[str, object] = _job_update(chosen.steps, entrypoint, kwargs, storage_kwarg)
+        if update:
+            chosen = Scenario.model_validate({**chosen.model_dump(), **update})
+            update = {}
         if steps is not None:
             update["steps"] = steps
             update["kwargs"] = {**chosen.kwargs, "steps": steps}
@@ -89,6 +107,25 @@ def run_scenario(
         raise typer.Exit(3)
     out.print(f"report: {out_dir}/report.json; timelines: {out_dir}/seed-*/timeline.png")
     raise typer.Exit(0 if all(t.ok for t in summary.trials) else 1)
+
+
+def _job_update(steps: int, entrypoint: str | None, kwargs: str | None, storage_kwarg: str | None) -> dict[str, object]:
+    """The scenario fields that ``--entrypoint``, ``--kwargs`` and ``--storage-kwarg`` set."""
+    update: dict[str, object] = {}
+    if entrypoint is not None:
+        update["entrypoint"] = entrypoint
+        update["kwargs"] = {"steps": steps}  # the demo's other arguments mean nothing to another job
+    if kwargs is not None:
+        try:
+            parsed = json.loads(kwargs)
+        except ValueError as exc:
+            raise ValueError(f"--kwargs is not JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise ValueError("--kwargs must be a JSON object of keyword arguments")
+        update["kwargs"] = parsed
+    if storage_kwarg is not None:
+        update["storage_kwarg"] = storage_kwarg
+    return update
 
 
 __all__ = ["_command", "chaos_app", "list_scenarios", "run_scenario"]

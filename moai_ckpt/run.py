@@ -50,6 +50,7 @@ from moai_ckpt.opcapture import capture_divergence, check_policy, hooks_for
 from moai_ckpt.results import skipped_message
 from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.session import DEVICE_ENV, RestoreComplete, Session, report_progress
+from moai_ckpt.trackable import check_trackable
 from replay import codec
 from replay.check import ReplayReport
 from replay.log import LogContents, LogWriter, Placement, StepRecord, log_bases, records_after
@@ -160,7 +161,16 @@ class Run:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
 
     def track(self, **objects: Any) -> None:
-        """Objects whose state is snapshotted (modules, optimizers, schedulers, extras...)."""
+        """Objects whose state is snapshotted (modules, optimizers, schedulers, extras...).
+
+        Raises:
+            NotResumableError: an object keeps state no snapshot can hold, so a resumed run would
+                silently differ (e.g. a data loader whose workers draw random augmentation from
+                generators it does not save); the message says what to do instead. Nothing is
+                tracked then.
+        """
+        for key, obj in objects.items():
+            check_trackable(key, obj)
         self.tracked.update(objects)
 
     def place(

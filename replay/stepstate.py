@@ -167,6 +167,8 @@ class StepValues:
             parts.extend(torch._foreach_norm(params, 2, dtype=torch.float32))
         device = params[0].device if params else torch.device("cpu")
         for x in (loss, grad_norm if grad_norm is not None else 0.0):
+            if hasattr(x, "full_tensor"):  # a DTensor (FSDP2's clip_grad_norm_): the value every rank agrees on
+                x = x.full_tensor()
             if isinstance(x, torch.Tensor):
                 parts.append(x.detach().reshape(()).to(device=device, dtype=torch.float32))
             else:

@@ -104,3 +104,57 @@ def test_node_loss_and_device_change_need_what_they_act_on() -> None:
     with pytest.raises(ValidationError, match="split evenly"):
         Scenario(ranks=3, nodes=2)
     assert all(f.rank is not None for f in BUILTIN["node-loss"].draw(4))
+
+
+ZOO = Path(__file__).resolve().parent / "workloads"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("script", "ranks", "seed"), [("fsdp2.py", 2, 11), ("hf_causal_lm.py", 1, 12)])
+def test_zoo_workloads_survive_seeded_random_faults_bitwise(script: str, ranks: int, seed: int, tmp_path: Path) -> None:
+    """Users' scripts of the workload zoo (tests/workloads/) under 3 faults of random kinds, drawn from the seed."""
+    from moai_ckpt.chaos import run_trial
+
+    job = Scenario(
+        name=f"zoo-{script.removesuffix('.py')}",
+        entrypoint=f"{ZOO / script}:train",
+        kwargs={"steps": 24},
+        storage_kwarg="run_dir",
+        ranks=ranks,
+    )
+    scenario = job.with_random_faults(3, seed)
+    report = run_trial(scenario, tmp_path, seed, quiet=True)
+    report.assert_ok()
+    assert len(report.faulty.faults) == 3 and all(r.fired_at is not None for r in report.faulty.faults)
+    assert report.verdict.differing == [] and report.verdict.max_rel_diff == 0.0
+
+
+def test_the_cli_refuses_kwargs_that_are_not_a_json_object(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from moai_ckpt import cli
+
+    result = CliRunner().invoke(
+        cli.app, ["chaos", "run", "smoke", "--entrypoint", "x.py:train", "--kwargs", "[1]", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "JSON object" in result.output
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+@pytest.mark.slow
+def test_the_cli_runs_a_scenario_on_a_job_named_by_entrypoint(tmp_path: Path) -> None:
+    """``moai-ckpt chaos run FILE --entrypoint ... --storage-kwarg ...``: the scenario's faults, another job."""
+    from typer.testing import CliRunner
+
+    from moai_ckpt import cli
+
+    scenario = tmp_path / "one-kill.json"
+    scenario.write_text(json.dumps({"name": "one-kill", "ranks": 1, "faults": [{"kind": "kill", "step": 5}]}))
+    args = ["chaos", "run", str(scenario), "--entrypoint", f"{ZOO / 'lstm_tbptt.py'}:train"]
+    args += ["--storage-kwarg", "run_dir", "--steps", "10", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli.app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    trial = report["results"][0]
+    assert trial["ok"] and trial["faults"][0]["fired_step"] == 5 and len(trial["attempts"]) == 2
+    assert (tmp_path / "out" / "reference" / "run" / "snapshots").is_dir()

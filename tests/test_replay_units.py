@@ -158,3 +158,20 @@ def test_a_finished_loop_ends_with_a_snapshot_of_its_last_step(tmp_path: Path) -
     assert ckpt.steps() == [0, 4, 7]
     train()  # a second call finds nothing left to do
     assert ckpt.steps() == [0, 4, 7]
+
+
+def test_a_grad_norm_that_is_a_dtensor_is_recorded_as_its_value(tmp_path: Path) -> None:
+    """FSDP2's ``clip_grad_norm_`` returns a replicated DTensor; users pass it to ``run.record`` as is."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        grad_norm = distribute_tensor(torch.tensor(1.25), mesh, [Replicate()])
+        _, loss, recorded, _ = StepValues.capture([], torch.tensor(2.0), grad_norm, Hyperparameters()).read()
+    finally:
+        dist.destroy_process_group()
+    assert (loss, recorded) == (2.0, 1.25)

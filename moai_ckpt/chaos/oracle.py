@@ -2,7 +2,9 @@
 
 - The final state (the snapshot of the last step) is bitwise equal to the reference's when the
   placement never changed, and within the scenario's tolerance otherwise (the difference is
-  reported either way).
+  reported either way, naming every array and JSON entry that differs: `moai_ckpt.chaos.diff`).
+- The job is reproducible from its start: both runs logged the same inputs for step 1 (else the
+  report says which generator or input differs and what to seed).
 - Every step was logged, and every sample was consumed exactly once per epoch.
 - No snapshot known to be corrupt was ever restored (the replay reports name what each restart
   restored).
@@ -18,14 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from moai_ckpt.chaos.diff import diff_final, first_step, unused_generators
 from moai_ckpt.chaos.runner import RunOutcome
 from moai_ckpt.chaos.scenario import PLACEMENT_KINDS, Scenario
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.errors import MoaiCkptError
 from moai_ckpt.format import LOG, REPORTS, parse_log_segment
-from moai_ckpt.keys import sanitize_segment
 from replay.log import history
 
 
@@ -40,6 +40,7 @@ class Check:
 class Verdict:
     checks: list[Check] = field(default_factory=list)
     max_rel_diff: float | None = None
+    differing: list[str] = field(default_factory=list)  # every entry of the final state that differs
     restored: list[dict[str, Any]] = field(default_factory=list)  # what each restart restored and replayed
 
     @property
@@ -60,56 +61,6 @@ def _replay_reports(run_dir: Path) -> list[dict[str, Any]]:
         data["_time"] = path.stat().st_mtime
         out.append(data)
     return out
-
-
-def compare_final(reference: Path, faulty: Path, step: int, exact: bool) -> tuple[bool, float, str]:
-    """(equal, largest relative difference, what differs) of the two runs' snapshots of ``step``."""
-    with Checkpointer(str(reference), local=True) as a, Checkpointer(str(faulty), local=True) as b:
-        ra, rb = a.open_snapshot(step), b.open_snapshot(step)
-
-        # another placement keeps its own RNG streams per rank: compare the training state only
-        def kept(names: list[str]) -> list[str]:
-            return sorted(names if exact else [n for n in names if not n.startswith("_rng")])
-
-        compared = kept(list(ra.manifest.arrays))
-        if kept(list(rb.manifest.arrays)) != compared:
-            return False, float("inf"), "the two snapshots hold different arrays"
-        xs, ys = ra.read_arrays(compared), rb.read_arrays(compared)
-        # the JSON side of the state too (Python's random, sampler position, scheduler, extras)
-        keys = [k for k in ra.manifest.objects if exact or not k.startswith("_rng")]
-        trees = [
-            k for k in keys if ra.manifest.objects[k].tree != rb.manifest.objects.get(k, ra.manifest.objects[k]).tree
-        ]
-        if set(keys) - set(rb.manifest.objects):
-            trees.append("(missing entries)")
-    if trees:
-        return False, float("inf"), f"JSON state differs in {trees}"
-    if not exact:  # another placement: how far the model moved, as one relative L2 distance
-        modules = {k for k, o in ra.manifest.objects.items() if o.kind == "module"}
-        params = [n for n in compared if n.split("/", 1)[0] in {sanitize_segment(m) for m in modules}]
-        diff = sum(float((xs[n].double() - ys[n].double()).square().sum()) for n in params)
-        norm = sum(float(xs[n].double().square().sum()) for n in params) or 1.0
-        rel_l2 = (diff / norm) ** 0.5
-        equal = diff == 0.0
-        return equal, rel_l2, f"model parameters differ by {rel_l2:.3g} (relative L2 over {len(params)} arrays)"
-    worst, worst_name, differing = 0.0, "", []
-    for name in compared:
-        x, y = xs[name], ys[name]
-        if x.shape != y.shape or x.dtype != y.dtype:
-            return False, float("inf"), f"{name}: shape or dtype differs"
-        if torch.equal(x, y):
-            continue
-        differing.append(name)
-        if x.is_floating_point():
-            scale = float(x.double().abs().max()) or 1.0
-            rel = float((x.double() - y.double()).abs().max()) / scale
-            if rel > worst:
-                worst, worst_name = rel, name
-        else:
-            worst, worst_name = float("inf"), name
-    if not differing:
-        return True, 0.0, f"{len(compared)} arrays bitwise equal"
-    return False, worst, f"{len(differing)} of {len(compared)} arrays differ; most: {worst_name} (rel {worst:.3g})"
 
 
 def check_samples(run_dir: Path, steps: int, excused: set[int] | None = None) -> tuple[bool, str]:
@@ -179,17 +130,27 @@ def judge(scenario: Scenario, reference: RunOutcome, faulty: RunOutcome) -> Verd
     if not (faulty.finished and reference.finished):
         return verdict
     try:
-        equal, rel, detail = compare_final(reference.run_dir, faulty.run_dir, steps, exact=not resized)
+        unused = unused_generators(reference.run_dir, faulty.run_dir)
+        final = diff_final(reference.run_dir, faulty.run_dir, steps, exact=not resized, unused=unused)
+        start = first_step(reference.run_dir, faulty.run_dir, unused)
     except MoaiCkptError as exc:
-        verdict.add("final state", False, f"could not read the final snapshots: {exc}")
+        verdict.add("final state", False, f"could not read the final snapshots or logs: {exc}")
         return verdict
-    verdict.max_rel_diff = rel
+    # a job that differs from its reference before any fault is not a finding about moai-ckpt: said first
+    verdict.add("reproducible from its start", start.reproducible, start.detail)
+    verdict.differing = final.names()
     if resized:
+        rel = final.rel_l2 if final.rel_l2 is not None else 0.0
+        verdict.max_rel_diff = rel
         verdict.add(
-            "final state within tolerance", rel <= scenario.tolerance, f"{detail} (tolerance {scenario.tolerance:g})"
+            "final state within tolerance",
+            rel <= scenario.tolerance,
+            f"{final.describe()} (tolerance {scenario.tolerance:g})",
         )
     else:
-        verdict.add("final state bitwise equal", equal, detail)
+        worst = final.worst
+        verdict.max_rel_diff = worst.rel if worst is not None else 0.0
+        verdict.add("final state bitwise equal", final.equal, final.describe())
     excused: set[int] = set()
     for record in faulty.faults:
         if record.fault.kind == "corrupt_log" and record.target:

@@ -80,6 +80,7 @@ class TrialReport:
             ],
             "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in self.verdict.checks],
             "max_rel_diff": self.verdict.max_rel_diff,
+            "differing": self.verdict.differing,
             "restored": [{**r, "time": r["time"] - t0} for r in self.verdict.restored],
             "progress": [[t - t0, s] for t, s in self.faulty.progress],
             "timeline": self.timeline,
