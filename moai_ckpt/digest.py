@@ -66,24 +66,29 @@ def _words(t: torch.Tensor) -> torch.Tensor:
 
 
 def _device_sums(t: torch.Tensor) -> torch.Tensor:
-    """int64 [3]: byte length, plain sum of words, block-weighted sum of words (on t's device)."""
+    """int64 [2]: plain sum of words, block-weighted sum of words (on t's device, no host copy).
+
+    The byte length is known on the host (`_nbytes`); nothing here copies from the host, which
+    would wait for the device.
+    """
     words = _words(t)
     n = words.numel()
-    device = words.device
-    nbytes = torch.tensor(n * words.element_size(), dtype=torch.int64, device=device)
     if n == 0:
-        zero = torch.zeros((), dtype=torch.int64, device=device)
-        return torch.stack([nbytes, zero, zero])
+        return torch.zeros(2, dtype=torch.int64, device=words.device)
     plain = words.sum(dtype=torch.int64)
     rows = n // BLOCK_WORDS
-    weighted = torch.zeros((), dtype=torch.int64, device=device)
+    weighted = torch.zeros((), dtype=torch.int64, device=words.device)
     if rows:
         blocks = words[: rows * BLOCK_WORDS].view(rows, BLOCK_WORDS).sum(1, dtype=torch.int64)
-        weights = torch.arange(1, 2 * rows, 2, dtype=torch.int64, device=device)
+        weights = torch.arange(1, 2 * rows, 2, dtype=torch.int64, device=words.device)
         weighted = (blocks * weights).sum()
     if rows * BLOCK_WORDS < n:
         weighted = weighted + words[rows * BLOCK_WORDS :].sum(dtype=torch.int64) * (2 * rows + 1)
-    return torch.stack([nbytes, plain, weighted])
+    return torch.stack([plain, weighted])
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 @dataclass
@@ -92,15 +97,15 @@ class PendingDigests:
 
     names: list[str]
     ready: dict[str, str] = field(default_factory=dict)
-    _device: list[tuple[list[str], torch.Tensor, Any]] = field(default_factory=list)
+    _device: list[tuple[list[tuple[str, int]], torch.Tensor, Any]] = field(default_factory=list)
 
     def wait(self) -> dict[str, str]:
         """Every digest by name (waits only for the device copies still in flight)."""
         out = dict(self.ready)
-        for names, values, event in self._device:
+        for named, values, event in self._device:
             if event is not None:
                 event.synchronize()
-            for name, (nbytes, plain, weighted) in zip(names, values.tolist(), strict=True):
+            for (name, nbytes), (plain, weighted) in zip(named, values.tolist(), strict=True):
                 out[name] = f"sum64:{nbytes:x}:{plain & (2**64 - 1):016x}:{weighted & (2**64 - 1):016x}"
         return {name: out[name] for name in self.names}
 
@@ -113,7 +118,7 @@ def digest_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> PendingDigests:
     Meta tensors have no bytes: their digest says so.
     """
     pending = PendingDigests([name for name, _ in named])
-    by_device: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+    by_device: dict[torch.device, tuple[list[tuple[str, int]], list[torch.Tensor]]] = {}
     for name, tensor in named:
         local = local_tensor(tensor)
         if local.device.type == "meta":
@@ -121,9 +126,9 @@ def digest_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> PendingDigests:
         elif local.device.type == "cpu":
             pending.ready[name] = host_digest(local)
         else:
-            names, sums = by_device.setdefault(local.device, ([], []))
-            names.append(name)
-            sums.append(_device_sums(local))
+            named_sums = by_device.setdefault(local.device, ([], []))
+            named_sums[0].append((name, _nbytes(local)))
+            named_sums[1].append(_device_sums(local))
     for device, (names, sums) in by_device.items():
         stacked = torch.stack(sums)
         if device.type == "cuda":  # lands in pinned memory; the event says when
