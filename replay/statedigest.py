@@ -145,15 +145,35 @@ def capture_state(state: Mapping[str, Any]) -> PendingState:
 # -- in the log ---------------------------------------------------------------------------------
 
 _META, _CRC, _SUM = 0, 1, 2
-_CRC_ENTRY = struct.Struct("<BQI")  # tag, byte length, crc32c
-_SUM_ENTRY = struct.Struct("<BQQQ")  # tag, byte length, plain sum, block-weighted sum
+_U32, _U64x2 = struct.Struct("<I"), struct.Struct("<QQ")
+
+
+def _varint(n: int, out: bytearray) -> None:
+    """Append ``n`` as unsigned LEB128 (7 bits a byte, low bits first)."""
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
+    n, shift = 0, 0
+    while True:
+        if offset >= len(data) or shift > 63:
+            raise ValueError(f"state digests cut short at byte {offset}")
+        byte = data[offset]
+        n |= (byte & 0x7F) << shift
+        offset += 1
+        if byte < 0x80:
+            return n, offset
+        shift += 7
 
 
 def pack(digests: list[str]) -> bytes:
-    """A rank's digests as one blob: per entry a tag byte, then little-endian fields.
+    """A rank's digests as one blob: per entry a tag byte, then its fields.
 
-    ``0``: no bytes (a meta tensor); ``1``: u64 byte length, u32 crc32c; ``2``: u64 byte length,
-    u64 plain word sum, u64 block-weighted word sum.
+    ``0``: no bytes (a meta tensor); ``1``: byte length (LEB128), crc32c (u32 LE); ``2``: byte
+    length (LEB128), plain word sum and block-weighted word sum (u64 LE each).
     """
     out = bytearray()
     for digest in digests:
@@ -162,10 +182,14 @@ def pack(digests: list[str]) -> bytes:
             out.append(_META)
         elif kind == "crc32c":
             length, crc = rest.split(":")
-            out += _CRC_ENTRY.pack(_CRC, int(length, 16), int(crc, 16))
+            out.append(_CRC)
+            _varint(int(length, 16), out)
+            out += _U32.pack(int(crc, 16))
         elif kind == "sum64":
             length, plain, weighted = rest.split(":")
-            out += _SUM_ENTRY.pack(_SUM, int(length, 16), int(plain, 16), int(weighted, 16))
+            out.append(_SUM)
+            _varint(int(length, 16), out)
+            out += _U64x2.pack(int(plain, 16), int(weighted, 16))
         else:
             raise ValueError(f"unknown digest {digest!r}")
     return bytes(out)
@@ -175,24 +199,25 @@ def unpack(data: bytes) -> list[str]:
     """The digests of `pack` back as strings; raises ValueError on a malformed blob."""
     out = []
     offset = 0
-    try:
-        while offset < len(data):
-            tag = data[offset]
-            if tag == _META:
-                out.append("meta")
-                offset += 1
-            elif tag == _CRC:
-                _, length, crc = _CRC_ENTRY.unpack_from(data, offset)
-                out.append(f"crc32c:{length:x}:{crc:08x}")
-                offset += _CRC_ENTRY.size
-            elif tag == _SUM:
-                _, length, plain, weighted = _SUM_ENTRY.unpack_from(data, offset)
-                out.append(f"sum64:{length:x}:{plain:016x}:{weighted:016x}")
-                offset += _SUM_ENTRY.size
-            else:
-                raise ValueError(f"unknown digest tag {tag} at byte {offset}")
-    except struct.error as exc:
-        raise ValueError(f"state digests cut short at byte {offset}") from exc
+    while offset < len(data):
+        tag = data[offset]
+        if tag == _META:
+            out.append("meta")
+            offset += 1
+            continue
+        if tag not in (_CRC, _SUM):
+            raise ValueError(f"unknown digest tag {tag} at byte {offset}")
+        length, offset = _read_varint(data, offset + 1)
+        fields = _U32 if tag == _CRC else _U64x2
+        if offset + fields.size > len(data):
+            raise ValueError(f"state digests cut short at byte {offset}")
+        if tag == _CRC:
+            (crc,) = _U32.unpack_from(data, offset)
+            out.append(f"crc32c:{length:x}:{crc:08x}")
+        else:
+            plain, weighted = _U64x2.unpack_from(data, offset)
+            out.append(f"sum64:{length:x}:{plain:016x}:{weighted:016x}")
+        offset += fields.size
     return out
 
 
