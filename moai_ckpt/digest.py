@@ -19,6 +19,7 @@ placement and device type that wrote them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +28,9 @@ import crc32c as _crc32c
 import torch
 
 BLOCK_WORDS = 4096
+SMALL_WORDS = 1 << 14  # tensors of at most this many words are reduced together
 
-__all__ = ["BLOCK_WORDS", "PendingDigests", "digest_tensors", "host_digest", "local_tensor"]
+__all__ = ["BLOCK_WORDS", "PendingDigests", "device_sums", "digest_tensors", "host_digest", "local_tensor"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -37,7 +39,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
@@ -65,26 +68,71 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return data
 
 
-def _device_sums(t: torch.Tensor) -> torch.Tensor:
-    """int64 [2]: plain sum of words, block-weighted sum of words (on t's device, no host copy).
+@functools.lru_cache(maxsize=256)
+def _block_weights(blocks: int, device: torch.device) -> torch.Tensor:
+    """int64 [2, blocks]: ones (the plain sum), then the odd block numbers 1, 3, 5, ..."""
+    odd = torch.arange(1, 2 * blocks, 2, dtype=torch.int64, device=device)
+    return torch.stack([torch.ones_like(odd), odd])
 
-    The byte length is known on the host (`_nbytes`); nothing here copies from the host, which
-    would wait for the device.
+
+def _large_sums(words: torch.Tensor) -> torch.Tensor:
+    """int64 [2] of one large tensor: its block sums, weighted by ones and by odd block numbers."""
+    rows, tail = divmod(words.numel(), BLOCK_WORDS)
+    blocks = words[: rows * BLOCK_WORDS].view(rows, BLOCK_WORDS).sum(1, dtype=torch.int64)
+    if tail:  # a last, shorter block
+        blocks = torch.cat([blocks, words[rows * BLOCK_WORDS :].sum(dtype=torch.int64).reshape(1)])
+    return (blocks * _block_weights(blocks.numel(), words.device)).sum(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(lengths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(tensor index, weight) of every word of tensors of ``lengths`` words laid end to end.
+
+    Built on the host once per layout and copied without a wait (from pinned memory, kept with
+    the cache entry so that the copy cannot outlive it).
     """
-    words = _words(t)
-    n = words.numel()
-    if n == 0:
-        return torch.zeros(2, dtype=torch.int64, device=words.device)
-    plain = words.sum(dtype=torch.int64)
-    rows = n // BLOCK_WORDS
-    weighted = torch.zeros((), dtype=torch.int64, device=words.device)
-    if rows:
-        blocks = words[: rows * BLOCK_WORDS].view(rows, BLOCK_WORDS).sum(1, dtype=torch.int64)
-        weights = torch.arange(1, 2 * rows, 2, dtype=torch.int64, device=words.device)
-        weighted = (blocks * weights).sum()
-    if rows * BLOCK_WORDS < n:
-        weighted = weighted + words[rows * BLOCK_WORDS :].sum(dtype=torch.int64) * (2 * rows + 1)
-    return torch.stack([plain, weighted])
+    sizes = torch.tensor(lengths, dtype=torch.int64)
+    index = torch.repeat_interleave(torch.arange(len(lengths)), sizes)
+    starts = torch.cumsum(sizes, 0) - sizes
+    weight = 2 * ((torch.arange(index.numel()) - starts[index]) // BLOCK_WORDS) + 1
+    host = torch.stack([index, weight])
+    if device.type == "cuda":
+        host = host.pin_memory()
+    on_device = host.to(device, non_blocking=True)
+    return on_device[0], on_device[1], host
+
+
+def _batched_sums(words: list[torch.Tensor]) -> torch.Tensor:
+    """int64 [k, 2] for k small tensors of one word type: a handful of kernels for all of them."""
+    flat = torch.cat(words).to(torch.int64)
+    index, weight, _ = _layout(tuple(w.numel() for w in words), flat.device)
+    plain = torch.zeros(len(words), dtype=torch.int64, device=flat.device).index_add_(0, index, flat)
+    weighted = torch.zeros_like(plain).index_add_(0, index, flat * weight)
+    return torch.stack([plain, weighted], 1)
+
+
+def device_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64 [k, 2] on the tensors' device: each tensor's plain and block-weighted word sums.
+
+    Word ``i`` of a tensor weighs ``2 * (i // BLOCK_WORDS) + 1`` in the second sum. Integer sums
+    wrap modulo 2**64 in any order, so a tensor's sums are the same whether it is reduced alone
+    (large tensors: three kernels each) or with other small ones (a few kernels for all of
+    them). Nothing is copied from the host (that would wait for the device), except a layout
+    seen for the first time, from pinned memory.
+    """
+    words = [_words(t) for t in tensors]
+    out: list[torch.Tensor | None] = [None] * len(words)
+    small: dict[torch.dtype, list[int]] = {}
+    for i, w in enumerate(words):
+        if w.numel() > SMALL_WORDS:
+            out[i] = _large_sums(w).reshape(1, 2)
+        else:
+            small.setdefault(w.dtype, []).append(i)
+    for members in small.values():
+        sums = _batched_sums([words[i] for i in members])
+        for row, i in enumerate(members):
+            out[i] = sums[row : row + 1]
+    return torch.cat([t for t in out if t is not None]) if out else torch.zeros(0, 2, dtype=torch.int64)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -126,11 +174,11 @@ def digest_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> PendingDigests:
         elif local.device.type == "cpu":
             pending.ready[name] = host_digest(local)
         else:
-            named_sums = by_device.setdefault(local.device, ([], []))
-            named_sums[0].append((name, _nbytes(local)))
-            named_sums[1].append(_device_sums(local))
-    for device, (names, sums) in by_device.items():
-        stacked = torch.stack(sums)
+            names, tensors = by_device.setdefault(local.device, ([], []))
+            names.append((name, _nbytes(local)))
+            tensors.append(local)
+    for device, (names, tensors) in by_device.items():
+        stacked = device_sums(tensors)
         if device.type == "cuda":  # lands in pinned memory; the event says when
             host = stacked.to("cpu", non_blocking=True)
             event = torch.cuda.Event()

@@ -30,7 +30,7 @@ import crc32c as _crc32c
 import torch
 
 from moai_ckpt.capture import kind_of, state_of
-from moai_ckpt.digest import PendingDigests, digest_tensors
+from moai_ckpt.digest import PendingDigests, digest_tensors, local_tensor
 from moai_ckpt.tree import TensorSink, encode
 from moai_ckpt.wrappers import canonical_names
 
@@ -65,24 +65,51 @@ def _json_digest(tree: Any) -> str:
     return f"crc32c:{len(data):x}:{_crc32c.crc32c(data):08x}"
 
 
-class _EntrySink(TensorSink):
-    """Names each tensor ``<key>/<path below the key>``, unique within one capture."""
+class _Entries(TensorSink):
+    """The tensors of one tracked object, each named ``<key>/<path below the key>``, once.
+
+    Identical views (tied weights) are one entry; names are unique within one capture. The walk
+    handles tensors and dicts itself (the bulk of any state) and leaves every other value to
+    `moai_ckpt.tree.encode`, so non-tensor state is encoded as a snapshot encodes it.
+    """
 
     def __init__(self, key: str, used: set[str]) -> None:
-        super().__init__(self._entry)
+        super().__init__(lambda path: path)
         self.key = key
         self.used = used
-        self.order: list[str] = []
+        self.names: list[str] = []
+        self.found: list[torch.Tensor] = []
+        self._ids: dict[tuple[Any, ...], str] = {}
 
-    def _entry(self, path: str) -> str:
+    def add(self, path: str, tensor: torch.Tensor) -> str:
+        local = local_tensor(tensor)
+        identity = None
+        if local.numel() and local.device.type != "meta":
+            identity = (local.data_ptr(), local.device, local.dtype, local.shape, local.stride())
+            if identity in self._ids:
+                return self._ids[identity]
         below = path[len(self.key) + 1 :] if path.startswith(self.key + ".") else "value"
         name, n = f"{self.key}/{below}", 1
         while name in self.used:
             n += 1
             name = f"{self.key}/{below}#{n}"
         self.used.add(name)
-        self.order.append(name)
+        self.names.append(name)
+        self.found.append(tensor)
+        if identity is not None:
+            self._ids[identity] = name
         return name
+
+    def walk(self, value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+            return {"$tensor": self.add(path, value)}
+        if isinstance(value, Mapping):
+            if all(isinstance(k, str) and not k.startswith("$") for k in value):
+                return {k: self.walk(v, f"{path}.{k}") for k, v in value.items()}
+            return {
+                "$dict": [[encode(k, f"{path}.<key>", self), self.walk(v, f"{path}.{k}")] for k, v in value.items()]
+            }
+        return encode(value, path, self)
 
 
 def _module_state(module: torch.nn.Module) -> dict[str, Any]:
@@ -134,11 +161,11 @@ def capture_state(state: Mapping[str, Any]) -> PendingState:
     trees: dict[str, Any] = {}
     tensors: list[tuple[str, torch.Tensor]] = []
     for key, obj in state.items():
-        sink = _EntrySink(key, used)
-        trees[key] = encode(_tracked_state(obj), key, sink)
+        entries = _Entries(key, used)
+        trees[key] = entries.walk(_tracked_state(obj), key)
         names.append(key)
-        names.extend(sink.order)
-        tensors.extend((name, sink.tensors[name]) for name in sink.order)
+        names.extend(entries.names)
+        tensors.extend(zip(entries.names, entries.found, strict=True))
     return PendingState(names, digest_tensors(tensors), trees)
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import moai_ckpt
-from moai_ckpt.digest import BLOCK_WORDS, _device_sums
+from moai_ckpt.digest import BLOCK_WORDS, SMALL_WORDS, _batched_sums, _large_sums, _words, device_sums
 from moai_ckpt.testing.dist import launch
 from replay import statedigest
 from replay.check import compare
@@ -101,27 +101,34 @@ def test_a_change_in_state_that_is_not_a_tensor_changes_its_objects_entry() -> N
 
 
 def test_device_word_sums_see_a_flip_of_any_bit_and_words_moved_between_blocks() -> None:
-    # the device algorithm, run on CPU tensors: every bit of a value, in sizes that take each
-    # word width and more than one block
-    for numel, dtype in [
-        (3, torch.uint8),
-        (5, torch.float16),
-        (7, torch.float32),
-        (2 * BLOCK_WORDS + 3, torch.float32),
-    ]:
-        t = torch.arange(numel).to(dtype)
-        base = _device_sums(t).tolist()
+    # the device algorithm, run on CPU tensors: every bit of the first and last byte, in sizes
+    # that take each word width, one block, several blocks with a shorter last one, and the
+    # path of large tensors; tensors reduced together, as small ones are
+    sizes = [(3, torch.uint8), (5, torch.float16), (7, torch.float32), (2 * BLOCK_WORDS + 3, torch.float32)]
+    sizes.append((SMALL_WORDS + BLOCK_WORDS + 1, torch.float32))
+    tensors = [torch.arange(numel).to(dtype) for numel, dtype in sizes]
+    base = device_sums(tensors)
+    for k, t in enumerate(tensors):
         raw = t.view(torch.uint8)
         for index in (0, raw.numel() - 1):
             for bit in range(8):
                 raw[index] ^= 1 << bit
-                assert _device_sums(t).tolist() != base, (numel, dtype, index, bit)
+                changed = (device_sums(tensors) != base).any(1).tolist()
+                assert changed == [i == k for i in range(len(tensors))], (sizes[k], index, bit)
                 raw[index] ^= 1 << bit
     t = torch.zeros(2 * BLOCK_WORDS, dtype=torch.int32)
     t[0], moved = 5, t.clone()
     moved[0], moved[BLOCK_WORDS] = 0, 5  # the same words, another block: the plain sum cannot tell
-    a, b = _device_sums(t).tolist(), _device_sums(moved).tolist()
+    a, b = device_sums([t]).tolist()[0], device_sums([moved]).tolist()[0]
     assert a[0] == b[0] and a[1] != b[1]
+
+
+def test_a_tensor_has_the_same_device_sums_alone_and_reduced_with_others() -> None:
+    big, small = torch.randn(SMALL_WORDS + 5), torch.randn(2 * BLOCK_WORDS + 1)
+    together = device_sums([small, big, small.clone()])
+    assert torch.equal(together[0], together[2]) and torch.equal(together[1], device_sums([big])[0])
+    assert torch.equal(_batched_sums([_words(big)])[0], _large_sums(_words(big)))  # both ways agree
+    assert torch.equal(_batched_sums([_words(small)])[0], _large_sums(_words(small)))
 
 
 def test_a_grad_scaler_is_digested_from_its_tensors_without_reading_them_on_the_host(
