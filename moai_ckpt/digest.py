@@ -86,29 +86,35 @@ def _large_sums(words: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _layout(lengths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """(tensor index, weight) of every word of tensors of ``lengths`` words laid end to end.
+    """For tensors of ``lengths`` words laid end to end: each word's weight, and each tensor's
+    (start, end) in the running sums (which begin with a zero).
 
     Built on the host once per layout and copied without a wait (from pinned memory, kept with
     the cache entry so that the copy cannot outlive it).
     """
     sizes = torch.tensor(lengths, dtype=torch.int64)
+    ends = torch.cumsum(sizes, 0)
+    starts = ends - sizes
     index = torch.repeat_interleave(torch.arange(len(lengths)), sizes)
-    starts = torch.cumsum(sizes, 0) - sizes
     weight = 2 * ((torch.arange(index.numel()) - starts[index]) // BLOCK_WORDS) + 1
-    host = torch.stack([index, weight])
+    host = torch.cat([weight, starts, ends])
     if device.type == "cuda":
         host = host.pin_memory()
     on_device = host.to(device, non_blocking=True)
-    return on_device[0], on_device[1], host
+    n = weight.numel()
+    return on_device[:n], on_device[n:].view(2, len(lengths)), host
 
 
 def _batched_sums(words: list[torch.Tensor]) -> torch.Tensor:
-    """int64 [k, 2] for k small tensors of one word type: a handful of kernels for all of them."""
+    """int64 [k, 2] for k small tensors of one word type: a handful of kernels for all of them.
+
+    Running sums (integer, so exact and deterministic on every device) laid over all the
+    tensors' words; each tensor's sums are the difference at its two ends.
+    """
     flat = torch.cat(words).to(torch.int64)
-    index, weight, _ = _layout(tuple(w.numel() for w in words), flat.device)
-    plain = torch.zeros(len(words), dtype=torch.int64, device=flat.device).index_add_(0, index, flat)
-    weighted = torch.zeros_like(plain).index_add_(0, index, flat * weight)
-    return torch.stack([plain, weighted], 1)
+    weight, bounds, _ = _layout(tuple(w.numel() for w in words), flat.device)
+    running = torch.nn.functional.pad(torch.stack([flat, flat * weight]).cumsum(1), (1, 0))
+    return (running[:, bounds[1]] - running[:, bounds[0]]).t()
 
 
 def device_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

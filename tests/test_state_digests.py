@@ -129,6 +129,8 @@ def test_a_tensor_has_the_same_device_sums_alone_and_reduced_with_others() -> No
     assert torch.equal(together[0], together[2]) and torch.equal(together[1], device_sums([big])[0])
     assert torch.equal(_batched_sums([_words(big)])[0], _large_sums(_words(big)))  # both ways agree
     assert torch.equal(_batched_sums([_words(small)])[0], _large_sums(_words(small)))
+    with_empty = device_sums([torch.zeros(0), small, torch.zeros(0)])  # no bytes: both sums zero
+    assert with_empty[[0, 2]].eq(0).all() and torch.equal(with_empty[1], together[0])
 
 
 def test_a_grad_scaler_is_digested_from_its_tensors_without_reading_them_on_the_host(
