@@ -19,6 +19,7 @@ Variants are interleaved over ``--reps`` repetitions, each in a fresh run direct
 
     python benchmarks/log_overhead.py --size cpu-small --batch 8 --steps 40 --reps 3
     python benchmarks/log_overhead.py --size gpt2-small --batch 8 --device cuda --steps 50
+    python benchmarks/log_overhead.py --size gpt2-small --batch 8 --device cuda --digest-only
 """
 
 from __future__ import annotations
@@ -219,11 +220,19 @@ def main() -> None:
     parser.add_argument(
         "--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True) in every variant"
     )
+    parser.add_argument("--digest-only", action="store_true", help="measure only the exact full-state digest")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
         torch.use_deterministic_algorithms(True)
+    if args.digest_only:
+        digests = [digest_cost(args) for _ in range(args.reps)]
+        report_digest(args, digests)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "digests": digests}, f, indent=1)
+        return
     os.makedirs(args.dir, exist_ok=True)
     variants: dict[str, Callable[[str], dict[str, float]]] = {
         "log, default (durable before the next step ends)": lambda d: logged(args, d),
@@ -258,8 +267,12 @@ def main() -> None:
 
 def report_digest(args: argparse.Namespace, digests: list[dict[str, float]]) -> None:
     first = digests[0]
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} torch thread(s)"
     print(
-        f"\nexact full-state digest: {int(first['entries'])} entries, {first['state MB']:.1f} MB of tensors "
+        f"\n{args.size}, batch {args.batch}, {args.steps} steps after {args.warmup}, {args.reps} repetitions; {where}"
+    )
+    print(
+        f"exact full-state digest: {int(first['entries'])} entries, {first['state MB']:.1f} MB of tensors "
         f"(mean ms per step, median of the repetitions; {'CUDA events' if args.device == 'cuda' else 'host clock'})"
     )
     step = statistics.median(d["step"] for d in digests)
