@@ -41,10 +41,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     if t.requires_grad:
         t = t.detach()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
+    if t.dtype.is_complex or t.is_neg():  # lazy conjugate / negative views: the bits as read
+        t = t.resolve_conj().resolve_neg()
     if not t.is_contiguous():
         t = t.contiguous()
     return t.reshape(-1).view(torch.uint8)
@@ -53,8 +51,8 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
 def host_digest(t: torch.Tensor) -> str:
     """The crc32c digest of a CPU tensor's bytes (with its byte length)."""
     data = _flat_bytes(t)
-    crc = _crc32c.crc32c(data.numpy().data) if data.numel() else 0
-    return f"crc32c:{data.numel():x}:{int(crc):08x}"
+    n = data.numel()
+    return f"crc32c:{n:x}:{_crc32c.crc32c(data.numpy()) if n else 0:08x}"
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -175,12 +173,13 @@ def digest_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> PendingDigests:
     by_device: dict[torch.device, tuple[list[tuple[str, int]], list[torch.Tensor]]] = {}
     for name, tensor in named:
         local = local_tensor(tensor)
-        if local.device.type == "meta":
-            pending.ready[name] = "meta"
-        elif local.device.type == "cpu":
+        device = local.device
+        if device.type == "cpu":
             pending.ready[name] = host_digest(local)
+        elif device.type == "meta":
+            pending.ready[name] = "meta"
         else:
-            names, tensors = by_device.setdefault(local.device, ([], []))
+            names, tensors = by_device.setdefault(device, ([], []))
             names.append((name, _nbytes(local)))
             tensors.append(local)
     for device, (names, tensors) in by_device.items():

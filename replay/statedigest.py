@@ -84,8 +84,9 @@ class _Entries(TensorSink):
     def add(self, path: str, tensor: torch.Tensor) -> str:
         local = local_tensor(tensor)
         identity = None
-        if local.numel() and local.device.type != "meta":
-            identity = (local.data_ptr(), local.device, local.dtype, local.shape, local.stride())
+        pointer = local.data_ptr()  # 0 for a tensor without bytes (empty, meta): never shared
+        if pointer:
+            identity = (pointer, local.dtype, local.shape, local.stride())
             if identity in self._ids:
                 return self._ids[identity]
         below = path[len(self.key) + 1 :] if path.startswith(self.key + ".") else "value"
