@@ -52,7 +52,7 @@ def host_digest(t: torch.Tensor) -> str:
     """The crc32c digest of a CPU tensor's bytes (with its byte length)."""
     data = _flat_bytes(t)
     n = data.numel()
-    return f"crc32c:{n:x}:{_crc32c.crc32c(data.numpy()) if n else 0:08x}"
+    return f"crc32c:{n:x}:{_crc32c.crc32c(data.numpy().data) if n else 0:08x}"
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
