@@ -260,20 +260,33 @@ def test_a_killed_job_replays_every_step_bitwise_with_its_whole_state_checked(
     assert "model/b1.running_var" in names[0] and "_data" in names[0]
 
 
+def as_format_2(run_dir: Path, base: int, loss_of: dict[int, float] | None = None) -> None:
+    """Rewrite the log after ``base`` as log format 2 wrote it: no state names, no state digests."""
+    storage = moai_ckpt.Checkpointer(str(run_dir)).storage
+    contents = read_log(storage, base)
+    old = []
+    for r in contents.records:
+        digests = r.digests.model_copy(update={"exact": None, "loss": (loss_of or {}).get(r.step, r.digests.loss)})
+        old.append(r.model_copy(update={"digests": digests}))
+        contents.headers[r.step] = contents.headers[r.step].model_copy(update={"state": None, "version": 2})
+    storage.delete_prefix(f"log/{base:012d}")
+    LogWriter(storage, base).copy(old, contents)
+    rewritten = read_log(storage, base)
+    assert not any(r.digests.exact for r in rewritten.records)
+    assert {h.version for h in rewritten.headers.values()} == {2}
+
+
 @pytest.mark.slow
 def test_a_log_written_without_state_digests_is_checked_as_before(tmp_path: Path, logged_run: Path) -> None:
-    run_dir = tmp_path / "run"
-    shutil.copytree(logged_run, run_dir)
-    storage = moai_ckpt.Checkpointer(str(run_dir)).storage
-    contents = read_log(storage, 8)
-    old = [r.model_copy(update={"digests": r.digests.model_copy(update={"exact": None})}) for r in contents.records]
-    for step in old:
-        contents.headers[step.step] = contents.headers[step.step].model_copy(update={"state": None, "version": 2})
-    storage.delete_prefix("log/000000000008")
-    LogWriter(storage, 8).copy(old, contents)  # as log format 2 wrote it: no state names, no digests
-    assert not any(r.digests.exact for r in read_log(storage, 8).records)
-    out = result_of(scenario(run_dir, 12, {FLIP_ENV: "model/b1.running_var@10"}))
+    unseen, tampered = tmp_path / "unseen", tmp_path / "tampered"
+    for run_dir in (unseen, tampered):
+        shutil.copytree(logged_run, run_dir)
+    as_format_2(unseen, 8)
+    out = result_of(scenario(unseen, 12, {FLIP_ENV: "model/b1.running_var@10"}))
     assert out["replayed"] == 2  # nothing to compare the flipped buffer with: loss and norms agree
+    as_format_2(tampered, 8, loss_of={9: 0.5})
+    out = result_of(scenario(tampered, 12))
+    assert out["diverged_at"] == 9 and out["first"] == "loss"  # the other quantities are checked
 
 
 @pytest.mark.slow
