@@ -9,12 +9,17 @@ after ``--warmup`` steps:
   commit of 16 records; no snapshot falls inside the timed window;
 - then the default run is started again on its run directory: it restores the step-0 snapshot
   and *replays* every logged step, timed over the same window (replay speed against the live
-  step rate), and the time from the call to its first live step is split into restore and replay.
+  step rate), and the time from the call to its first live step is split into restore and replay;
+- the default policy once more without the exact full-state digest (everything else the same),
+  and the digest alone, around real training steps: its cost on the training thread (walking
+  the tracked state, hashing CPU tensors, queuing the device reductions), on the device (CUDA
+  events around its kernels) and on the log thread (reading the results, hashing JSON state).
 
 Variants are interleaved over ``--reps`` repetitions, each in a fresh run directory; medians.
 
     python benchmarks/log_overhead.py --size cpu-small --batch 8 --steps 40 --reps 3
     python benchmarks/log_overhead.py --size gpt2-small --batch 8 --device cuda --steps 50
+    python benchmarks/log_overhead.py --size gpt2-small --batch 8 --device cuda --digest-only
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt import GPT, SIZES, loss_fn
 
 import moai_ckpt
+import moai_ckpt.run
+from replay.statedigest import capture_state
+from replay.stepstate import Hyperparameters, StepValues, parameters_of
 
 
 class Setup:
@@ -80,6 +88,83 @@ def plain(args: argparse.Namespace) -> float:
         s.step(sampler.next_batch())
     sync(s.device)
     return (time.perf_counter() - start) / args.steps
+
+
+class Clock:
+    """Elapsed milliseconds on the host, and on the device with CUDA events (CPU: the host's)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> tuple[float, Any]:
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        return time.perf_counter(), event
+
+    def since(self, start: tuple[float, Any], end: tuple[float, Any]) -> tuple[float, float]:
+        """(host ms, device ms) between two marks (the device's needs both events done)."""
+        host = 1e3 * (end[0] - start[0])
+        if not self.cuda:
+            return host, host
+        end[1].synchronize()
+        return host, start[1].elapsed_time(end[1])
+
+
+def digest_cost(args: argparse.Namespace) -> dict[str, float]:
+    """The exact full-state digest of each step, timed piece by piece around real training steps."""
+    s = Setup(args)
+    sampler = moai_ckpt.GlobalSampler(len(s.tokens), s.batch, seed=2)
+    tracked = {"model": s.model, "optim": s.opt, "_data": sampler}
+    clock = Clock(s.device)
+    _, params, _ = parameters_of(tracked)
+    sums: dict[str, float] = {}
+
+    def add(name: str, value: float) -> None:
+        sums[name] = sums.get(name, 0.0) + value
+
+    for step in range(1, args.warmup + args.steps + 1):
+        sync(s.device)
+        started = clock.mark()
+        loss, grad_norm = s.step(sampler.next_batch())
+        stepped = clock.mark()
+        pending = capture_state(tracked)
+        captured = clock.mark()
+        values = StepValues.capture(params, loss, grad_norm, Hyperparameters())
+        normed = clock.mark()
+        waited_from = time.perf_counter()
+        pending.wait()
+        waited = time.perf_counter()
+        values.read()
+        sync(s.device)
+        if step <= args.warmup:
+            continue
+        _, step_device = clock.since(started, stepped)
+        digest_host, digest_device = clock.since(stepped, captured)
+        norms_host, norms_device = clock.since(captured, normed)
+        add("step", step_device)
+        add("digest: training thread", digest_host)
+        if clock.cuda:
+            add("digest: device span (its kernels, or launch gaps)", digest_device)
+        add("digest: log thread (wait and hash)", 1e3 * (waited - waited_from))
+        add("norms (for comparison): training thread", norms_host)
+        if clock.cuda:
+            add("norms (for comparison): device kernels", norms_device)
+    out = {name: total / args.steps for name, total in sums.items()}
+    out["entries"] = float(len(pending.names))
+    state = [*s.model.state_dict().values(), *(t for st in s.opt.state.values() for t in st.values())]
+    out["state MB"] = sum(t.numel() * t.element_size() for t in state if isinstance(t, torch.Tensor)) / 1e6
+    return out
+
+
+def without_state_digest(args: argparse.Namespace, directory: str) -> dict[str, float]:
+    """The default policy with the exact state digest left out (records carry none)."""
+    moai_ckpt.run.capture_state = lambda state: None  # type: ignore[assignment,return-value]
+    try:
+        return logged(args, directory)
+    finally:
+        moai_ckpt.run.capture_state = capture_state
 
 
 def logged(args: argparse.Namespace, directory: str, **policy: Any) -> dict[str, float]:
@@ -135,23 +220,34 @@ def main() -> None:
     parser.add_argument(
         "--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True) in every variant"
     )
+    parser.add_argument("--digest-only", action="store_true", help="measure only the exact full-state digest")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
         torch.use_deterministic_algorithms(True)
+    if args.digest_only:
+        digests = [digest_cost(args) for _ in range(args.reps)]
+        report_digest(args, digests)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "digests": digests}, f, indent=1)
+        return
     os.makedirs(args.dir, exist_ok=True)
     variants: dict[str, Callable[[str], dict[str, float]]] = {
         "log, default (durable before the next step ends)": lambda d: logged(args, d),
         "log, log_sync=True (durable before the next step)": lambda d: logged(args, d, log_sync=True),
         "log, group commit of 16": lambda d: logged(args, d, log_flush_every=16, log_flush_seconds=5.0),
         "log, durable within 4 steps (log_lag=4)": lambda d: logged(args, d, log_lag=4),
+        "log, default, without the exact state digest": lambda d: without_state_digest(args, d),
     }
     results: dict[str, list[float]] = {"no moai-ckpt": [], **{name: [] for name in variants}}
     replays: list[dict[str, float]] = []
     breakdowns: list[dict[str, float]] = []
+    digests: list[dict[str, float]] = []
     for rep in range(args.reps):
         results["no moai-ckpt"].append(plain(args))
+        digests.append(digest_cost(args))
         for i, (name, fn) in enumerate(variants.items()):
             directory = os.path.join(args.dir, f"r{rep}-{i}")
             shutil.rmtree(directory, ignore_errors=True)
@@ -162,13 +258,38 @@ def main() -> None:
             if i == 0:
                 replays.append(logged(args, directory))  # a restart: restore step 0, replay every step
             shutil.rmtree(directory, ignore_errors=True)
-    report(args, results, replays)
+    report(args, results, replays, digests)
     print("\nwhere the default policy's time goes (mean ms per step, median of the repetitions)")
     for key in breakdowns[0]:
         print(f"  {key:<50}{statistics.median(b[key] for b in breakdowns):>8.3f}")
+    report_digest(args, digests)
 
 
-def report(args: argparse.Namespace, results: dict[str, list[float]], replays: list[dict[str, float]]) -> None:
+def report_digest(args: argparse.Namespace, digests: list[dict[str, float]]) -> None:
+    first = digests[0]
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} torch thread(s)"
+    print(
+        f"\n{args.size}, batch {args.batch}, {args.steps} steps after {args.warmup}, {args.reps} repetitions; {where}"
+    )
+    print(
+        f"exact full-state digest: {int(first['entries'])} entries, {first['state MB']:.1f} MB of tensors "
+        f"(mean ms per step, median of the repetitions; {'CUDA events' if args.device == 'cuda' else 'host clock'})"
+    )
+    step = statistics.median(d["step"] for d in digests)
+    for key in first:
+        if key in ("entries", "state MB"):
+            continue
+        value = statistics.median(d[key] for d in digests)
+        share = "" if key == "step" else f"{100 * value / step:>8.2f} % of the step"
+        print(f"  {key:<50}{value:>8.3f}{share}")
+
+
+def report(
+    args: argparse.Namespace,
+    results: dict[str, list[float]],
+    replays: list[dict[str, float]],
+    digests: list[dict[str, float]],
+) -> None:
     params = sum(p.numel() for p in GPT(SIZES[args.size]).parameters())
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} torch thread(s)"
     mode = ", deterministic algorithms" if args.deterministic else ""
@@ -202,7 +323,7 @@ def report(args: argparse.Namespace, results: dict[str, list[float]], replays: l
     print(f"{'recovery: restart to first live step':<52}{restore + replay_total:>10.3f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results, "replays": replays}, f, indent=1)
+            json.dump({"args": vars(args), "results": results, "replays": replays, "digests": digests}, f, indent=1)
 
 
 if __name__ == "__main__":

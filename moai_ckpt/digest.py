@@ -19,6 +19,7 @@ placement and device type that wrote them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +28,9 @@ import crc32c as _crc32c
 import torch
 
 BLOCK_WORDS = 4096
+SMALL_WORDS = 1 << 14  # tensors of at most this many words are reduced together
 
-__all__ = ["BLOCK_WORDS", "PendingDigests", "digest_tensors", "host_digest", "local_tensor"]
+__all__ = ["BLOCK_WORDS", "PendingDigests", "device_sums", "digest_tensors", "host_digest", "local_tensor"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -37,11 +39,10 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.is_conj():
-        t = t.resolve_conj()
-    if t.is_neg():
-        t = t.resolve_neg()
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype.is_complex or t.is_neg():  # lazy conjugate / negative views: the bits as read
+        t = t.resolve_conj().resolve_neg()
     if not t.is_contiguous():
         t = t.contiguous()
     return t.reshape(-1).view(torch.uint8)
@@ -50,8 +51,8 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
 def host_digest(t: torch.Tensor) -> str:
     """The crc32c digest of a CPU tensor's bytes (with its byte length)."""
     data = _flat_bytes(t)
-    crc = _crc32c.crc32c(data.numpy().data) if data.numel() else 0
-    return f"crc32c:{data.numel():x}:{int(crc):08x}"
+    n = data.numel()
+    return f"crc32c:{n:x}:{_crc32c.crc32c(data.numpy().data) if n else 0:08x}"
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -65,25 +66,81 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return data
 
 
-def _device_sums(t: torch.Tensor) -> torch.Tensor:
-    """int64 [3]: byte length, plain sum of words, block-weighted sum of words (on t's device)."""
-    words = _words(t)
-    n = words.numel()
-    device = words.device
-    nbytes = torch.tensor(n * words.element_size(), dtype=torch.int64, device=device)
-    if n == 0:
-        zero = torch.zeros((), dtype=torch.int64, device=device)
-        return torch.stack([nbytes, zero, zero])
-    plain = words.sum(dtype=torch.int64)
-    rows = n // BLOCK_WORDS
-    weighted = torch.zeros((), dtype=torch.int64, device=device)
-    if rows:
-        blocks = words[: rows * BLOCK_WORDS].view(rows, BLOCK_WORDS).sum(1, dtype=torch.int64)
-        weights = torch.arange(1, 2 * rows, 2, dtype=torch.int64, device=device)
-        weighted = (blocks * weights).sum()
-    if rows * BLOCK_WORDS < n:
-        weighted = weighted + words[rows * BLOCK_WORDS :].sum(dtype=torch.int64) * (2 * rows + 1)
-    return torch.stack([nbytes, plain, weighted])
+@functools.lru_cache(maxsize=256)
+def _block_weights(blocks: int, device: torch.device) -> torch.Tensor:
+    """int64 [2, blocks]: ones (the plain sum), then the odd block numbers 1, 3, 5, ..."""
+    odd = torch.arange(1, 2 * blocks, 2, dtype=torch.int64, device=device)
+    return torch.stack([torch.ones_like(odd), odd])
+
+
+def _large_sums(words: torch.Tensor) -> torch.Tensor:
+    """int64 [2] of one large tensor: its block sums, weighted by ones and by odd block numbers."""
+    rows, tail = divmod(words.numel(), BLOCK_WORDS)
+    blocks = words[: rows * BLOCK_WORDS].view(rows, BLOCK_WORDS).sum(1, dtype=torch.int64)
+    if tail:  # a last, shorter block
+        blocks = torch.cat([blocks, words[rows * BLOCK_WORDS :].sum(dtype=torch.int64).reshape(1)])
+    return (blocks * _block_weights(blocks.numel(), words.device)).sum(1)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(lengths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """For tensors of ``lengths`` words laid end to end: each word's weight, and each tensor's
+    (start, end) in the running sums (which begin with a zero).
+
+    Built on the host once per layout and copied without a wait (from pinned memory, kept with
+    the cache entry so that the copy cannot outlive it).
+    """
+    sizes = torch.tensor(lengths, dtype=torch.int64)
+    ends = torch.cumsum(sizes, 0)
+    starts = ends - sizes
+    index = torch.repeat_interleave(torch.arange(len(lengths)), sizes)
+    weight = 2 * ((torch.arange(index.numel()) - starts[index]) // BLOCK_WORDS) + 1
+    host = torch.cat([weight, starts, ends])
+    if device.type == "cuda":
+        host = host.pin_memory()
+    on_device = host.to(device, non_blocking=True)
+    n = weight.numel()
+    return on_device[:n], on_device[n:].view(2, len(lengths)), host
+
+
+def _batched_sums(words: list[torch.Tensor]) -> torch.Tensor:
+    """int64 [k, 2] for k small tensors of one word type: a handful of kernels for all of them.
+
+    Running sums (integer, so exact and deterministic on every device) laid over all the
+    tensors' words; each tensor's sums are the difference at its two ends.
+    """
+    flat = torch.cat(words).to(torch.int64)
+    weight, bounds, _ = _layout(tuple(w.numel() for w in words), flat.device)
+    running = torch.nn.functional.pad(torch.stack([flat, flat * weight]).cumsum(1), (1, 0))
+    return (running[:, bounds[1]] - running[:, bounds[0]]).t()
+
+
+def device_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64 [k, 2] on the tensors' device: each tensor's plain and block-weighted word sums.
+
+    Word ``i`` of a tensor weighs ``2 * (i // BLOCK_WORDS) + 1`` in the second sum. Integer sums
+    wrap modulo 2**64 in any order, so a tensor's sums are the same whether it is reduced alone
+    (large tensors: three kernels each) or with other small ones (a few kernels for all of
+    them). Nothing is copied from the host (that would wait for the device), except a layout
+    seen for the first time, from pinned memory.
+    """
+    words = [_words(t) for t in tensors]
+    out: list[torch.Tensor | None] = [None] * len(words)
+    small: dict[torch.dtype, list[int]] = {}
+    for i, w in enumerate(words):
+        if w.numel() > SMALL_WORDS:
+            out[i] = _large_sums(w).reshape(1, 2)
+        else:
+            small.setdefault(w.dtype, []).append(i)
+    for members in small.values():
+        sums = _batched_sums([words[i] for i in members])
+        for row, i in enumerate(members):
+            out[i] = sums[row : row + 1]
+    return torch.cat([t for t in out if t is not None]) if out else torch.zeros(0, 2, dtype=torch.int64)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 @dataclass
@@ -92,15 +149,15 @@ class PendingDigests:
 
     names: list[str]
     ready: dict[str, str] = field(default_factory=dict)
-    _device: list[tuple[list[str], torch.Tensor, Any]] = field(default_factory=list)
+    _device: list[tuple[list[tuple[str, int]], torch.Tensor, Any]] = field(default_factory=list)
 
     def wait(self) -> dict[str, str]:
         """Every digest by name (waits only for the device copies still in flight)."""
         out = dict(self.ready)
-        for names, values, event in self._device:
+        for named, values, event in self._device:
             if event is not None:
                 event.synchronize()
-            for name, (nbytes, plain, weighted) in zip(names, values.tolist(), strict=True):
+            for (name, nbytes), (plain, weighted) in zip(named, values.tolist(), strict=True):
                 out[name] = f"sum64:{nbytes:x}:{plain & (2**64 - 1):016x}:{weighted & (2**64 - 1):016x}"
         return {name: out[name] for name in self.names}
 
@@ -113,19 +170,20 @@ def digest_tensors(named: Sequence[tuple[str, torch.Tensor]]) -> PendingDigests:
     Meta tensors have no bytes: their digest says so.
     """
     pending = PendingDigests([name for name, _ in named])
-    by_device: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+    by_device: dict[torch.device, tuple[list[tuple[str, int]], list[torch.Tensor]]] = {}
     for name, tensor in named:
         local = local_tensor(tensor)
-        if local.device.type == "meta":
-            pending.ready[name] = "meta"
-        elif local.device.type == "cpu":
+        device = local.device
+        if device.type == "cpu":
             pending.ready[name] = host_digest(local)
+        elif device.type == "meta":
+            pending.ready[name] = "meta"
         else:
-            names, sums = by_device.setdefault(local.device, ([], []))
-            names.append(name)
-            sums.append(_device_sums(local))
-    for device, (names, sums) in by_device.items():
-        stacked = torch.stack(sums)
+            names, tensors = by_device.setdefault(device, ([], []))
+            names.append((name, _nbytes(local)))
+            tensors.append(local)
+    for device, (names, tensors) in by_device.items():
+        stacked = device_sums(tensors)
         if device.type == "cuda":  # lands in pinned memory; the event says when
             host = stacked.to("cpu", non_blocking=True)
             event = torch.cuda.Event()

@@ -55,6 +55,7 @@ from replay import codec
 from replay.check import ReplayReport
 from replay.log import LogContents, LogWriter, Placement, StepRecord, log_bases, records_after
 from replay.recorder import Recorder, ReplayDivergenceError, StepWork
+from replay.statedigest import capture_state
 from replay.stepstate import Hyperparameters, StepValues, load_rng_components, parameters_of, rng_components
 
 if TYPE_CHECKING:
@@ -138,6 +139,7 @@ class Run:
         self._from_initial_state = False  # no snapshot was usable: the run rebuilt step 0 itself
         self.snapshot_failures = 0
         self._placed_run: RunPlacement | None = None  # set by place()
+        self._snapshot_after_replay = False  # a snapshot fell due while replaying on another placement
 
     # -- what the training function uses -------------------------------------------------------
 
@@ -382,6 +384,7 @@ class Run:
             names=[],
             sharded=[],
             flush_seconds=self.log_flush_seconds,
+            exact=not changed,
         )
         self._recorder.done_step = latest
         self._placement = placement
@@ -565,6 +568,7 @@ class Run:
             stop=self._stop_signal,
             snapshot_due=self.snapshot_every_s is not None
             and time.monotonic() - self._last_snapshot >= self.snapshot_every_s,
+            state=capture_state(self._state()),
         )
         recorder = self._recorder
         assert recorder is not None
@@ -583,19 +587,42 @@ class Run:
                 self._finish_session()
         decision = recorder.decision(step - self.lag)
         self._maybe_settle_snapshot()
-        if not self.replaying and self._snapshot_due(step, decision is not None and decision.snapshot):
-            self._snapshot(step)
+        if self._snapshot_due(step, decision is not None and decision.snapshot):
+            self._scheduled_snapshot(step)
         # one process stops after the step in progress; several agree on a step from the results
         # they all gathered (the step in progress or the next one)
         stop = self._stop_signal if self.world_size == 1 else decision.stop if decision is not None else None
         if stop is not None:
             self._emergency_stop(stop)
 
+    def _scheduled_snapshot(self, step: int) -> None:
+        """A snapshot on schedule; while replaying, only of a state its check found bitwise equal.
+
+        On the placement that wrote the log, a replayed step that passed its check is the logged
+        run's state: its snapshot lets the next restart skip the steps replayed so far (the log
+        moves over with the records still to replay). On another placement the replayed state
+        has drifted from what the later records describe, so the snapshot waits for the end of
+        the replay. Restore and verify sessions write no snapshots while replaying.
+        """
+        if not self.replaying:
+            self._snapshot(step)
+        elif self.session is None and self.report is not None and self.report.strict:
+            assert self._recorder is not None
+            self._recorder.wait(step, timeout=2 * self.ckpt.options.collective_timeout_s)
+            self._unusable.add(step)  # whatever is stored at a replayed step failed to restore: replace it
+            self._snapshot(step)
+        elif self.session is None:
+            self._snapshot_after_replay = True
+
     def _replay_done(self) -> None:
         """The first live step is about to run: settle and report the replay."""
         assert self._recorder is not None and self.report is not None
         self._recorder.wait(self.step)
         self._seal_report()
+        if self._snapshot_after_replay:  # one was due while replaying on a changed placement
+            self._snapshot_after_replay = False
+            self._unusable.add(self.step)  # as in `_scheduled_snapshot`
+            self._snapshot(self.step)
         report = self.report
         if report.strict:
             log.info(

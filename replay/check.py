@@ -2,8 +2,10 @@
 
 On the placement and device type that wrote the log, a replay must reproduce every record
 bitwise; the first quantity that differs (inputs first: samples, hyperparameters, RNG states;
-then outputs: loss, grad norm, each parameter's norm) names the divergence. On another placement
-the numbers may move: each step's drift is measured and reported instead.
+then outputs: loss, grad norm, each rank's exact digest of every state entry, each parameter's
+norm) names the divergence, e.g. ``state model/b2.running_var (rank 1)``. On another placement
+the numbers may move: each step's drift is measured and reported instead, and the exact state
+digests, which depend on the placement, are not compared.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from array import array
 from pydantic import BaseModel, ConfigDict, Field
 
 from replay.log import Placement, StepRecord
+
+#: one rank's state entries: (names, digests), in the same order
+RankState = tuple[list[str], list[str]]
+MAX_LISTED = 64  # differing parameters, and differing state entries, named per step
 
 
 def params_array(data: bytes | None) -> list[float]:
@@ -50,6 +56,7 @@ class StepCheck(BaseModel):
     loss_replayed: float | None = None
     loss_rel: float | None = None
     grad_norm_rel: float | None = None
+    state_entries_differing: int = Field(default=0, description="state entries whose exact digests differ (all ranks)")
     state_rel: float | None = None
     worst_param: str | None = None
     worst_param_rel: float | None = None
@@ -62,6 +69,8 @@ class StepCheck(BaseModel):
         if self.bitwise:
             return f"step {self.step}: bitwise equal"
         parts = [f"step {self.step}: first divergent quantity {self.first}"]
+        if self.state_entries_differing:
+            parts.append(f"{self.state_entries_differing} state entries differ")
         if self.loss_rel:
             parts.append(f"loss {self.loss_logged!r} logged, {self.loss_replayed!r} replayed (rel {self.loss_rel:.3g})")
         if self.state_rel:
@@ -77,8 +86,13 @@ def compare(
     logged_params: list[float],
     replayed_params: list[float],
     names: list[str],
+    state: tuple[list[RankState], list[RankState]] | None = None,
 ) -> StepCheck:
-    """Compare what a replayed step read and produced with what its record holds."""
+    """Compare what a replayed step read and produced with what its record holds.
+
+    ``state``: every rank's exact state digests, (logged, replayed), when they are to be
+    compared (same placement, both records hold them).
+    """
     mismatches: list[str] = []
     if logged.samples is not None and logged.samples != replayed.samples:
         mismatches.append("samples")
@@ -96,13 +110,17 @@ def compare(
         mismatches.append("loss")
     if a.grad_norm != b.grad_norm:
         mismatches.append("grad_norm")
+    differing = state_mismatches(*state) if state is not None else []
+    mismatches.extend(differing[:MAX_LISTED])
     worst, worst_rel = None, None
     if len(logged_params) == len(replayed_params) == len(names):
+        listed: set[str] = set()
         for name, x, y in zip(names, logged_params, replayed_params, strict=True):
             r = rel(x, y)
             if r and (worst_rel is None or r > worst_rel):
                 worst, worst_rel = name, r
-            if x != y and f"param {name}" not in mismatches and len(mismatches) < 64:
+            if x != y and name not in listed and len(listed) < MAX_LISTED:
+                listed.add(name)
                 mismatches.append(f"param {name}")
     elif a.state != b.state:
         mismatches.append("state")
@@ -115,10 +133,32 @@ def compare(
         loss_replayed=b.loss,
         loss_rel=rel(a.loss, b.loss),
         grad_norm_rel=rel(a.grad_norm, b.grad_norm),
+        state_entries_differing=len(differing),
         state_rel=state_rel,
         worst_param=worst,
         worst_param_rel=worst_rel,
     )
+
+
+def state_mismatches(logged: list[RankState], replayed: list[RankState]) -> list[str]:
+    """``state <entry> (rank <r>)`` for every entry whose digest differs, rank by rank, in entry order.
+
+    An entry only one side holds differs too; so does every rank when the rank counts differ.
+    """
+    if len(logged) != len(replayed):
+        return [f"state of {len(replayed)} ranks against {len(logged)} logged"]
+    out: list[str] = []
+    for rank, ((logged_names, logged_digests), (names, digests)) in enumerate(zip(logged, replayed, strict=True)):
+        if logged_names == names:
+            out.extend(
+                f"state {n} (rank {rank})" for n, x, y in zip(names, logged_digests, digests, strict=True) if x != y
+            )
+            continue
+        before, now = dict(zip(logged_names, logged_digests, strict=True)), dict(zip(names, digests, strict=True))
+        for name in [*logged_names, *(n for n in names if n not in before)]:
+            if before.get(name) != now.get(name):
+                out.append(f"state {name} (rank {rank})")
+    return out
 
 
 def _unhex(value: str | None) -> float | None:

@@ -12,8 +12,9 @@ do. A segment is a sequence of frames::
 
 ``MSEG`` opens every segment: a JSON `SegmentHeader` (who wrote it, on which placement).
 ``MBLB`` is a content-addressed value: the sha256 of the data (32 bytes), then the data (RNG
-states, batches that are not indexable, parameter names). A blob is written once per log, in the
-first segment that needs it, before the records that name it. ``MLOG`` is a JSON `StepRecord`.
+states, batches that are not indexable, parameter and state entry names, each rank's exact state
+digests). A blob is written once per log, in the first segment that needs it, before the records
+that name it. ``MLOG`` is a JSON `StepRecord`.
 
 Reading stops at the first damaged frame: a frame cut short, or a bad last frame of the newest
 segment, is a torn tail (the writer died mid-write) and is dropped; damage anywhere else is
@@ -40,7 +41,7 @@ from moai_ckpt.storage import Storage
 HEADER_FRAME, BLOB_FRAME, RECORD_FRAME = b"MSEG", b"MBLB", b"MLOG"
 FRAME = struct.Struct("<4sII")
 MAX_FRAME = 256 << 20
-LOG_VERSION = 2
+LOG_VERSION = 3  # 3: exact state digests (`Digests.exact`, `SegmentHeader.state`); 2 still reads
 
 
 class CorruptLogError(CorruptSnapshotError):
@@ -74,6 +75,9 @@ class SegmentHeader(BaseModel):
     base_step: int = Field(ge=0)
     placement: Placement = Field(default_factory=Placement)
     params: str | None = Field(default=None, description="blob digest of the parameter names (JSON list)")
+    state: str | None = Field(
+        default=None, description="blob digest of every rank's state entry names (`replay.statedigest.names_blob`)"
+    )
     created: float = Field(default_factory=time.time)
 
 
@@ -86,6 +90,11 @@ class Digests(BaseModel):
     grad_norm: float | None = None
     state: str | None = Field(default=None, description="float.hex of the L2 norm of every parameter")
     params: str | None = Field(default=None, description="blob digest of each parameter's L2 norm (float64 LE)")
+    exact: list[str] | None = Field(
+        default=None,
+        description="per rank, blob digest of its exact state digests (`replay.statedigest.pack`), in the "
+        "order of the segment header's state names; one entry when every rank's are the same",
+    )
 
 
 class StepRecord(BaseModel):
@@ -114,7 +123,18 @@ class StepRecord(BaseModel):
             refs.add(self.batch)
         if self.digests.params:
             refs.add(self.digests.params)
+        refs.update(self.digests.exact or ())
         return refs
+
+
+def header_refs(header: SegmentHeader) -> list[str]:
+    """The blobs a segment header names (parameter names, state entry names)."""
+    return [d for d in (header.params, header.state) if d]
+
+
+def same_header(a: SegmentHeader, b: SegmentHeader) -> bool:
+    """Whether records under ``a`` may share a segment with records under ``b``."""
+    return (a.placement, a.params, a.state) == (b.placement, b.params, b.state)
 
 
 def frame(kind: bytes, payload: bytes) -> bytes:
@@ -295,7 +315,8 @@ class _Reader:
             return CorruptLogError(
                 f"log jumps from step {last} to {record.step}: records are missing", url=url, key=key
             )
-        missing = [d for d in record.blob_refs() if d not in self.contents.blobs]
+        refs = record.blob_refs() | ({header.state} if record.digests.exact and header.state else set())
+        missing = [d for d in refs if d not in self.contents.blobs]
         if missing:
             return CorruptLogError(
                 f"record of step {record.step} names blob {missing[0]} that the log does not hold; "
@@ -367,7 +388,7 @@ def _append(contents: LogContents, source: LogContents, extra: list[StepRecord])
     contents.records.extend(extra)
     for r in extra:
         contents.headers[r.step] = source.headers[r.step]
-    wanted = {d for r in extra for d in r.blob_refs()} | {h.params for h in source.headers.values() if h.params}
+    wanted = {d for r in extra for d in r.blob_refs()} | {d for h in source.headers.values() for d in header_refs(h)}
     contents.blobs.update({d: source.blobs[d] for d in wanted if d in source.blobs})
     contents.carried_from = source.base_step
 
@@ -465,11 +486,12 @@ class LogWriter:
         """Append records read from a log, each under the header of the segment it came from."""
         for record in records:
             header = contents.headers.get(record.step)
-            if header is not None and (header.placement, header.params) != (self.header.placement, self.header.params):
+            if header is not None and not same_header(header, self.header):
                 self.flush()
                 self.set_header(header)
-                if header.params:
-                    self._put(header.params, contents.blob(header.params))
+            for digest in header_refs(self.header):  # a new log needs them too
+                if digest not in self._known:
+                    self._put(digest, contents.blob(digest))
             if record.step != self.last_step + 1:
                 raise ValueError(f"expected a record for step {self.last_step + 1}, got step {record.step}")
             self._add(record, {d: contents.blob(d) for d in record.blob_refs()})  # one segment per header

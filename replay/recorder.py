@@ -1,10 +1,11 @@
 """The step pipeline: logs (or checks) each step's record on a background thread.
 
 The training thread hands over what a step read and produced (`StepWork`: RNG states, scalars,
-a pending device-to-host copy of its digests) and goes on with the next step. The recorder's
-thread waits for the copy, gathers every rank's part over a group of its own, and then either
-appends the record to the log (rank 0 writes; durable per the writer's policy) or, for a step
-that is being replayed, compares it with the logged record.
+a pending device-to-host copy of its norms, the exact digests of the whole tracked state in
+flight) and goes on with the next step. The recorder's thread waits for them, gathers every
+rank's part over a group of its own, and then either appends the record to the log (rank 0
+writes; durable per the writer's policy) or, for a step that is being replayed, compares it with
+the logged record.
 
 The training thread bounds how far it runs ahead (`wait`): with a lag of one step, a record is
 durable before the next step completes. Decisions every rank must take at the same step (stop
@@ -25,9 +26,21 @@ from typing import Any
 
 from moai_ckpt.distributed import World
 from moai_ckpt.errors import MoaiCkptError
-from replay.check import StepCheck, compare, params_array, params_blob
+from replay import statedigest
+from replay.check import RankState, StepCheck, compare, params_array, params_blob
 from replay.codec import join, pack, unpack
-from replay.log import Digests, LogContents, LogWriter, Placement, SegmentHeader, StepRecord, digest_of
+from replay.log import (
+    CorruptLogError,
+    Digests,
+    LogContents,
+    LogWriter,
+    Placement,
+    SegmentHeader,
+    StepRecord,
+    digest_of,
+    header_refs,
+)
+from replay.statedigest import PendingState
 from replay.stepstate import StepValues
 
 
@@ -52,6 +65,7 @@ class StepWork:
     batch: bytes | None = None  # this rank's part of a non-indexable batch, packed
     stop: int | None = None  # a signal this rank received
     snapshot_due: bool = False  # this rank's clock says a timed snapshot is due
+    state: PendingState | None = None  # exact digests of the tracked state after the step
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,8 @@ class Recorder:
         strict: raise `ReplayDivergenceError` at the first step that is not bitwise equal.
         names: parameter names, in the order their norms arrive.
         sharded: which parameters are sharded across ranks (their norms combine across ranks).
+        exact: compare the exact state digests of replayed steps (the log was written on this
+            placement and device type; elsewhere they differ by nature).
     """
 
     def __init__(
@@ -84,6 +100,7 @@ class Recorder:
         names: list[str],
         sharded: list[bool],
         flush_seconds: float | None = None,
+        exact: bool = False,
     ) -> None:
         self.world = world
         self.writer = writer
@@ -92,6 +109,7 @@ class Recorder:
         self.strict = strict
         self.names = names
         self.sharded = sharded
+        self.exact = exact
         self.flush_seconds = flush_seconds
         self.checks: list[StepCheck] = []
         self.stats: dict[str, float] = {}  # seconds spent per phase of the thread's work, summed
@@ -99,7 +117,14 @@ class Recorder:
         self.error: BaseException | None = None
         self._decisions: dict[int, Decision] = {}
         self._latest: dict[tuple[int, str], tuple[str, bytes]] = {}  # (rank, generator) -> its newest blob
-        self._since_base: list[tuple[StepRecord, dict[str, bytes]]] = []
+        # every record of the writer's log (logged ones still to replay, then live ones), with
+        # their headers and blobs: a rebase carries those after the new base
+        self._tail = _copy_of(logged, logged.records) if logged is not None else LogContents(0)
+        self._state_names: list[list[str]] = []  # per rank, the entry names of its state digests
+        self._sent_names: list[str] | None = None  # this rank's names as last gathered
+        self._names_digest: str | None = None  # blob digest of every rank's names as they are now
+        self._logged_names: dict[str, list[list[str]]] = {}  # names blob digest -> per-rank names
+        self._header_blobs: dict[str, bytes] = {}  # blobs this recorder's segment headers name
         self._queue: queue.Queue[Any] = queue.Queue()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="moai-log", daemon=True)
@@ -184,6 +209,7 @@ class Recorder:
         cpu = time.thread_time()
         started = time.perf_counter()
         norms, loss, grad_norm, device_hparams = work.values.read()
+        state_digests = work.state.wait() if work.state is not None else None
         read = time.perf_counter()
         rank = self.world.rank
         mine: dict[str, Any] = {
@@ -204,7 +230,13 @@ class Recorder:
                 own_blobs[digest] = data
         if rank == 0:
             mine["hparams"] = {**work.hparams, **device_hparams}
+        if work.state is not None and state_digests is not None:
+            mine["exact"] = statedigest.pack(state_digests)
+            if work.state.names != self._sent_names:  # names travel when they change, not every step
+                mine["names"] = self._sent_names = work.state.names
         if self.world.world_size > 1:
+            if "exact" in mine:
+                mine["exact"] = base64.b64encode(mine["exact"]).decode()
             if rank != 0:
                 mine["blobs"] = {d: base64.b64encode(b).decode() for d, b in own_blobs.items()}
                 if work.batch is not None:
@@ -219,13 +251,12 @@ class Recorder:
         logged = self.logged.get(work.step)
         combined = time.perf_counter()
         if logged is not None:
-            self._check(logged, record, params)
+            self._check(logged, record, params, blobs)
         elif self.writer is not None:
-            self.writer.append(record, blobs)
-            self._since_base.append((record, blobs))
+            self._append(record, blobs)
         done = time.perf_counter()
         for name, value in (
-            ("device wait", read - started),
+            ("device wait and state digests", read - started),
             ("gather", gathered - read),
             ("record", combined - gathered),
             ("write or check", done - combined),
@@ -273,6 +304,7 @@ class Recorder:
             data = pack(joined, rows)
             batch_digest = digest_of(data)
             blobs[batch_digest] = data
+        exact = self._exact(everyone, blobs)
         losses = [e["loss"] for e in everyone]
         # built from values this process made itself: construct without re-validating (this is
         # the log thread's hot path, and it holds the GIL the training thread needs)
@@ -287,19 +319,60 @@ class Recorder:
                 grad_norm=everyone[0]["grad_norm"],
                 state=float.hex(math.sqrt(math.fsum(p * p for p in params))) if params else None,
                 params=params_digest,
+                exact=exact,
             ),
             wall_time=time.time(),
         )
         return record, blobs, params
 
-    def _check(self, logged: StepRecord, replayed: StepRecord, params: list[float]) -> None:
+    def _exact(self, everyone: list[dict[str, Any]], blobs: dict[str, bytes]) -> list[str] | None:
+        """Every rank's packed state digests as blobs; per rank their blob digest (one if all agree)."""
+        if not all("exact" in e for e in everyone):
+            return None
+        if len(self._state_names) != len(everyone):
+            self._state_names = [[] for _ in everyone]
+        refs = []
+        for r, e in enumerate(everyone):
+            if "names" in e:
+                self._state_names[r] = e["names"]
+                self._names_digest = None
+            data = e["exact"] if isinstance(e["exact"], bytes) else base64.b64decode(e["exact"])
+            digest = digest_of(data)
+            blobs[digest] = data
+            refs.append(digest)
+        return refs[:1] if len(set(refs)) == 1 else refs
+
+    def _append(self, record: StepRecord, blobs: dict[str, bytes]) -> None:
+        """Rank 0: log a live step (under a header naming the state entries as they are now)."""
+        assert self.writer is not None
+        if record.digests.exact:
+            if self._names_digest is None:
+                self._names_digest = self._remember(statedigest.names_blob(self._state_names))
+            digest = self._names_digest
+            if self.writer.header.state != digest:  # a segment has one header: close the current one
+                self.writer.flush()
+                self.writer.set_header(self.writer.header.model_copy(update={"state": digest}))
+                self.writer.put_blob(self._header_blobs[digest])
+        self.writer.append(record, blobs)
+        self._tail.records.append(record)
+        self._tail.headers[record.step] = self.writer.header
+        self._tail.blobs.update(blobs)
+
+    def _remember(self, data: bytes) -> str:
+        """Keep a blob a segment header names (written again by every log the records move to)."""
+        digest = digest_of(data)
+        self._header_blobs[digest] = data
+        self._tail.blobs[digest] = data
+        return digest
+
+    def _check(self, logged: StepRecord, replayed: StepRecord, params: list[float], blobs: dict[str, bytes]) -> None:
         assert self.contents is not None
-        blobs = self.contents.blobs
-        logged_params = params_array(blobs.get(logged.digests.params or ""))
+        logged_params = params_array(self.contents.blobs.get(logged.digests.params or ""))
         header = self.contents.headers.get(logged.step)
-        names_blob = blobs.get(header.params) if header is not None and header.params else None
+        names_blob = self.contents.blobs.get(header.params) if header is not None and header.params else None
         same_names = names_blob is not None and json.loads(names_blob) == self.names
-        check = compare(logged, replayed, logged_params, params, self.names if same_names else [])
+        state = self._states(logged, replayed, blobs) if self.exact else None
+        check = compare(logged, replayed, logged_params, params, self.names if same_names else [], state)
         self.checks.append(check)
         if self.strict and not check.bitwise:
             raise ReplayDivergenceError(
@@ -309,27 +382,79 @@ class Recorder:
                 step=check.step,
             )
 
+    def _states(
+        self, logged: StepRecord, replayed: StepRecord, blobs: dict[str, bytes]
+    ) -> tuple[list[RankState], list[RankState]] | None:
+        """Every rank's (entry names, digests), logged and replayed; None for a record without them."""
+        assert self.contents is not None
+        header = self.contents.headers.get(logged.step)
+        if not (logged.digests.exact and replayed.digests.exact and header is not None and header.state):
+            return None
+        try:
+            names = self._logged_names.get(header.state)
+            if names is None:
+                names = self._logged_names[header.state] = statedigest.names_of(self.contents.blob(header.state))
+            before = _rank_states(names, logged.digests.exact, self.contents.blob)
+        except ValueError as exc:
+            raise CorruptLogError(
+                f"the state digests logged for step {logged.step} do not parse: {exc}", url=self.contents.url
+            ) from exc
+        return before, _rank_states(self._state_names, replayed.digests.exact, blobs.__getitem__)
+
     def _rebase(self, base: int) -> None:
+        """Move the log to the snapshot at ``base``: records after it (logged ones a replay has yet
+        to reach, live ones) are carried over with the headers they were written under."""
         if self.writer is None:
             return
         self.writer.flush()
-        carried = [(r, b) for r, b in self._since_base if r.step > base]
+        carried = [r for r in self._tail.records if r.step > base]
         old = self.writer
+        current = {d: self._header_blobs.get(d) or self._tail.blob(d) for d in header_refs(old.header)}
         self.writer = LogWriter(
             old.storage, base, header=old.header, flush_every=old.flush_every, flush_seconds=old.flush_seconds
         )
-        if old.header.params:
-            self.writer.put_blob(self._names_blob())
-        for record, blobs in carried:  # one segment: a crash leaves all of them or none
-            self.writer._add(record, blobs)
-            self.writer.last_step = record.step
-        self.writer.flush()
-        self._since_base = carried
+        self.writer.copy(carried, self._tail)  # one segment per header, each all or nothing
+        self.writer.set_header(old.header)  # live records go on under the header of now
+        for data in current.values():
+            self.writer.put_blob(data)
+        self._tail = _copy_of(self._tail, carried, base)
+        self._tail.blobs.update(current)
 
     def _names_blob(self) -> bytes:
         return json.dumps(self.names).encode()
 
     def install_header(self, writer: LogWriter, placement: Placement) -> None:
         """Segments of ``writer`` say where they were written and name the parameters (once per log)."""
-        digest = writer.put_blob(self._names_blob()) if self.names else None
+        digest = None
+        if self.names:
+            digest = self._remember(self._names_blob())
+            writer.put_blob(self._header_blobs[digest])
         writer.set_header(SegmentHeader(base_step=writer.base_step, placement=placement, params=digest))
+
+
+def _rank_states(names: list[list[str]], refs: list[str], blob: Any) -> list[RankState]:
+    """Per rank (entry names, digests) from the per-rank names and the record's blob digests."""
+    if len(refs) == 1:
+        refs = refs * len(names)
+    if len(refs) != len(names):
+        raise ValueError(f"digests of {len(refs)} ranks for the names of {len(names)}")
+    out = []
+    for rank_names, ref in zip(names, refs, strict=True):
+        digests = statedigest.unpack(blob(ref))
+        if len(digests) != len(rank_names):
+            raise ValueError(f"{len(digests)} state digests for {len(rank_names)} names")
+        out.append((rank_names, digests))
+    return out
+
+
+def _copy_of(source: LogContents, records: list[StepRecord], base: int | None = None) -> LogContents:
+    """``records`` of ``source`` with their headers and the blobs they and their headers name."""
+    headers = {r.step: source.headers[r.step] for r in records if r.step in source.headers}
+    wanted = {d for r in records for d in r.blob_refs()} | {d for h in headers.values() for d in header_refs(h)}
+    return LogContents(
+        source.base_step if base is None else base,
+        records=list(records),
+        blobs={d: source.blobs[d] for d in wanted if d in source.blobs},
+        headers=headers,
+        url=source.url,
+    )

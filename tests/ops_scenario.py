@@ -3,9 +3,11 @@
 ``MOAI_TEST_PLANT`` (read at each step):
 
 - ``bf16``: the first MLP layer's matmul is computed in bfloat16 and cast back (lower precision);
-- ``ordered`` / ``reverse``: the batch mean goes through the custom op ``moai_test::ordered_sum``,
-  which adds the rows in order / in reverse order (a non-deterministic reduction: same inputs,
-  another summation order).
+- ``ordered`` / ``perturbed``: the batch mean goes through the custom op ``moai_test::ordered_sum``,
+  which adds the rows in order; ``perturbed`` also scales the sum by ``1 + 1e-3``, as a
+  non-deterministic reduction would change it (same inputs, another result). A relative 1e-3
+  differs on every machine, where a changed summation order may round to the same bits on some
+  CPUs' kernels.
 
 Snapshots every 2 steps, none at the end, so a run of 3 steps leaves step 3 in the log after the
 snapshot of step 2; ``capture_ops="after_snapshot"`` captures steps 1 and 3.
@@ -24,17 +26,17 @@ import moai_ckpt
 from moai_ckpt.run import Run
 
 PLANT_ENV = "MOAI_TEST_PLANT"
+PERTURBATION = 1e-3
 
 
 @torch.library.custom_op("moai_test::ordered_sum", mutates_args=())
 def ordered_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over dimension 0, one row after another (in reverse when the plant says so)."""
-    rows = list(x.unbind(0))
-    if os.environ.get(PLANT_ENV) == "reverse":
-        rows.reverse()
-    total = torch.zeros_like(rows[0])
-    for row in rows:
+    """Sum over dimension 0, one row after another (off by a relative 1e-3 when the plant says so)."""
+    total = torch.zeros_like(x[0])
+    for row in x.unbind(0):
         total = total + row
+    if os.environ.get(PLANT_ENV) == "perturbed":
+        total = total * (1 + PERTURBATION)
     return total
 
 
@@ -70,7 +72,7 @@ class Net(nn.Module):
             h = x @ self.up.weight.t() + self.up.bias
         h = self.drop(F.gelu(h))
         y = self.norm(self.down(h)) * self.scale
-        if os.environ.get(PLANT_ENV) in ("ordered", "reverse"):  # a custom op: not replayable without its code
+        if os.environ.get(PLANT_ENV) in ("ordered", "perturbed"):  # a custom op: not replayable without its code
             return ordered_sum(y) / y.shape[0]
         return y.mean(0)
 

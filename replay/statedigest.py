@@ -1,0 +1,274 @@
+"""The exact digest of a run's complete tracked state after a step, one entry per tensor.
+
+Every entry of what a snapshot holds gets a digest: each tensor (a module's parameters and
+buffers, optimizer state, any tensor inside a tracked object's state) by `moai_ckpt.digest`,
+where it lives, and each tracked object's non-tensor state (a scheduler's counters, the data
+position, param groups, JSON extras) by the crc32c of its canonical JSON encoding
+(`moai_ckpt.tree`, tensors by their entry names). Entry names are readable and canonical:
+``model/b2.running_var`` (wrapper prefixes dropped), ``optim/state.3.exp_avg``, ``sched``,
+``_data``.
+
+The training thread starts the digests at step end (`capture_state`): CPU tensors are hashed at
+once, device tensors reduced on their stream and read back without a wait, and the JSON trees
+are only built; hashing them and reading the device results is the recorder thread's part
+(`PendingState.wait`). Each rank digests what it holds (a DTensor its local shard).
+
+In the log, a rank's digests are one compact binary blob (`pack`, `unpack`) and the entry
+names are stored once per log (`names_blob`, `names_of`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c as _crc32c
+import torch
+
+from moai_ckpt.capture import kind_of, state_of
+from moai_ckpt.digest import PendingDigests, digest_tensors, local_tensor
+from moai_ckpt.tree import TensorSink, encode
+from moai_ckpt.wrappers import canonical_names
+
+__all__ = ["PendingState", "capture_state", "names_blob", "names_of", "pack", "unpack"]
+
+# a module's live state_dict keys -> canonical names, recomputed only when the keys change
+_CANONICAL: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[str, ...], dict[str, str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@dataclass
+class PendingState:
+    """A step's state digests on their way: tensor digests in flight, JSON trees to hash."""
+
+    names: list[str]
+    tensors: PendingDigests
+    trees: dict[str, Any]  # entry name -> the object's encoded non-tensor state
+
+    def wait(self) -> list[str]:
+        """Every entry's digest, in the order of `names` (waits for the device copies only)."""
+        done = self.tensors.wait()
+        out = []
+        for name in self.names:
+            tree = self.trees.get(name)
+            out.append(done[name] if tree is None else _json_digest(tree))
+        return out
+
+
+def _json_digest(tree: Any) -> str:
+    data = json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()
+    return f"crc32c:{len(data):x}:{_crc32c.crc32c(data):08x}"
+
+
+class _Entries(TensorSink):
+    """The tensors of one tracked object, each named ``<key>/<path below the key>``, once.
+
+    Identical views (tied weights) are one entry; names are unique within one capture. The walk
+    handles tensors and dicts itself (the bulk of any state) and leaves every other value to
+    `moai_ckpt.tree.encode`, so non-tensor state is encoded as a snapshot encodes it.
+    """
+
+    def __init__(self, key: str, used: set[str]) -> None:
+        super().__init__(lambda path: path)
+        self.key = key
+        self.used = used
+        self.names: list[str] = []
+        self.found: list[torch.Tensor] = []
+        self._ids: dict[tuple[Any, ...], str] = {}
+
+    def add(self, path: str, tensor: torch.Tensor) -> str:
+        local = local_tensor(tensor)
+        identity = None
+        pointer = local.data_ptr()  # 0 for a tensor without bytes (empty, meta): never shared
+        if pointer:
+            identity = (pointer, local.dtype, local.shape, local.stride())
+            if identity in self._ids:
+                return self._ids[identity]
+        below = path[len(self.key) + 1 :] if path.startswith(self.key + ".") else "value"
+        name, n = f"{self.key}/{below}", 1
+        while name in self.used:
+            n += 1
+            name = f"{self.key}/{below}#{n}"
+        self.used.add(name)
+        self.names.append(name)
+        self.found.append(tensor)
+        if identity is not None:
+            self._ids[identity] = name
+        return name
+
+    def walk(self, value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+            return {"$tensor": self.add(path, value)}
+        if isinstance(value, Mapping):
+            if all(isinstance(k, str) and not k.startswith("$") for k in value):
+                return {k: self.walk(v, f"{path}.{k}") for k, v in value.items()}
+            return {
+                "$dict": [[encode(k, f"{path}.<key>", self), self.walk(v, f"{path}.{k}")] for k, v in value.items()]
+            }
+        return encode(value, path, self)
+
+
+def _module_state(module: torch.nn.Module) -> dict[str, Any]:
+    state = module.state_dict()
+    keys = tuple(state)
+    cached = _CANONICAL.get(module)
+    if cached is None or cached[0] != keys:
+        cached = (keys, canonical_names(module, keys))
+        _CANONICAL[module] = cached
+    mapping = cached[1]
+    return {mapping[k]: v for k, v in state.items()}
+
+
+def _scaler_state(scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """A GradScaler's state with its scale and growth tracker as tensors.
+
+    ``state_dict()`` reads them with ``.item()``, which waits for a CUDA device.
+    """
+    if not scaler.is_enabled():
+        return {}
+    scale = getattr(scaler, "_scale", None)
+    tracker = getattr(scaler, "_growth_tracker", None)
+    return {
+        "scale": scale if scale is not None else scaler._init_scale,
+        "growth_factor": scaler._growth_factor,
+        "backoff_factor": scaler._backoff_factor,
+        "growth_interval": scaler._growth_interval,
+        "_growth_tracker": tracker if tracker is not None else scaler._init_growth_tracker,
+    }
+
+
+def _tracked_state(obj: Any) -> Any:
+    if isinstance(obj, torch.amp.GradScaler):
+        return _scaler_state(obj)
+    if isinstance(obj, torch.nn.Module):
+        return _module_state(obj)
+    return state_of(obj, kind_of(obj))
+
+
+def capture_state(state: Mapping[str, Any]) -> PendingState:
+    """Start the digests of every entry of ``state`` (the tracked objects, by key).
+
+    Entries of one object: ``<key>`` (its non-tensor state) then ``<key>/<path>`` for each
+    distinct tensor (identical views, such as tied weights, once). Raises
+    `UnserializableStateError` for state a snapshot could not hold either.
+    """
+    used = set(state)
+    names: list[str] = []
+    trees: dict[str, Any] = {}
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for key, obj in state.items():
+        entries = _Entries(key, used)
+        trees[key] = entries.walk(_tracked_state(obj), key)
+        names.append(key)
+        names.extend(entries.names)
+        tensors.extend(zip(entries.names, entries.found, strict=True))
+    return PendingState(names, digest_tensors(tensors), trees)
+
+
+# -- in the log ---------------------------------------------------------------------------------
+
+_META, _CRC, _SUM = 0, 1, 2
+_U32, _U64x2 = struct.Struct("<I"), struct.Struct("<QQ")
+
+
+def _varint(n: int, out: bytearray) -> None:
+    """Append ``n`` as unsigned LEB128 (7 bits a byte, low bits first)."""
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
+    n, shift = 0, 0
+    while True:
+        if offset >= len(data) or shift > 63:
+            raise ValueError(f"state digests cut short at byte {offset}")
+        byte = data[offset]
+        n |= (byte & 0x7F) << shift
+        offset += 1
+        if byte < 0x80:
+            return n, offset
+        shift += 7
+
+
+def pack(digests: list[str]) -> bytes:
+    """A rank's digests as one blob: per entry a tag byte, then its fields.
+
+    ``0``: no bytes (a meta tensor); ``1``: byte length (LEB128), crc32c (u32 LE); ``2``: byte
+    length (LEB128), plain word sum and block-weighted word sum (u64 LE each).
+    """
+    out = bytearray()
+    for digest in digests:
+        kind, _, rest = digest.partition(":")
+        if kind == "meta":
+            out.append(_META)
+        elif kind == "crc32c":
+            length, crc = rest.split(":")
+            out.append(_CRC)
+            _varint(int(length, 16), out)
+            out += _U32.pack(int(crc, 16))
+        elif kind == "sum64":
+            length, plain, weighted = rest.split(":")
+            out.append(_SUM)
+            _varint(int(length, 16), out)
+            out += _U64x2.pack(int(plain, 16), int(weighted, 16))
+        else:
+            raise ValueError(f"unknown digest {digest!r}")
+    return bytes(out)
+
+
+def unpack(data: bytes) -> list[str]:
+    """The digests of `pack` back as strings; raises ValueError on a malformed blob."""
+    out = []
+    offset = 0
+    while offset < len(data):
+        tag = data[offset]
+        if tag == _META:
+            out.append("meta")
+            offset += 1
+            continue
+        if tag not in (_CRC, _SUM):
+            raise ValueError(f"unknown digest tag {tag} at byte {offset}")
+        length, offset = _read_varint(data, offset + 1)
+        fields = _U32 if tag == _CRC else _U64x2
+        if offset + fields.size > len(data):
+            raise ValueError(f"state digests cut short at byte {offset}")
+        if tag == _CRC:
+            (crc,) = _U32.unpack_from(data, offset)
+            out.append(f"crc32c:{length:x}:{crc:08x}")
+        else:
+            plain, weighted = _U64x2.unpack_from(data, offset)
+            out.append(f"sum64:{length:x}:{plain:016x}:{weighted:016x}")
+        offset += fields.size
+    return out
+
+
+def names_blob(per_rank: list[list[str]]) -> bytes:
+    """Every rank's entry names as JSON: a list per rank, or the index of an earlier rank with the same."""
+    out: list[list[str] | int] = []
+    for names in per_rank:
+        same = next((i for i, earlier in enumerate(per_rank[: len(out)]) if earlier == names), None)
+        out.append(names if same is None else same)
+    return json.dumps(out).encode()
+
+
+def names_of(data: bytes) -> list[list[str]]:
+    """Every rank's entry names from `names_blob`; raises ValueError on anything else."""
+    raw = json.loads(data)
+    if not isinstance(raw, list):
+        raise ValueError("state names are not a list")
+    out: list[list[str]] = []
+    for i, item in enumerate(raw):
+        if isinstance(item, int) and 0 <= item < i:
+            out.append(out[item])
+        elif isinstance(item, list) and all(isinstance(n, str) for n in item):
+            out.append(item)
+        else:
+            raise ValueError(f"state names of rank {i} are malformed")
+    return out
