@@ -127,6 +127,7 @@ class Run:
         self._recorder: Recorder | None = None
         self._pending: tuple[int, Any] | None = None  # (step, save handle) of a snapshot being written
         self._last_snapshot = time.monotonic()
+        self._snapshot_step = 0  # the step of the last snapshot taken or restored
         self._stop_signal: int | None = None
         self._params: tuple[list[str], list[torch.Tensor], list[bool]] | None = None
         self._step_state: dict[str, Any] = {}
@@ -343,6 +344,7 @@ class Run:
             self._warn_skipped(latest, target)
         self.step = latest
         self._last_snapshot = time.monotonic()
+        self._snapshot_step = latest
         restore_s = time.perf_counter() - self._started
         # a restore or verify session reads the log as it is; only a live run settles it
         writer, problem = self._open_log(latest) if self.world.rank == 0 and self.session is None else (None, None)
@@ -587,7 +589,10 @@ class Run:
                 self._finish_session()
         decision = recorder.decision(step - self.lag)
         self._maybe_settle_snapshot()
-        if self._snapshot_due(step, decision is not None and decision.snapshot):
+        # a timed snapshot is decided from the results of step - lag; one taken since then (the
+        # steps after it were submitted before its clock reset) has already answered it
+        timed = decision is not None and decision.snapshot and self._snapshot_step < step - self.lag
+        if self._snapshot_due(step, timed):
             self._scheduled_snapshot(step)
         # one process stops after the step in progress; several agree on a step from the results
         # they all gathered (the step in progress or the next one)
@@ -686,6 +691,7 @@ class Run:
 
     def _snapshot(self, step: int) -> None:
         self._last_snapshot = time.monotonic()
+        self._snapshot_step = step
         overwrite = step in self._unusable
         if self.async_snapshots:
             self._settle_snapshot()
