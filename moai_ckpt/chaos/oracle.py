@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,14 @@ def _check_restores(verdict: Verdict, faulty: RunOutcome) -> None:
     with Checkpointer(str(faulty.run_dir), local=True) as ckpt:
         committed = set(ckpt.steps())
         torn = {s for s in committed if s not in corrupted and not ckpt.verify(s).snapshot_ok}
+        # a corrupted snapshot the job later wrote anew (a snapshot taken while replaying over its
+        # step replaces it): restoring the new one after it was written is sound
+        rewritten = {
+            s: datetime.fromisoformat(ckpt.marker(s).body.created).timestamp()
+            for s in committed & set(corrupted)
+            if ckpt.verify(s).snapshot_ok
+        }
+    rewritten = {s: t for s, t in rewritten.items() if t > corrupted[s]}
     bad = []
     for report in reports:
         base = int(report["base_step"])
@@ -187,7 +196,8 @@ def _check_restores(verdict: Verdict, faulty: RunOutcome) -> None:
         )
         if report.get("from_initial_state"):
             continue  # nothing was restored: the job rebuilt step 0 and replayed the log
-        if (base in corrupted and report["_time"] > corrupted[base]) or base in torn:
+        sound_again = base in rewritten and report["_time"] > rewritten[base]
+        if (base in corrupted and report["_time"] > corrupted[base] and not sound_again) or base in torn:
             bad.append(base)
     detail = f"{len(reports)} restart(s) restored steps {sorted({r['base'] for r in verdict.restored})}"
     if corrupted or torn:
