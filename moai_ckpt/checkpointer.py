@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import os
 import sys
 import threading
 import time
@@ -29,6 +29,7 @@ from moai_ckpt.errors import (
     MoaiCkptError,
     SnapshotExistsError,
     SnapshotNotFoundError,
+    UnsafeEntryError,
     UnsupportedFormatError,
 )
 from moai_ckpt.format import (
@@ -36,19 +37,21 @@ from moai_ckpt.format import (
     LOG,
     RUN_INFO,
     SNAPSHOTS,
-    STEP_DIGITS,
     CommitMarker,
     Manifest,
     ObjectRecord,
     RankIndex,
     RunInfo,
+    claim_key,
     load_commit,
+    log_bases,
     log_dir,
     now_iso,
     parse_log_segment,
-    parse_snapshot_dir,
     snapshot_dir,
+    snapshot_steps,
 )
+from moai_ckpt.lease import RunLease, attach, detach, live_lease, read_claim
 from moai_ckpt.results import SaveHandle, SnapshotEntry, VerifyReport
 from moai_ckpt.rng import GlobalRNG
 from moai_ckpt.sharding import Piece, WritePlan, live_targets, local_bytes, local_piece, plan_writes
@@ -62,7 +65,7 @@ from moai_ckpt.snapshot import (
     writer_info,
 )
 from moai_ckpt.staging import HostPool, Staged, Stager
-from moai_ckpt.storage import LocalStorage, RetryPolicy, Storage, open_storage
+from moai_ckpt.storage import RetryPolicy, Storage, open_storage
 from moai_ckpt.tree import tensor_refs
 
 log = logging.getLogger("moai_ckpt")
@@ -94,6 +97,19 @@ class CheckpointerOptions(BaseModel):
     )
     collective_timeout_s: float = Field(
         default=300.0, gt=0, description="bound on every collective of a distributed save or restore"
+    )
+    lease_ttl_s: float = Field(
+        default=30.0,
+        ge=0.5,
+        le=3600,
+        description="the writer's lease on the run lasts this long unless renewed (every third of it); "
+        "another job may take the run over once it lapses",
+    )
+    max_record_bytes: int = Field(
+        default=64 << 20,
+        ge=4096,
+        description="largest metadata object read (commit marker, manifest, rank index, zarr.json, run.json); "
+        "a larger one is refused unread",
     )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
 
@@ -139,6 +155,7 @@ class Checkpointer:
         base = options or CheckpointerOptions()
         self.options = CheckpointerOptions.model_validate({**dict(base), **overrides}) if overrides else base
         self.storage: Storage = open_storage(url, self.options.retry, **storage_options)
+        self.storage.record_limit = self.options.max_record_bytes
         self.url = self.storage.url
         self._executor = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="moai-io")
         self.world: World = current_world(
@@ -149,6 +166,7 @@ class Checkpointer:
         self._pool = HostPool()
         self._background = ThreadPoolExecutor(1, thread_name_prefix="moai-save")
         self._inflight: SaveHandle | None = None
+        self._lease: RunLease | None = None  # the run's writer lease (the coordinator's, once it writes)
         #: what ``run.json`` records about the training function (set by `fault_tolerant`)
         self.run_entry: dict[str, Any] | None = None
 
@@ -159,16 +177,15 @@ class Checkpointer:
         return [self._entry(step) for step in self._listed_steps()]
 
     def _listed_steps(self) -> list[int]:
-        names = self.storage.list_dirs(SNAPSHOTS)
-        return sorted(s for s in map(parse_snapshot_dir, names) if s is not None)
+        return snapshot_steps(self.storage.list_dirs(SNAPSHOTS), self.url)
 
     def _entry(self, step: int) -> SnapshotEntry:
         try:
-            data = self.storage.read(f"{snapshot_dir(step)}/{COMMIT}")
+            # bounded, and refused at once if it is a link, a FIFO or a device
+            data = self.storage.read_record(f"{snapshot_dir(step)}/{COMMIT}")
+            return SnapshotEntry(step, "committed", load_commit(data, url=self.url, step=step))
         except FileNotFoundError:
             return SnapshotEntry(step, "uncommitted")
-        try:
-            return SnapshotEntry(step, "committed", load_commit(data, url=self.url, step=step))
         except UnsupportedFormatError as exc:
             return SnapshotEntry(step, "unsupported", problem=str(exc))
         except CorruptSnapshotError as exc:
@@ -303,6 +320,44 @@ class Checkpointer:
             with self._lock:
                 self._writing.discard(step)
 
+    # -- the run's writer ------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Take the run's writer lease now (collective; the coordinator, rank 0, holds it).
+
+        Saves take it themselves; call this to fail fast, before a long restore and replay, when
+        another job writes the run. See docs/security.md, "Writers and fencing".
+
+        Raises:
+            RunLockedError: another live writer holds the run (named in the message).
+        """
+        self._agree("taking the run's writer lease", lambda: self._writer_lease() if self.world.rank == 0 else None)
+
+    def _writer_lease(self) -> RunLease:
+        """The run's lease, held (coordinator only)."""
+        if self._lease is None:
+            self._lease = attach(self.storage, self.options.lease_ttl_s)
+        self._lease.acquire()
+        return self._lease
+
+    def _prepare_write(self, step: int, overwrite: bool) -> None:
+        """Coordinator, before any rank writes: hold the run, claim the step, clear leftovers."""
+        lease = self._writer_lease()
+        commit_key = f"{snapshot_dir(step)}/{COMMIT}"
+        if not overwrite and self._has_entry(commit_key):
+            raise SnapshotExistsError(
+                "a committed snapshot exists at this step; pass overwrite=True to replace it", url=self.url, step=step
+            )
+        lease.claim(step)  # from here no other writer touches this step
+        self._clear_for_write(step, overwrite)
+
+    def _has_entry(self, key: str) -> bool:
+        """Whether anything is at ``key`` (a link or FIFO counts: it is not ours to ignore)."""
+        try:
+            return self.storage.exists(key)
+        except UnsafeEntryError:
+            return True
+
     def _rng_key(self, rank: int) -> str:
         return RNG_KEY if rank == 0 else f"{RNG_KEY}.{rank}"
 
@@ -353,13 +408,15 @@ class Checkpointer:
             self.options.chunk_bytes,
             devices,
         )
-        # the coordinator clears leftovers of an interrupted save at this step (or refuses to overwrite)
+        # the coordinator takes the run's lease, claims the step and clears leftovers of an
+        # interrupted save there (or refuses to overwrite), before any rank writes a byte
         self._agree(
             f"save of step {step}: preparing",
-            lambda: self._clear_for_write(step, overwrite) if world.rank == 0 else None,
+            lambda: self._prepare_write(step, overwrite) if world.rank == 0 else None,
             step,
         )
-        writer = SnapshotWriter(self.storage, self._executor, step)
+        fence = self._lease.check if world.rank == 0 and self._lease is not None else None
+        writer = SnapshotWriter(self.storage, self._executor, step, fence)
         device_type = sorted({d.split(":")[0] for d in staged.devices.values()} or {"cpu"})[0]
         index = self._agree(
             f"save of step {step}: writing",
@@ -396,9 +453,12 @@ class Checkpointer:
                 info=staged.info,
             )
             manifest_bytes = writer.write_metadata(manifest)
-            return writer.commit(
+            marker = writer.commit(
                 manifest_bytes, manifest, [RankIndex.model_validate(i) for i in indexes], writer_info()
             )
+            if self._lease is not None:
+                self._lease.forget_claim(step)
+            return marker
 
         marker = self._agree(f"save of step {step}: committing", commit, step)
         sealed = world.broadcast_json(marker.to_json() if marker is not None else None, f"save of step {step}: done")
@@ -406,7 +466,7 @@ class Checkpointer:
 
     def _ensure_run_info(self) -> None:
         """Write ``run.json`` (the run's identity) with the first snapshot of a run directory."""
-        if self.storage.exists(RUN_INFO):
+        if self._has_entry(RUN_INFO):
             return
         info = RunInfo(
             run_id=uuid.uuid4().hex,
@@ -415,7 +475,8 @@ class Checkpointer:
             entry=self.run_entry,
             versions=writer_info(),
         )
-        self.storage.write(RUN_INFO, info.model_dump_json(indent=1).encode())
+        with contextlib.suppress(FileExistsError):  # written once, by whoever comes first
+            self.storage.create(RUN_INFO, info.model_dump_json(indent=1).encode())
 
     def _jobs(self, plan: WritePlan, staged: Staged) -> list[tuple[str, ChunkSpan, memoryview]]:
         jobs = []
@@ -451,20 +512,19 @@ class Checkpointer:
         return result  # type: ignore[return-value]
 
     def _clear_for_write(self, step: int, overwrite: bool) -> None:
+        """Coordinator, holding the step's claim: remove what an interrupted save left there.
+
+        Everything goes but the claim, whatever its names or kinds (a stray ``.nfs…`` file, a
+        link, which is removed, never followed); a committed marker first, so readers never see
+        a mix of two snapshots.
+        """
         prefix = snapshot_dir(step)
-        existing = self.storage.list(prefix)
-        if not existing:
-            return
         commit_key = f"{prefix}/{COMMIT}"
-        if commit_key in existing:
-            if not overwrite:
-                raise SnapshotExistsError(
-                    "a committed snapshot exists at this step; pass overwrite=True to replace it",
-                    url=self.url,
-                    step=step,
-                )
-            self.storage.delete([commit_key])  # un-commit first: readers never see a mix
-        self.storage.delete_prefix(prefix)
+        if not overwrite and self._has_entry(commit_key):
+            raise SnapshotExistsError(
+                "a committed snapshot exists at this step; pass overwrite=True to replace it", url=self.url, step=step
+            )
+        self.storage.delete_tree(prefix, first=[commit_key], keep=[claim_key(step)])
 
     # -- restore -------------------------------------------------------------------------------
 
@@ -626,16 +686,24 @@ class Checkpointer:
             if e.step < latest or self._idle_for(e.step) >= self.options.leftover_grace_s:
                 doomed.add(e.step)
         doomed -= busy
+        doomed -= self._claimed_elsewhere(doomed - set(committed))
         if not dry_run:
             for s in sorted(doomed):
                 prefix = snapshot_dir(s)
-                self.storage.delete([f"{prefix}/{COMMIT}"])  # un-commit first
-                self.storage.delete_prefix(prefix)
+                # everything below is listed and checked first, then un-committed, then deleted
+                self.storage.delete_tree(prefix, first=[f"{prefix}/{COMMIT}"])
                 log.info("pruned step %d from %s", s, self.url)
             kept = [s for s in committed if s not in doomed]
             if kept:
                 self._prune_logs(kept[0])
         return sorted(doomed)
+
+    def _claimed_elsewhere(self, steps: set[int]) -> set[int]:
+        """Uncommitted steps that another process is writing: claimed under the run's live lease."""
+        lease = live_lease(self.storage) if steps else None
+        if lease is None or (self._lease is not None and lease.epoch == self._lease.epoch):
+            return set()  # no live writer, or it is this process (its own saves are in `busy`)
+        return {s for s in steps if (claim := read_claim(self.storage, s)) is not None and claim.epoch == lease.epoch}
 
     def _prune_logs(self, oldest_kept: int) -> None:
         """Delete the op-stream logs of snapshots older than ``oldest_kept``.
@@ -645,11 +713,10 @@ class Checkpointer:
         records there alone).
         """
         last_steps: dict[int, int] = {}
-        for name in self.storage.list_dirs(LOG):
-            if name.isdigit() and len(name) == STEP_DIGITS:
-                names = [k.rsplit("/", 1)[-1] for k in self.storage.list(log_dir(int(name)))]
-                ends = [p[1] for p in map(parse_log_segment, names) if p is not None]
-                last_steps[int(name)] = max(ends, default=int(name))
+        for base in log_bases(self.storage.list_dirs(LOG), self.url):
+            names = [k.rsplit("/", 1)[-1] for k in self.storage.list(log_dir(base))]
+            ends = [p[1] for p in map(parse_log_segment, names) if p is not None]
+            last_steps[base] = max(ends, default=base)
         later_end = max((end for base, end in last_steps.items() if base >= oldest_kept), default=-1)
         older = sorted(b for b in last_steps if b < oldest_kept)
         for base in older:
@@ -661,14 +728,10 @@ class Checkpointer:
     def _idle_for(self, step: int) -> float:
         """Seconds since anything in an uncommitted snapshot changed.
 
-        Known on local storage only; elsewhere 0, so such a directory is never taken for abandoned.
+        0 where the storage cannot tell, so such a directory is never taken for abandoned.
         """
-        root = getattr(self.storage, "root", None)
-        path = os.path.join(root, snapshot_dir(step)) if isinstance(self.storage, LocalStorage) and root else None
-        if path is None or not os.path.isdir(path):
-            return 0.0
-        times = [os.stat(os.path.join(d, f)).st_mtime for d, _, files in os.walk(path) for f in files]
-        return time.time() - max(times, default=os.stat(path).st_mtime)
+        newest = self.storage.newest_change(snapshot_dir(step))
+        return 0.0 if newest is None else max(time.time() - newest, 0.0)
 
     def wait(self) -> CommitMarker | None:
         """Wait for the save in flight, if any; returns its marker (raises its error)."""
@@ -684,6 +747,9 @@ class Checkpointer:
             self._executor.shutdown(wait=True)
             self._pool.clear()
             self.world.close()
+            lease, self._lease = self._lease, None
+            if lease is not None:
+                detach(lease)  # the last Checkpointer of the run in this process releases it
 
     def __enter__(self) -> Checkpointer:
         return self

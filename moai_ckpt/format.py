@@ -374,6 +374,9 @@ class LeaseRecord(_Record):
     renewed_at: float = Field(description="Unix time of the last renewal")
     expires_at: float = Field(description="Unix time after which the lease may be taken over")
     ttl_s: float = Field(gt=0)
+    fenced_until: float = Field(
+        default=0.0, description="until this Unix time, claims of older epochs may belong to a live writer"
+    )
     released: bool = Field(default=False, description="the writer closed the run and gave the lease up")
 
 

@@ -94,7 +94,7 @@ class NoFollowTree:
                 raise
             raise self._not_a_directory(fd, name, where, create, exc) from None
 
-    def _not_a_directory(self, fd: int, name: str, where: str, create: bool, exc: OSError) -> OSError:
+    def _not_a_directory(self, fd: int, name: str, where: str, create: bool, exc: OSError) -> Exception:
         """What a path segment that is not a directory means: a link or special file is refused;
         a plain file means the key does not exist (reading) or cannot be made (writing)."""
         try:
@@ -157,7 +157,7 @@ class NoFollowTree:
             raise
         return fd, st
 
-    def _refused_at(self, dfd: int, leaf: str, key: str, exc: OSError) -> OSError:
+    def _refused_at(self, dfd: int, leaf: str, key: str, exc: OSError) -> Exception:
         try:
             kind = kind_of(os.stat(leaf, dir_fd=dfd, follow_symlinks=False).st_mode)
         except OSError:

@@ -361,9 +361,25 @@ class Storage:
             pass
         else:
             raise FileExistsError(errno.EEXIST, "an object exists here", key)
-        self._write(key, [data])
-        if not self._stored_equals(key, data):
-            raise FileExistsError(errno.EEXIST, "another writer created this object at the same moment", key)
+        stored: bytes | None = b""
+        for _ in range(_TORN_REWRITES):
+            with contextlib.suppress(_TornWrite):
+                self._write(key, [data])
+            try:
+                stored = self._read_record(key, len(data))
+            except ObjectTooLargeError:
+                stored = None
+            if stored == data:
+                return
+            if stored is None or not data.startswith(stored):
+                raise FileExistsError(errno.EEXIST, "another writer created this object at the same moment", key)
+            # a torn prefix of our own bytes: past the check the object is ours, so write it again
+        raise TruncatedDataError(
+            f"the object reads back {len(stored or b'')} of the {len(data)} bytes written, "
+            f"{_TORN_REWRITES} times (torn writes)",
+            url=self.url,
+            key=key,
+        )
 
     def _stored_equals(self, key: str, data: bytes) -> bool:
         """Whether the object at ``key`` holds exactly ``data`` (read no more than that)."""
@@ -691,6 +707,8 @@ class _TornWrite(ConnectionError):
     """A write the storage reported as done left fewer bytes than were written (retried)."""
 
 
+_TORN_REWRITES = 4  # an emulated exclusive create rewrites its own torn object this often
+
 # Retry jitter draws from a generator of its own: a retried storage call must never move the
 # training job's global random streams (tenacity's wait_random uses the `random` module's).
 _JITTER = random.Random()
@@ -947,7 +965,7 @@ def _layers(fs: fsspec.AbstractFileSystem) -> list[fsspec.AbstractFileSystem]:
     """``fs`` and the file systems it wraps, outermost first."""
     layers = [fs]
     while isinstance(layers[-1], ChainedFileSystem) and isinstance(getattr(layers[-1], "fs", None), AbstractFileSystem):
-        layers.append(layers[-1].fs)  # type: ignore[attr-defined]
+        layers.append(layers[-1].fs)
     return layers
 
 
