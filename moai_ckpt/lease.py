@@ -308,7 +308,7 @@ class RunLease:
         certainly alive), return why it may be taken over once it stays silent for a whole TTL,
         or None if the run changed hands meanwhile."""
         if same_pid_space(first.writer, self.me):  # its process is alive: no need to wait
-            raise self._locked(first)
+            raise self._locked(first, "its process is alive on this host")
         log.warning(
             "the run %s is held by %s; watching its lease for up to %.0f s",
             self.url,
@@ -324,18 +324,18 @@ class RunLease:
             if record is None:
                 return f"lease epoch {epoch} became unreadable"
             if record.renewed_at != first.renewed_at:
-                raise self._locked(record)
+                raise self._locked(record, "it is being renewed")
             reason, _ = self._verdict(epoch, record)
             if reason is not None:
                 return reason
         return f"{first.writer.describe()} did not renew its lease for {first.ttl_s:g} s"
 
-    def _locked(self, record: LeaseRecord) -> RunLockedError:
+    def _locked(self, record: LeaseRecord, alive: str) -> RunLockedError:
         left = record.expires_at - time.time()
         return RunLockedError(
             f"the run is held by another writer: {record.writer.describe()} (lease epoch {record.epoch}); its lease "
-            f"expires at {_iso(record.expires_at)} (in {max(left, 0):.0f} s) unless renewed, and it is being "
-            "renewed. Stop that job, or write to another run directory",
+            f"expires at {_iso(record.expires_at)} (in {max(left, 0):.0f} s) unless renewed, and {alive}. "
+            "Stop that job, or write to another run directory",
             url=self.url,
         )
 
