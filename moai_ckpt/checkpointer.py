@@ -44,7 +44,7 @@ from moai_ckpt.format import (
     RunInfo,
     claim_key,
     load_commit,
-    log_bases,
+    log_base_steps,
     log_dir,
     now_iso,
     parse_log_segment,
@@ -343,20 +343,33 @@ class Checkpointer:
     def _prepare_write(self, step: int, overwrite: bool) -> None:
         """Coordinator, before any rank writes: hold the run, claim the step, clear leftovers."""
         lease = self._writer_lease()
-        commit_key = f"{snapshot_dir(step)}/{COMMIT}"
-        if not overwrite and self._has_entry(commit_key):
-            raise SnapshotExistsError(
-                "a committed snapshot exists at this step; pass overwrite=True to replace it", url=self.url, step=step
-            )
+        self._refuse_or_clear_marker(step, overwrite)
         lease.claim(step)  # from here no other writer touches this step
         self._clear_for_write(step, overwrite)
 
-    def _has_entry(self, key: str) -> bool:
-        """Whether anything is at ``key`` (a link or FIFO counts: it is not ours to ignore)."""
+    def _refuse_or_clear_marker(self, step: int, overwrite: bool) -> None:
+        """Refuse to write over a commit marker (valid or damaged) unless ``overwrite``.
+
+        A link or special file where the step's directory belongs is no snapshot: it is removed
+        (the entry itself; a link is never followed) so the step can be written.
+        """
+        prefix = snapshot_dir(step)
         try:
-            return self.storage.exists(key)
-        except UnsafeEntryError:
-            return True
+            marked = self.storage.exists(f"{prefix}/{COMMIT}")
+        except UnsafeEntryError as exc:
+            if exc.key != prefix:
+                marked = True  # a link or FIFO as the marker: not ours to ignore
+            else:
+                log.warning("removing %s from %s: %s", prefix, self.url, exc)
+                self.storage.delete_tree(prefix)
+                marked = False
+        if marked and not overwrite:
+            raise SnapshotExistsError(
+                "a commit marker exists at this step (a committed snapshot, or a damaged one: see "
+                "`moai-ckpt list --all`); pass overwrite=True to replace it",
+                url=self.url,
+                step=step,
+            )
 
     def _rng_key(self, rank: int) -> str:
         return RNG_KEY if rank == 0 else f"{RNG_KEY}.{rank}"
@@ -466,8 +479,11 @@ class Checkpointer:
 
     def _ensure_run_info(self) -> None:
         """Write ``run.json`` (the run's identity) with the first snapshot of a run directory."""
-        if self._has_entry(RUN_INFO):
-            return
+        try:
+            if self.storage.exists(RUN_INFO):
+                return
+        except UnsafeEntryError:
+            return  # a link or FIFO named run.json: left alone, never written through
         info = RunInfo(
             run_id=uuid.uuid4().hex,
             created=now_iso(),
@@ -518,13 +534,9 @@ class Checkpointer:
         link, which is removed, never followed); a committed marker first, so readers never see
         a mix of two snapshots.
         """
+        self._refuse_or_clear_marker(step, overwrite)  # again, under the claim
         prefix = snapshot_dir(step)
-        commit_key = f"{prefix}/{COMMIT}"
-        if not overwrite and self._has_entry(commit_key):
-            raise SnapshotExistsError(
-                "a committed snapshot exists at this step; pass overwrite=True to replace it", url=self.url, step=step
-            )
-        self.storage.delete_tree(prefix, first=[commit_key], keep=[claim_key(step)])
+        self.storage.delete_tree(prefix, first=[f"{prefix}/{COMMIT}"], keep=[claim_key(step)])
 
     # -- restore -------------------------------------------------------------------------------
 
@@ -713,7 +725,7 @@ class Checkpointer:
         records there alone).
         """
         last_steps: dict[int, int] = {}
-        for base in log_bases(self.storage.list_dirs(LOG), self.url):
+        for base in log_base_steps(self.storage.list_dirs(LOG), self.url):
             names = [k.rsplit("/", 1)[-1] for k in self.storage.list(log_dir(base))]
             ends = [p[1] for p in map(parse_log_segment, names) if p is not None]
             last_steps[base] = max(ends, default=base)

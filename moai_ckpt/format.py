@@ -118,7 +118,7 @@ def snapshot_steps(names: Iterable[str], url: str) -> list[int]:
     return steps_in(names, f"{url}/{SNAPSHOTS}")
 
 
-def log_bases(names: Iterable[str], url: str) -> list[int]:
+def log_base_steps(names: Iterable[str], url: str) -> list[int]:
     """Base steps of a ``log/`` listing (see `steps_in`)."""
     return steps_in(names, f"{url}/{LOG}", ignore=_LOG_NON_STEPS)
 
