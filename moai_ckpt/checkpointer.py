@@ -26,6 +26,7 @@ from moai_ckpt.distributed import CoordinationError, RankLostError, World, curre
 from moai_ckpt.dtypes import from_name, stored_dtype
 from moai_ckpt.errors import (
     CorruptSnapshotError,
+    FencingError,
     MoaiCkptError,
     SnapshotExistsError,
     SnapshotNotFoundError,
@@ -289,6 +290,9 @@ class Checkpointer:
         def persist() -> CommitMarker:
             try:
                 return self._persist(staged, overwrite=overwrite, progress=progress)
+            except Exception as exc:
+                self._drop_claim(step, exc)
+                raise
             finally:
                 claim.__exit__(None, None, None)
 
@@ -316,9 +320,18 @@ class Checkpointer:
             self._writing.add(step)
         try:
             yield
+        except Exception as exc:
+            self._drop_claim(step, exc)
+            raise
         finally:
             with self._lock:
                 self._writing.discard(step)
+
+    def _drop_claim(self, step: int, error: Exception) -> None:
+        """After a failed save, give up this writer's storage claim on ``step`` (if it made one):
+        its leftovers are then plain leftovers. A writer fenced off touches nothing more."""
+        if self._lease is not None and not isinstance(error, FencingError):
+            self._lease.forget_claim(step)
 
     # -- the run's writer ------------------------------------------------------------------------
 

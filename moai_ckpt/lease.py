@@ -189,6 +189,7 @@ class RunLease:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._claimed: set[int] = set()  # steps this process claimed and has not let go of
         self.users = 0
 
     @property
@@ -231,7 +232,10 @@ class RunLease:
         epoch = (top or 0) + 1
         now, started = time.time(), time.monotonic()
         inherited = record.fenced_until if record is not None else 0.0
-        fenced_until = max(inherited, now + self.ttl_s + self.margin_s if unsure else 0.0)
+        # a holder that may still live stops by itself within its own TTL of its last renewal;
+        # its claims stay off limits for one more TTL (the longer of the two) after the takeover
+        grace = max(self.ttl_s, record.ttl_s if record is not None else 0.0) + self.margin_s
+        fenced_until = max(inherited, now + grace if unsure else 0.0)
         body = self._record(epoch, now, fenced_until)
         try:
             self.storage.create(lease_key(epoch), body.model_dump_json(indent=1).encode())
@@ -435,6 +439,7 @@ class RunLease:
         data = body.model_dump_json(indent=1).encode()
         try:
             self.storage.create(key, data)
+            self._claimed.add(step)
             return
         except FileExistsError:
             pass
@@ -448,6 +453,7 @@ class RunLease:
             raise StepClaimedError(
                 "another writer claimed this step at the same moment", url=self.url, step=step, key=key
             ) from None
+        self._claimed.add(step)
 
     def _stale(self, step: int, claim: ClaimRecord | None) -> str:
         """Why an existing claim on ``step`` may be replaced; raises while it may be live."""
@@ -477,7 +483,13 @@ class RunLease:
         return f"left by {who}, whose lease was taken over"
 
     def forget_claim(self, step: int) -> None:
-        """Remove this writer's claim on ``step`` after its commit (best effort)."""
+        """Remove this writer's claim on ``step`` (after its commit, or its failure), if it made one.
+
+        Best effort: a claim left behind is this process's own and stale to it.
+        """
+        if step not in self._claimed:
+            return
+        self._claimed.discard(step)
         try:
             self.storage.delete([claim_key(step)])
         except (MoaiCkptError, OSError) as exc:
@@ -570,7 +582,10 @@ def _release_all() -> None:
         held = [lease for (pid, _), lease in _leases.items() if pid == os.getpid()]
         _leases.clear()
     for lease in held:
-        lease.release()
+        try:
+            lease.release()
+        except Exception as exc:  # noqa: BLE001 - at exit, one run's failure must not stop the others'
+            log.warning("could not release the writer lease of %s at exit: %s", lease.url, exc)
 
 
 __all__ = [

@@ -330,3 +330,23 @@ def test_a_lease_that_lapsed_in_this_process_fails_the_commit(target: Target) ->
         with pytest.raises(LeaseLostError, match="not renewed in time"):
             ckpt.save(1, {"x": {"v": 1}})
         assert ckpt.steps() == []
+
+
+def test_a_failed_save_lets_go_of_its_claim_and_a_refused_one_touches_none(tmp_path: Path) -> None:
+    from moai_ckpt.testing import FaultPlan
+
+    run = tmp_path / "run"
+    plan = FaultPlan(permanent_nth=[1], ops={"write"}, paths=["*/c/*"])
+    with moai_ckpt.Checkpointer(f"faulty://{run}", target_protocol="file", plan=plan) as ckpt:
+        with pytest.raises(moai_ckpt.StorageError):
+            ckpt.save(3, {"t": torch.ones(8)})
+        assert not ckpt.storage.exists(f"{snapshot_dir(3)}/{CLAIM}")
+        ckpt.save(3, {"t": torch.ones(8)})
+        assert ckpt.steps() == [3]
+        # another writer's claim on a step is left alone by a save that is refused before claiming
+        foreign = f"{snapshot_dir(4)}/{CLAIM}"
+        ckpt.storage.write(foreign, b"not ours")
+        ckpt.storage.write(f"{snapshot_dir(4)}/commit.json", b"{}")
+        with pytest.raises(moai_ckpt.SnapshotExistsError):
+            ckpt.save(4, {"t": torch.ones(8)})
+        assert ckpt.storage.read(foreign) == b"not ours"
