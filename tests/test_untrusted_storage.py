@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import moai_ckpt
+from moai_ckpt import cli
 from moai_ckpt.format import COMMIT, LOG, log_dir, snapshot_dir
 from replay.log import log_bases
 
@@ -115,6 +117,13 @@ def test_a_marker_that_is_a_fifo_or_a_device_is_invalid_at_once(run_dir: str, ki
     else:
         os.symlink("/dev/zero", marker)
     started = time.monotonic()
+    listed = within(30, lambda: CliRunner().invoke(cli.app, ["list", run_dir, "--all", "--json"]))
+    assert listed.exit_code == 0, listed.output
+    assert {e["step"]: e["status"] for e in json.loads(listed.stdout)} == {
+        10: "committed",
+        20: "committed",
+        30: "invalid",
+    }
     entries = within(30, ckpt.scan)
     assert [(e.step, e.status) for e in entries] == [(10, "committed"), (20, "committed"), (30, "invalid")]
     assert "refusing" in entries[2].problem
