@@ -56,8 +56,8 @@ STEP_DIGITS = 12
 _STEP_NAME = re.compile(r"[0-9]{12}", re.ASCII)
 _SEGMENT_NAME = re.compile(r"([0-9]{12})-([0-9]{12})\.seg", re.ASCII)
 _LEASE_NAME = re.compile(r"([0-9]{12})\.json", re.ASCII)
-#: names below ``log/`` that are ours but not a log (see moai_ckpt.run.quarantine)
-_LOG_NON_STEPS = frozenset({"quarantine"})
+#: names below ``log/`` that are ours but not a log (moai_ckpt.run.quarantine, replay.opstore)
+_LOG_NON_STEPS = frozenset({"quarantine", "ops"})
 
 
 def snapshot_dir(step: int) -> str:

@@ -317,7 +317,7 @@ class RunLease:
             "the run %s is held by %s; watching its lease for up to %.0f s",
             self.url,
             first.writer.describe(),
-            self.ttl_s,
+            first.ttl_s,
         )
         deadline = time.monotonic() + first.ttl_s + self.margin_s
         while time.monotonic() < deadline:
