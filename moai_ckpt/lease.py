@@ -507,7 +507,8 @@ class RunLease:
             if epoch is None or self._lost is not None or self.me.pid != os.getpid():
                 return
             try:
-                if not self.storage.exists(lease_key(epoch + 1)):
+                # not if a newer writer took over, nor if the run (or its lease) was deleted meanwhile
+                if self.storage.exists(lease_key(epoch)) and not self.storage.exists(lease_key(epoch + 1)):
                     record = self._record(epoch, time.time(), self.fenced_until, released=True)
                     self.storage.write(lease_key(epoch), record.model_dump_json(indent=1).encode())
             except (MoaiCkptError, OSError) as exc:

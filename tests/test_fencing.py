@@ -182,6 +182,7 @@ def test_a_second_job_is_refused_naming_the_first_until_it_closes(target: Target
             holder.finish()  # closes its Checkpointer: the lease is released
             second.save(1, {"x": {"v": 1}})
             assert second.steps() == [1]
+            assert second._lease is not None and second._lease.takeover.endswith("released it")
     finally:
         holder.kill()
 
