@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import operator
-import os
 import threading
 import time
 import uuid
@@ -28,10 +28,12 @@ from moai_ckpt.distributed import CoordinationError, RankLostError, World, curre
 from moai_ckpt.dtypes import from_name, stored_dtype
 from moai_ckpt.errors import (
     CorruptSnapshotError,
+    FencingError,
     InvalidArgumentError,
     MoaiCkptError,
     SnapshotExistsError,
     SnapshotNotFoundError,
+    UnsafeEntryError,
     UnserializableStateError,
     UnsupportedFormatError,
     redact_url,
@@ -47,13 +49,16 @@ from moai_ckpt.format import (
     ObjectRecord,
     RankIndex,
     RunInfo,
+    claim_key,
     load_commit,
+    log_base_steps,
     log_dir,
     now_iso,
     parse_log_segment,
-    parse_snapshot_dir,
     snapshot_dir,
+    snapshot_steps,
 )
+from moai_ckpt.lease import RunLease, attach, detach, live_lease, read_claim
 from moai_ckpt.ranklocal import RankLocalChoice, choose, find_rank_local, split_pieces
 from moai_ckpt.results import RestoreInfo, SaveHandle, SnapshotEntry, VerifyReport, skipped_message
 from moai_ckpt.rng import GlobalRNG
@@ -77,7 +82,7 @@ from moai_ckpt.snapshot import (
     writer_info,
 )
 from moai_ckpt.staging import HostPool, Staged, Stager
-from moai_ckpt.storage import LocalStorage, RetryPolicy, Storage, open_storage
+from moai_ckpt.storage import RetryPolicy, Storage, open_storage
 from moai_ckpt.tree import MAX_DEPTH, json_depth, tensor_refs
 
 log = logging.getLogger("moai_ckpt")
@@ -149,6 +154,19 @@ class CheckpointerOptions(BaseModel):
         ge=1,
         description="largest array a restore or verify allocates; larger records are refused before any allocation",
     )
+    lease_ttl_s: float = Field(
+        default=30.0,
+        ge=0.5,
+        le=3600,
+        description="the writer's lease on the run lasts this long unless renewed (every third of it); "
+        "another job may take the run over once it lapses",
+    )
+    max_record_bytes: int = Field(
+        default=64 << 20,
+        ge=4096,
+        description="largest metadata object read (commit marker, manifest, rank index, zarr.json, run.json); "
+        "a larger one is refused unread",
+    )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
 
 
@@ -193,6 +211,7 @@ class Checkpointer:
         base = options or CheckpointerOptions()
         self.options = CheckpointerOptions.model_validate({**dict(base), **overrides}) if overrides else base
         self.storage: Storage = open_storage(url, self.options.retry, **storage_options)
+        self.storage.record_limit = self.options.max_record_bytes
         self.url = self.storage.url
         self._executor = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="moai-io")
         self.world: World = current_world(
@@ -203,6 +222,7 @@ class Checkpointer:
         self._pool = HostPool()
         self._background = ThreadPoolExecutor(1, thread_name_prefix="moai-save")
         self._inflight: SaveHandle | None = None
+        self._lease: RunLease | None = None  # the run's writer lease (the coordinator's, once it writes)
         #: what ``run.json`` records about the training function (set by `fault_tolerant`)
         self.run_entry: dict[str, Any] | None = None
         #: what the last `restore` loaded: its step, and which rank's copy of rank-local state
@@ -215,16 +235,15 @@ class Checkpointer:
         return [self._entry(step) for step in self._listed_steps()]
 
     def _listed_steps(self) -> list[int]:
-        names = self.storage.list_dirs(SNAPSHOTS)
-        return sorted(s for s in map(parse_snapshot_dir, names) if s is not None)
+        return snapshot_steps(self.storage.list_dirs(SNAPSHOTS), self.url)
 
     def _entry(self, step: int) -> SnapshotEntry:
         try:
-            data = self.storage.read(f"{snapshot_dir(step)}/{COMMIT}")
+            # bounded, and refused at once if it is a link, a FIFO or a device
+            data = self.storage.read_record(f"{snapshot_dir(step)}/{COMMIT}")
+            return SnapshotEntry(step, "committed", load_commit(data, url=self.url, step=step))
         except FileNotFoundError:
             return SnapshotEntry(step, "uncommitted")
-        try:
-            return SnapshotEntry(step, "committed", load_commit(data, url=self.url, step=step))
         except UnsupportedFormatError as exc:
             return SnapshotEntry(step, "unsupported", problem=str(exc))
         except CorruptSnapshotError as exc:
@@ -331,6 +350,9 @@ class Checkpointer:
         def persist() -> CommitMarker:
             try:
                 return self._persist(staged, overwrite=overwrite, progress=progress)
+            except Exception as exc:
+                self._drop_claim(step, exc)
+                raise
             finally:
                 claim.__exit__(None, None, None)
 
@@ -373,9 +395,69 @@ class Checkpointer:
             self._writing.add(step)
         try:
             yield
+        except Exception as exc:
+            self._drop_claim(step, exc)
+            raise
         finally:
             with self._lock:
                 self._writing.discard(step)
+
+    def _drop_claim(self, step: int, error: Exception) -> None:
+        """After a failed save, give up this writer's storage claim on ``step`` (if it made one):
+        its leftovers are then plain leftovers. A writer fenced off touches nothing more."""
+        if self._lease is not None and not isinstance(error, FencingError):
+            self._lease.forget_claim(step)
+
+    # -- the run's writer ------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Take the run's writer lease now (collective; the coordinator, rank 0, holds it).
+
+        Saves take it themselves; call this to fail fast, before a long restore and replay, when
+        another job writes the run. See docs/security.md, "Writers and fencing".
+
+        Raises:
+            RunLockedError: another live writer holds the run (named in the message).
+        """
+        self._agree("taking the run's writer lease", lambda: self._writer_lease() if self.world.rank == 0 else None)
+
+    def _writer_lease(self) -> RunLease:
+        """The run's lease, held (coordinator only)."""
+        if self._lease is None:
+            self._lease = attach(self.storage, self.options.lease_ttl_s)
+        self._lease.acquire()
+        return self._lease
+
+    def _prepare_write(self, step: int, overwrite: bool) -> None:
+        """Coordinator, before any rank writes: hold the run, claim the step, clear leftovers."""
+        lease = self._writer_lease()
+        self._refuse_or_clear_marker(step, overwrite)
+        lease.claim(step)  # from here no other writer touches this step
+        self._clear_for_write(step, overwrite)
+
+    def _refuse_or_clear_marker(self, step: int, overwrite: bool) -> None:
+        """Refuse to write over a commit marker (valid or damaged) unless ``overwrite``.
+
+        A link or special file where the step's directory belongs is no snapshot: it is removed
+        (the entry itself; a link is never followed) so the step can be written.
+        """
+        prefix = snapshot_dir(step)
+        try:
+            marked = self.storage.exists(f"{prefix}/{COMMIT}")
+        except UnsafeEntryError as exc:
+            if exc.key != prefix:
+                marked = True  # a link or FIFO as the marker: not ours to ignore
+            else:
+                log.warning("removing %s from %s: %s", prefix, self.url, exc)
+                self.storage.delete_tree(prefix)
+                marked = False
+        if marked and not overwrite:
+            raise SnapshotExistsError(
+                "a commit marker exists at this step (a committed snapshot, or a damaged one: see "
+                "`moai-ckpt list --all`); pass overwrite=True to replace it",
+                url=self.url,
+                step=step,
+            )
 
     def _rng_key(self, rank: int) -> str:
         return RNG_KEY if rank == 0 else f"{RNG_KEY}.{rank}"
@@ -453,13 +535,15 @@ class Checkpointer:
         if rank_local and world.rank == 0:
             log.info("step %d: %d array(s) differ between ranks and are stored per rank", step, len(rank_local))
         plan = plan_writes(split_pieces(pieces, rank_local), self.options.chunk_bytes, devices)
-        # the coordinator clears leftovers of an interrupted save at this step (or refuses to overwrite)
+        # the coordinator takes the run's lease, claims the step and clears leftovers of an
+        # interrupted save there (or refuses to overwrite), before any rank writes a byte
         self._agree(
             f"save of step {step}: preparing",
-            lambda: self._clear_for_write(step, overwrite) if world.rank == 0 else None,
+            lambda: self._prepare_write(step, overwrite) if world.rank == 0 else None,
             step,
         )
-        writer = SnapshotWriter(self.storage, self._executor, step)
+        fence = self._lease.check if world.rank == 0 and self._lease is not None else None
+        writer = SnapshotWriter(self.storage, self._executor, step, fence)
         device_type = sorted({d.split(":")[0] for d in staged.devices.values()} or {"cpu"})[0]
         index = self._agree(
             f"save of step {step}: writing",
@@ -498,9 +582,12 @@ class Checkpointer:
             if rank_local:
                 manifest = Manifest.model_validate({**manifest.model_dump(), "rank_local": rank_local})
             manifest_bytes = writer.write_metadata(manifest)
-            return writer.commit(
+            marker = writer.commit(
                 manifest_bytes, manifest, [RankIndex.model_validate(i) for i in indexes], writer_info()
             )
+            if self._lease is not None:
+                self._lease.forget_claim(step)
+            return marker
 
         marker = self._agree(f"save of step {step}: committing", commit, step)
         sealed = world.broadcast_json(marker.to_json() if marker is not None else None, f"save of step {step}: done")
@@ -508,8 +595,11 @@ class Checkpointer:
 
     def _ensure_run_info(self) -> None:
         """Write ``run.json`` (the run's identity) with the first snapshot of a run directory."""
-        if self.storage.exists(RUN_INFO):
-            return
+        try:
+            if self.storage.exists(RUN_INFO):
+                return
+        except UnsafeEntryError:
+            return  # a link or FIFO named run.json: left alone, never written through
         info = RunInfo(
             run_id=uuid.uuid4().hex,
             created=now_iso(),
@@ -517,7 +607,8 @@ class Checkpointer:
             entry=self.run_entry,
             versions=writer_info(),
         )
-        self.storage.write(RUN_INFO, info.model_dump_json(indent=1).encode())
+        with contextlib.suppress(FileExistsError):  # written once, by whoever comes first
+            self.storage.create(RUN_INFO, info.model_dump_json(indent=1).encode())
 
     def _jobs(
         self, plan: WritePlan, staged: Staged, rank_local: Mapping[str, Mapping[int, str]]
@@ -558,20 +649,15 @@ class Checkpointer:
         return result  # type: ignore[return-value]
 
     def _clear_for_write(self, step: int, overwrite: bool) -> None:
+        """Coordinator, holding the step's claim: remove what an interrupted save left there.
+
+        Everything goes but the claim, whatever its names or kinds (a stray ``.nfs…`` file, a
+        link, which is removed, never followed); a committed marker first, so readers never see
+        a mix of two snapshots.
+        """
+        self._refuse_or_clear_marker(step, overwrite)  # again, under the claim
         prefix = snapshot_dir(step)
-        existing = self.storage.list(prefix)
-        if not existing:
-            return
-        commit_key = f"{prefix}/{COMMIT}"
-        if commit_key in existing:
-            if not overwrite:
-                raise SnapshotExistsError(
-                    "a committed snapshot exists at this step; pass overwrite=True to replace it",
-                    url=self.url,
-                    step=step,
-                )
-            self.storage.delete([commit_key])  # un-commit first: readers never see a mix
-        self.storage.delete_prefix(prefix)
+        self.storage.delete_tree(prefix, first=[f"{prefix}/{COMMIT}"], keep=[claim_key(step)])
 
     # -- restore -------------------------------------------------------------------------------
 
@@ -783,16 +869,24 @@ class Checkpointer:
             if e.step < latest or self._idle_for(e.step) >= self.options.leftover_grace_s:
                 doomed.add(e.step)
         doomed -= busy
+        doomed -= self._claimed_elsewhere(doomed - set(committed))
         if not dry_run:
             for s in sorted(doomed):
                 prefix = snapshot_dir(s)
-                self.storage.delete([f"{prefix}/{COMMIT}"])  # un-commit first
-                self.storage.delete_prefix(prefix)
+                # everything below is listed and checked first, then un-committed, then deleted
+                self.storage.delete_tree(prefix, first=[f"{prefix}/{COMMIT}"])
                 log.info("pruned step %d from %s", s, redact_url(self.url))
             kept = [s for s in committed if s not in doomed]
             if kept:
                 self._prune_logs(kept[0])
         return sorted(doomed)
+
+    def _claimed_elsewhere(self, steps: set[int]) -> set[int]:
+        """Uncommitted steps that another process is writing: claimed under the run's live lease."""
+        lease = live_lease(self.storage) if steps else None
+        if lease is None or (self._lease is not None and lease.epoch == self._lease.epoch):
+            return set()  # no live writer, or it is this process (its own saves are in `busy`)
+        return {s for s in steps if (claim := read_claim(self.storage, s)) is not None and claim.epoch == lease.epoch}
 
     def _prune_logs(self, oldest_kept: int) -> None:
         """Delete the op-stream logs of snapshots older than ``oldest_kept``.
@@ -802,11 +896,10 @@ class Checkpointer:
         records there alone).
         """
         last_steps: dict[int, int] = {}
-        for name in self.storage.list_dirs(LOG):
-            if name.isdigit() and len(name) == STEP_DIGITS:
-                names = [k.rsplit("/", 1)[-1] for k in self.storage.list(log_dir(int(name)))]
-                ends = [p[1] for p in map(parse_log_segment, names) if p is not None]
-                last_steps[int(name)] = max(ends, default=int(name))
+        for base in log_base_steps(self.storage.list_dirs(LOG), self.url):
+            names = [k.rsplit("/", 1)[-1] for k in self.storage.list(log_dir(base))]
+            ends = [p[1] for p in map(parse_log_segment, names) if p is not None]
+            last_steps[base] = max(ends, default=base)
         later_end = max((end for base, end in last_steps.items() if base >= oldest_kept), default=-1)
         older = sorted(b for b in last_steps if b < oldest_kept)
         for base in older:
@@ -818,14 +911,10 @@ class Checkpointer:
     def _idle_for(self, step: int) -> float:
         """Seconds since anything in an uncommitted snapshot changed.
 
-        Known on local storage only; elsewhere 0, so such a directory is never taken for abandoned.
+        0 where the storage cannot tell, so such a directory is never taken for abandoned.
         """
-        root = getattr(self.storage, "root", None)
-        path = os.path.join(root, snapshot_dir(step)) if isinstance(self.storage, LocalStorage) and root else None
-        if path is None or not os.path.isdir(path):
-            return 0.0
-        times = [os.stat(os.path.join(d, f)).st_mtime for d, _, files in os.walk(path) for f in files]
-        return time.time() - max(times, default=os.stat(path).st_mtime)
+        newest = self.storage.newest_change(snapshot_dir(step))
+        return 0.0 if newest is None else max(time.time() - newest, 0.0)
 
     def wait(self) -> CommitMarker | None:
         """Wait for the save in flight, if any; returns its marker (raises its error)."""
@@ -841,6 +930,9 @@ class Checkpointer:
             self._executor.shutdown(wait=True)
             self._pool.clear()
             self.world.close()
+            lease, self._lease = self._lease, None
+            if lease is not None:
+                detach(lease)  # the last Checkpointer of the run in this process releases it
 
     def __enter__(self) -> Checkpointer:
         return self

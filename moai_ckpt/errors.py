@@ -115,3 +115,31 @@ class StateMismatchError(MoaiCkptError, ValueError):
 
 class InvalidArgumentError(MoaiCkptError, ValueError):
     """An argument of a moai-ckpt call has the wrong type or is out of range (checked before any I/O)."""
+
+
+class UnsafeEntryError(CorruptSnapshotError):
+    """A stored entry is refused: a symbolic link, FIFO, device or socket where an object belongs,
+    or a path that would resolve outside the run directory. It is never followed or opened."""
+
+
+class ObjectTooLargeError(CorruptSnapshotError):
+    """A metadata object (marker, manifest, index, lease) is larger than the configured limit."""
+
+
+class FencingError(MoaiCkptError, PermissionError):
+    """This process may not write the run now: another writer holds it, or took it over.
+
+    Never a snapshot failure to shrug off: a writer that lost its run must stop writing it.
+    """
+
+
+class RunLockedError(FencingError):
+    """Another live writer holds the run's lease (the message names its host, pid and start)."""
+
+
+class LeaseLostError(FencingError):
+    """This writer's lease was taken over or lapsed; it commits nothing more."""
+
+
+class StepClaimedError(FencingError):
+    """Another writer has claimed this step and may still be writing it."""

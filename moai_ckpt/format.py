@@ -10,27 +10,36 @@ Layout of a run directory::
         <object>/<name>/c/<i>/...    chunks: little-endian words followed by their crc32c
         manifest.json                state tree (JSON, tensors referenced by array path)
         ranks/<rank:05d>.json        per-rank shard index: chunks written, with sizes and crc32c
+        claim.json                   step claim: which writer (owner, lease epoch) is writing it
         commit.json                  commit marker, written last by the coordinator
     log/<base:012d>/<a>-<b>.seg      op-stream log: records of steps a..b after the snapshot at
                                      base, in immutable framed segments (the replay package)
     reports/replay-<time>-from-<base>.json   what each replay after a restart checked
+    lease/<epoch:012d>.json          the run's writer lease, one object per epoch (LeaseRecord)
 
 A snapshot exists if and only if ``commit.json`` exists, parses, carries a known format version,
 matches its own checksum and names the step of its directory. The marker holds the sha256 of the
 manifest and of every rank index, so nothing it vouches for can change unnoticed.
+
+Names are strict: a step or log directory is exactly twelve ASCII digits, a log segment
+``<12 digits>-<12 digits>.seg``, a lease ``<12 digits>.json``; anything else below ``snapshots/``,
+``log/`` or ``lease/`` is not ours and is ignored (with a warning, once).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moai_ckpt.errors import ChecksumError, CorruptSnapshotError, MoaiCkptError, UnsupportedFormatError
-from moai_ckpt.keys import check_key
+from moai_ckpt.keys import check_key, warn_once
 
 #: the newest snapshot format this code reads and the one it writes (1: no rank-local state)
 FORMAT_VERSION = 2
@@ -41,7 +50,15 @@ REPORTS = "reports"
 MANIFEST = "manifest.json"
 COMMIT = "commit.json"
 RANKS = "ranks"
+CLAIM = "claim.json"
+LEASE = "lease"
 STEP_DIGITS = 12
+
+_STEP_NAME = re.compile(r"[0-9]{12}", re.ASCII)
+_SEGMENT_NAME = re.compile(r"([0-9]{12})-([0-9]{12})\.seg", re.ASCII)
+_LEASE_NAME = re.compile(r"([0-9]{12})\.json", re.ASCII)
+#: names below ``log/`` that are ours but not a log (moai_ckpt.run.quarantine, replay.opstore)
+_LOG_NON_STEPS = frozenset({"quarantine", "ops"})
 
 
 def snapshot_dir(step: int) -> str:
@@ -50,11 +67,17 @@ def snapshot_dir(step: int) -> str:
     return f"{SNAPSHOTS}/{step:0{STEP_DIGITS}d}"
 
 
+def parse_step_name(name: str) -> int | None:
+    """The step a directory name spells (exactly twelve ASCII digits), or None.
+
+    ``str.isdigit`` is not enough: ``"00000000001\u00b2"`` is "digits" to it, yet no step.
+    """
+    return int(name) if _STEP_NAME.fullmatch(name) else None
+
+
 def parse_snapshot_dir(name: str) -> int | None:
     """The step of a ``snapshots/`` entry, or None for anything that is not one."""
-    if len(name) == STEP_DIGITS and name.isdigit():
-        return int(name)
-    return None
+    return parse_step_name(name)
 
 
 def log_dir(base_step: int) -> str:
@@ -68,17 +91,55 @@ def log_segment_key(base_step: int, first: int, last: int) -> str:
 
 def parse_log_segment(name: str) -> tuple[int, int] | None:
     """(first, last) step of a log segment's file name, or None for anything else."""
-    head, _, ext = name.partition(".")
-    first, dash, last = head.partition("-")
-    if (
-        ext != "seg"
-        or not dash
-        or not (first + last).isdigit()
-        or len(first) != STEP_DIGITS
-        or len(last) != STEP_DIGITS
-    ):
+    m = _SEGMENT_NAME.fullmatch(name)
+    if m is None or int(m.group(1)) > int(m.group(2)):
         return None
-    return int(first), int(last)
+    return int(m.group(1)), int(m.group(2))
+
+
+def steps_in(names: Iterable[str], where: str, *, ignore: Iterable[str] = ()) -> list[int]:
+    """Steps of the entries of a ``snapshots/`` or ``log/`` listing, ascending.
+
+    Anything that is not a twelve-digit name is ignored with a warning (once per name), apart
+    from the names in ``ignore`` that are known to live there.
+    """
+    skip = set(ignore)
+    steps = []
+    for name in names:
+        step = parse_step_name(name)
+        if step is not None:
+            steps.append(step)
+        elif name not in skip:
+            warn_once(where, name, f"not a step (steps are {STEP_DIGITS} ASCII digits)")
+    return sorted(steps)
+
+
+def snapshot_steps(names: Iterable[str], url: str) -> list[int]:
+    """Steps of a ``snapshots/`` listing (see `steps_in`)."""
+    return steps_in(names, f"{url}/{SNAPSHOTS}")
+
+
+def log_base_steps(names: Iterable[str], url: str) -> list[int]:
+    """Base steps of a ``log/`` listing (see `steps_in`)."""
+    return steps_in(names, f"{url}/{LOG}", ignore=_LOG_NON_STEPS)
+
+
+def claim_key(step: int) -> str:
+    """The claim a writer makes, by exclusive create, before it writes anything of ``step``."""
+    return f"{snapshot_dir(step)}/{CLAIM}"
+
+
+def lease_key(epoch: int) -> str:
+    if epoch < 1 or epoch >= 10**STEP_DIGITS:
+        raise ValueError(f"a lease epoch must be in [1, 1e{STEP_DIGITS}), got {epoch}")
+    return f"{LEASE}/{epoch:0{STEP_DIGITS}d}.json"
+
+
+def parse_lease_key(key: str) -> int | None:
+    """The epoch of a ``lease/`` object's key, or None for anything else."""
+    folder, _, name = key.rpartition("/")
+    m = _LEASE_NAME.fullmatch(name)
+    return int(m.group(1)) if folder == LEASE and m is not None and int(m.group(1)) >= 1 else None
 
 
 def rank_index_key(step: int, rank: int) -> str:
@@ -241,12 +302,18 @@ class CommitMarker(BaseModel):
 
 
 def load_commit(data: bytes, *, url: str, step: int) -> CommitMarker:
-    """Parse and validate a commit marker read from ``snapshots/<step>/commit.json``."""
+    """Parse and validate a commit marker read from ``snapshots/<step>/commit.json``.
+
+    Anything malformed (not JSON, too deeply nested, fields of the wrong type) is a
+    `CorruptSnapshotError`: the snapshot is not committed, and nothing else breaks.
+    """
+    key = f"{snapshot_dir(step)}/{COMMIT}"
     try:
-        raw = json.loads(data)
+        # pydantic's JSON parser bounds the nesting depth (the stdlib's raises RecursionError)
+        raw = pydantic_core.from_json(data)
         body = raw.get("body") if isinstance(raw, dict) else None
         version = body.get("format_version", FORMAT_VERSION) if isinstance(body, dict) else None
-        if isinstance(version, int) and version > FORMAT_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise UnsupportedFormatError(
                 f"snapshot written in format version {version}; this moai-ckpt reads up to "
                 f"{FORMAT_VERSION}: upgrade moai-ckpt",
@@ -257,16 +324,12 @@ def load_commit(data: bytes, *, url: str, step: int) -> CommitMarker:
     except UnsupportedFormatError:
         raise
     except (ValueError, ValidationError, RecursionError) as exc:
-        raise CorruptSnapshotError(
-            f"commit marker does not parse: {exc}", url=url, step=step, key=f"{snapshot_dir(step)}/{COMMIT}"
-        ) from None
+        raise CorruptSnapshotError(f"commit marker does not parse: {exc}", url=url, step=step, key=key) from None
     expected = sha256(canonical_json(marker.body.model_dump(mode="json")))
     if marker.checksum != expected:
-        raise ChecksumError("commit marker checksum mismatch", url=url, step=step, key=f"{snapshot_dir(step)}/{COMMIT}")
+        raise ChecksumError("commit marker checksum mismatch", url=url, step=step, key=key)
     if marker.body.step != step:
-        raise CorruptSnapshotError(
-            f"commit marker names step {marker.body.step}", url=url, step=step, key=f"{snapshot_dir(step)}/{COMMIT}"
-        )
+        raise CorruptSnapshotError(f"commit marker names step {marker.body.step}", url=url, step=step, key=key)
     return marker
 
 
@@ -306,3 +369,45 @@ class RunInfo(BaseModel):
         "kwargs, with secret-looking ones replaced by {'$not_recorded': name, 'reason': ...} (moai_ckpt.entry)",
     )
     versions: dict[str, str] = Field(default_factory=dict)
+
+
+class WriterIdentity(BaseModel):
+    """The process that writes a run: enough to tell, on its host, whether it still lives."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    owner: str = Field(min_length=1, max_length=64, description="random id of the writing process")
+    host: str = Field(max_length=255)
+    machine: str = Field(default="", max_length=255, description="boot id and pid namespace: one pid space")
+    pid: int = Field(ge=0)
+    pid_start: int | None = Field(default=None, description="the process's start time in clock ticks (Linux)")
+    started: str = Field(max_length=64, description="when the process took the lease, ISO 8601")
+    job: str | None = Field(default=None, max_length=255, description="TORCHELASTIC_RUN_ID, when under torchrun")
+    restart: int | None = Field(default=None, ge=0, description="TORCHELASTIC_RESTART_COUNT")
+
+    def describe(self) -> str:
+        job = f", torchelastic job {self.job!r} (restart {self.restart})" if self.job else ""
+        return f"host {self.host}, pid {self.pid}, started {self.started}{job}"
+
+
+class LeaseRecord(_Record):
+    """``lease/<epoch>.json``: the run's writer for one epoch; the highest epoch holds the run."""
+
+    epoch: int = Field(ge=1)
+    writer: WriterIdentity
+    renewed_at: float = Field(description="Unix time of the last renewal")
+    expires_at: float = Field(description="Unix time after which the lease may be taken over")
+    ttl_s: float = Field(gt=0)
+    fenced_until: float = Field(
+        default=0.0, description="until this Unix time, claims of older epochs may belong to a live writer"
+    )
+    released: bool = Field(default=False, description="the writer closed the run and gave the lease up")
+
+
+class ClaimRecord(_Record):
+    """``snapshots/<step>/claim.json``: the writer (and lease epoch) writing that step."""
+
+    step: int = Field(ge=0)
+    epoch: int = Field(ge=1)
+    writer: WriterIdentity
+    created_at: float

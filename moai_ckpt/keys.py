@@ -7,9 +7,13 @@ before it reaches storage, whether it came from user state or from a manifest re
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 
 from moai_ckpt.errors import UnsafeKeyError
+
+log = logging.getLogger("moai_ckpt.keys")
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 _UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -39,3 +43,26 @@ def sanitize_segment(name: str) -> str:
     if not cleaned or cleaned[0] in ".-":
         cleaned = "_" + cleaned
     return cleaned
+
+
+def is_safe_key(key: str) -> bool:
+    """Whether ``key`` passes `check_key` (for listings, which skip what is not ours)."""
+    return (
+        isinstance(key, str)
+        and 0 < len(key) <= MAX_KEY_LENGTH
+        and all(seg not in (".", "..") and _SEGMENT.match(seg) for seg in key.split("/"))
+    )
+
+
+_warned: set[tuple[str, str]] = set()
+_MAX_WARNED = 10_000  # a directory of a million stray names must not grow the set forever
+_warned_lock = threading.Lock()
+
+
+def warn_once(where: str, name: str, why: str) -> None:
+    """Log one warning per process for a stray name (listings repeat; the log should not)."""
+    with _warned_lock:
+        if (where, name) in _warned or len(_warned) >= _MAX_WARNED:
+            return
+        _warned.add((where, name))
+    log.warning("ignoring %r in %s: %s", name, where, why)

@@ -321,6 +321,10 @@ class Run:
 
     def _start(self) -> None:
         self._started = time.perf_counter()
+        if self.session is None:
+            # a live run writes snapshots and the log: take the run's writer lease before touching
+            # either, so a second job on the same run fails now, naming the first
+            self.ckpt.acquire()
         target = self._target_step_bound()
         steps = [s for s in self.ckpt.steps() if target is None or s <= target]
         latest = self.world.broadcast_json(steps[-1] if steps else None, "choosing the snapshot to resume")

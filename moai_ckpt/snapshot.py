@@ -30,6 +30,7 @@ from moai_ckpt.errors import (
     ManifestMismatchError,
     MissingDataError,
     MoaiCkptError,
+    SnapshotExistsError,
     SnapshotNotFoundError,
     StorageError,
     TruncatedDataError,
@@ -97,6 +98,9 @@ class SnapshotWriter:
     storage: Storage
     executor: Executor
     step: int
+    #: the writer's fence (`moai_ckpt.lease.RunLease.check`): called before every chunk, and with
+    #: ``remote=True`` right before the commit marker; it raises once this writer lost the run
+    fence: Callable[..., None] | None = None
 
     @property
     def prefix(self) -> str:
@@ -139,6 +143,8 @@ class SnapshotWriter:
 
     def _write_chunk(self, key: str, span: za.ChunkSpan, data: memoryview, progress: Progress | None) -> ChunkEntry:
         faults.point("snapshot.persist")
+        if self.fence is not None:
+            self.fence()  # a writer stopped past its lease writes no more chunks once it resumes
         pad = bytes(span.pad)
         crc = za.chunk_crc(data, pad)
         self.storage.write(key, [data, pad, za.CRC.pack(crc)] if pad else [data, za.CRC.pack(crc)])
@@ -174,7 +180,7 @@ class SnapshotWriter:
         refs = []
         for index in sorted(indexes, key=lambda i: i.rank):
             key = rank_index_key(self.step, index.rank)
-            stored = self.storage.read(key)
+            stored = self.storage.read_record(key)
             # vouch only for what parses back to what the rank reported: a torn write is not committed
             if load_record(RankIndex, stored, url=self.storage.url, step=self.step, key=key) != index:
                 raise CorruptSnapshotError(
@@ -198,7 +204,17 @@ class SnapshotWriter:
         marker = CommitMarker.seal(body)
         faults.point("snapshot.commit")
         commit_key = f"{self.prefix}/{COMMIT}"
-        self.storage.write(commit_key, marker.to_bytes())
+        if self.fence is not None:
+            self.fence(remote=True)  # still the run's writer, right before vouching for the step
+        try:
+            self.storage.create(commit_key, marker.to_bytes())  # never over another writer's marker
+        except FileExistsError:
+            raise SnapshotExistsError(
+                "another writer committed this step while it was being written; this save is not committed",
+                url=self.storage.url,
+                step=self.step,
+                key=commit_key,
+            ) from None
         self.storage.barrier([commit_key])
         return marker
 
@@ -233,7 +249,7 @@ class SnapshotReader:
         self.prefix = snapshot_dir(step)
         url = storage.url
         try:
-            marker_bytes = storage.read(f"{self.prefix}/{COMMIT}")
+            marker_bytes = storage.read_record(f"{self.prefix}/{COMMIT}")
         except FileNotFoundError:
             raise SnapshotNotFoundError("no committed snapshot at this step", url=url, step=step) from None
         self.marker = load_commit(marker_bytes, url=url, step=step)
@@ -264,7 +280,7 @@ class SnapshotReader:
 
     def _read_checked(self, key: str, digest: str) -> bytes:
         try:
-            data = self.storage.read(key)
+            data = self.storage.read_record(key)
         except FileNotFoundError:
             raise MissingDataError(
                 "object named by the commit marker is missing", url=self.storage.url, step=self.step, key=key
@@ -331,7 +347,7 @@ class SnapshotReader:
         self._layout(record)
         key = f"{self.prefix}/{record.path}/zarr.json"
         try:
-            raw = self.storage.read(key)
+            raw = self.storage.read_record(key)
         except FileNotFoundError:
             raise self._error(MissingDataError, "array is missing (no zarr.json)", record.path) from None
         za.check_array_metadata(raw, record, url=self.storage.url, step=self.step, key=key)
@@ -480,7 +496,7 @@ class SnapshotReader:
         faults = []
         for key, document in expected.items():
             try:
-                if json.loads(self.storage.read(key)) != json.loads(document):
+                if json.loads(self.storage.read_record(key)) != json.loads(document):
                     faults.append(
                         Fault(key, "ManifestMismatchError", "zarr group metadata differs from what was written")
                     )

@@ -526,7 +526,7 @@ def load_profile(where: str | Storage, key: str) -> ModelProfile:
     """
     storage = _storage(where)
     try:
-        return ModelProfile.model_validate_json(storage.read(key))
+        return ModelProfile.model_validate_json(storage.read_record(key))
     except ValidationError as exc:
         raise CorruptSnapshotError(f"not a valid model profile: {exc}", url=storage.url, key=key) from exc
 

@@ -87,8 +87,8 @@ def recorded_plan(storage: Storage, steps: Sequence[int]) -> RecordedPlan | None
     for step in sorted(steps, reverse=True):
         prefix = snapshot_dir(step)
         try:
-            marker = load_commit(storage.read(f"{prefix}/{COMMIT}"), url=storage.url, step=step)
-            data = storage.read(f"{prefix}/{MANIFEST}")
+            marker = load_commit(storage.read_record(f"{prefix}/{COMMIT}"), url=storage.url, step=step)
+            data = storage.read_record(f"{prefix}/{MANIFEST}")
             manifest: Manifest = load_record(Manifest, data, url=storage.url, step=step, key=f"{prefix}/{MANIFEST}")
         except (MoaiCkptError, FileNotFoundError) as exc:
             log.debug("no plan from the snapshot of step %d: %s", step, exc)

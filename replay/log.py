@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moai_ckpt import faults
 from moai_ckpt.errors import CorruptSnapshotError, UnsupportedFormatError
-from moai_ckpt.format import LOG, STEP_DIGITS, log_dir, log_segment_key, parse_log_segment
+from moai_ckpt.format import LOG, log_base_steps, log_dir, log_segment_key, parse_log_segment
 from moai_ckpt.storage import Storage
 
 HEADER_FRAME, BLOB_FRAME, RECORD_FRAME = b"MSEG", b"MBLB", b"MLOG"
@@ -206,7 +206,7 @@ def segments(storage: Storage, base_step: int) -> list[tuple[int, int, str]]:
 
 def log_bases(storage: Storage) -> list[int]:
     """Base steps of every log in the run directory, ascending."""
-    return sorted(int(n) for n in storage.list_dirs(LOG) if n.isdigit() and len(n) == STEP_DIGITS)
+    return log_base_steps(storage.list_dirs(LOG), storage.url)  # twelve ASCII digits, nothing else
 
 
 # reading --------------------------------------------------------------------------------------

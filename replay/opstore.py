@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moai_ckpt.dtypes import torch_dtype
 from moai_ckpt.errors import CorruptSnapshotError, UnsafeKeyError, UnsupportedFormatError
-from moai_ckpt.format import LOG, STEP_DIGITS, canonical_json, sha256
+from moai_ckpt.format import LOG, STEP_DIGITS, canonical_json, parse_step_name, sha256
 from moai_ckpt.storage import Storage
 from replay.log import Placement
 from replay.ops import OpStream
@@ -152,7 +152,7 @@ class CaptureRef:
 
 def list_captures(storage: Storage, step: int | None = None) -> list[CaptureRef]:
     """Every capture in the run directory (of ``step`` only, if given), oldest label first per step."""
-    steps = [s for s in storage.list_dirs(OPS) if s.isdigit() and len(s) == STEP_DIGITS]
+    steps = [s for s in storage.list_dirs(OPS) if parse_step_name(s) is not None]
     found = []
     for name in steps:
         if step is not None and int(name) != step:

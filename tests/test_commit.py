@@ -135,11 +135,11 @@ class HoldCommit:
         self.reached = threading.Event()
         self.release = threading.Event()
 
-    def write(self, key: str, data: object) -> None:
-        if key.endswith("/commit.json"):
+    def create(self, key: str, data: bytes) -> None:
+        if key.endswith("/commit.json"):  # the marker is created exclusively, never overwritten
             self.reached.set()
             assert self.release.wait(30), "commit never released"
-        self.inner.write(key, data)  # type: ignore[attr-defined]
+        self.inner.create(key, data)  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)

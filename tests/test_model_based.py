@@ -29,6 +29,12 @@ class CrashAfter:
             raise KeyboardInterrupt("simulated crash")
         self.inner.write(key, data)
 
+    def create(self, key: str, data: bytes) -> None:  # claims and markers are created exclusively
+        self.n -= 1
+        if self.n < 0:
+            raise KeyboardInterrupt("simulated crash")
+        self.inner.create(key, data)
+
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
 
@@ -37,6 +43,7 @@ class SnapshotMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.ckpt = moai_ckpt.Checkpointer(f"memory://model-based-{next(_runs)}", io_threads=2)
+        self.ckpt.acquire()  # the writer lease lives on the real storage, not on a crashing wrapper
         self.model: dict[int, int] = {}
 
     def state(self, value: int) -> dict[str, object]:

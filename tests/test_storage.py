@@ -22,7 +22,7 @@ from moai_ckpt.errors import (
 )
 from moai_ckpt.storage import FsspecStorage, LocalStorage, RetryPolicy, Storage, is_transient, open_storage
 from moai_ckpt.testing import FaultPlan, FaultyFileSystem
-from moai_ckpt.testing.storage_suite import StorageTests
+from moai_ckpt.testing.storage_suite import LocalPathTests, StorageTests
 
 FAST = RetryPolicy(attempts=3, initial_backoff_s=0.001, max_backoff_s=0.002, jitter_s=0.0, deadline_s=5)
 
@@ -37,7 +37,11 @@ def memory_root() -> Iterator[str]:
         fs.rm(root, recursive=True)
 
 
-class TestLocalStorage(StorageTests):
+class TestLocalStorage(StorageTests, LocalPathTests):
+    @pytest.fixture
+    def local_root(self, tmp_path: Path) -> Path:
+        return tmp_path / "run"
+
     @pytest.fixture
     def storage(self, tmp_path: Path) -> Storage:
         storage = open_storage(str(tmp_path / "run"), FAST)
@@ -57,7 +61,11 @@ class TestLocalStorage(StorageTests):
         assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
-class TestUnsyncedLocalStorage(StorageTests):
+class TestUnsyncedLocalStorage(StorageTests, LocalPathTests):
+    @pytest.fixture
+    def local_root(self, tmp_path: Path) -> Path:
+        return tmp_path / "run"
+
     @pytest.fixture
     def storage(self, tmp_path: Path) -> Storage:
         storage = open_storage(str(tmp_path / "run"), FAST, fsync=False)
@@ -73,8 +81,12 @@ class TestMemoryStorage(StorageTests):
         return storage
 
 
-class TestFsspecLocalStorage(StorageTests):
+class TestFsspecLocalStorage(StorageTests, LocalPathTests):
     """A local path through fsspec's own local file system (as ``file://`` with options gets)."""
+
+    @pytest.fixture
+    def local_root(self, tmp_path: Path) -> Path:
+        return tmp_path / "run"
 
     @pytest.fixture
     def storage(self, tmp_path: Path) -> Storage:
@@ -82,8 +94,12 @@ class TestFsspecLocalStorage(StorageTests):
         return FsspecStorage(fs, str(tmp_path / "run"), f"file://{tmp_path}/run", FAST)
 
 
-class TestFaultyLocalStorage(StorageTests):
+class TestFaultyLocalStorage(StorageTests, LocalPathTests):
     """``faulty://`` over real files with an empty plan: a pure pass-through."""
+
+    @pytest.fixture
+    def local_root(self, tmp_path: Path) -> Path:
+        return tmp_path / "run"
 
     @pytest.fixture
     def storage(self, tmp_path: Path) -> Iterator[Storage]:

@@ -25,7 +25,7 @@ from typing import Any
 from moai_ckpt import faults as fault_points
 from moai_ckpt.chaos.scenario import AT_REST_KINDS, PROCESS_KINDS, STORAGE_KINDS, Fault, Scenario
 from moai_ckpt.checkpointer import Checkpointer
-from moai_ckpt.format import COMMIT, LOG, STEP_DIGITS, parse_log_segment, snapshot_dir
+from moai_ckpt.format import COMMIT, LOG, parse_log_segment, parse_step_name, snapshot_dir
 from moai_ckpt.session import DEVICE_ENV
 from moai_ckpt.testing.faulty import EVENT_LOG_ENV, PLAN_ENV
 
@@ -105,7 +105,7 @@ def last_logged_step(run_dir: Path) -> int:
     if not root.is_dir():
         return 0
     for base in os.listdir(root):
-        if not (base.isdigit() and len(base) == STEP_DIGITS):
+        if parse_step_name(base) is None:
             continue
         try:
             names = os.listdir(root / base)
@@ -348,7 +348,7 @@ class Trial:
         elif kind == "corrupt_log":
             # the log a restart replays first: the one after the newest usable snapshot (a log
             # whose own snapshot is unusable is read by nobody)
-            logs = sorted(p for p in (run_dir / LOG).glob("*") if p.name.isdigit() and int(p.name) in usable)
+            logs = sorted(p for p in (run_dir / LOG).glob("*") if parse_step_name(p.name) in usable)
             candidates = sorted(p for p in logs[-1].glob("*.seg")) if logs else []
             candidates = candidates[:-1] or candidates  # not the newest segment: damage there reads as torn
         else:

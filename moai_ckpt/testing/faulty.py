@@ -226,6 +226,8 @@ class FaultyFileSystem(ChainedFileSystem):
 
     protocol = "faulty"
     root_marker = ""
+    #: pipe_file passes ``mode="create"`` through to the target: an exclusive create stays one
+    forwards_create_mode = True
     # each instance carries its own counters and plan: never hand out a cached one
     cachable = False
 

@@ -11,20 +11,36 @@ directory (the way zarr's ``StoreTests`` is subclassed by every store)::
 The suite pins down the contract the snapshot code relies on: whole-object writes from one or
 several buffers, exact-size reads into caller memory, missing objects as `FileNotFoundError`
 (never retried), sorted recursive listings of relative keys, directory listings, idempotent
-deletes that leave no empty directory behind, and keys checked before any I/O happens.
+deletes that leave no empty directory behind, and keys checked before any I/O happens. Storage
+is untrusted, so it also pins down: exclusive create (one winner among racing threads where the
+back end declares it atomic), bounded metadata reads, listings that skip names outside the key
+alphabet, and tree deletes that remove such names too, marker first.
+
+Back ends over a local file system also mix in `LocalPathTests` (with a ``local_root``
+fixture): links and special files planted below the run directory are refused, never followed,
+and a FIFO never blocks a read or a listing.
 """
 
 from __future__ import annotations
 
 import array
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from moai_ckpt.errors import StorageError, TruncatedDataError, UnsafeKeyError
+from moai_ckpt.errors import (
+    ObjectTooLargeError,
+    StorageError,
+    TruncatedDataError,
+    UnsafeEntryError,
+    UnsafeKeyError,
+)
 from moai_ckpt.storage import Buffer, FsspecStorage, LocalStorage, Storage
 
 #: keys a storage must refuse: relative steps, absolute paths, empty segments, backslashes,
@@ -61,7 +77,24 @@ UNSAFE_KEYS: tuple[str, ...] = (
 )
 
 #: the hooks a back end does its I/O in; none may run for an unsafe key
-_HOOKS = ("_write", "_read", "_read_into", "_size", "_list", "_list_dirs", "_delete", "_cleanup_dirs", "_barrier")
+_HOOKS = (
+    "_write",
+    "_create",
+    "_read",
+    "_read_record",
+    "_read_into",
+    "_size",
+    "_list",
+    "_list_dirs",
+    "_delete",
+    "_delete_tree",
+    "_newest_change",
+    "_barrier",
+)
+
+#: names a key may not have but that turn up in run directories: NFS silly-renames, editor and
+#: OS droppings, shell-hostile characters
+STRAY_NAMES: tuple[str, ...] = (".nfs0000000012345678", ".DS_Store", "a b", "x~", "-dash", "caf\u00e9")
 
 
 class StorageTests:
@@ -341,7 +374,13 @@ class StorageTests:
             lambda: storage.delete([key]),
             lambda: storage.delete(["fine", key]),
             lambda: storage.delete_prefix(key),
+            lambda: storage.delete_tree(key),
+            lambda: storage.delete_tree("fine", first=[key]),
+            lambda: storage.delete_tree("fine", keep=[key]),
             lambda: storage.barrier([key]),
+            lambda: storage.create(key, b"x"),
+            lambda: storage.read_record(key),
+            lambda: storage.newest_change(key),
         ]
         for attempt in attempts:
             with pytest.raises(UnsafeKeyError) as info:
@@ -361,3 +400,277 @@ class StorageTests:
         storage.write(key, key.encode())
         assert storage.read(key) == key.encode()
         assert storage.list() == [key]
+
+    # -- exclusive create ----------------------------------------------------------------------
+
+    def test_create_writes_a_new_object(self, storage: Storage) -> None:
+        storage.create("lease/000000000001.json", b'{"epoch": 1}')
+        assert storage.read("lease/000000000001.json") == b'{"epoch": 1}'
+
+    def test_create_never_replaces_an_object(self, storage: Storage) -> None:
+        storage.write("claim.json", b"first")
+        with pytest.raises(FileExistsError):
+            storage.create("claim.json", b"second")
+        storage.create("other.json", b"mine")
+        with pytest.raises(FileExistsError):
+            storage.create("other.json", b"theirs")
+        assert storage.read("claim.json") == b"first"
+        assert storage.read("other.json") == b"mine"
+
+    def test_create_is_not_retried_into_success_when_the_object_is_someone_elses(
+        self, storage: Storage, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        storage.create("k", b"theirs")
+        with caplog.at_level(logging.WARNING, logger="moai_ckpt.storage"), pytest.raises(FileExistsError):
+            storage.create("k", b"mine")
+        assert [r for r in caplog.records if "retrying" in r.getMessage()] == []
+
+    def test_threads_racing_to_create_one_key_have_one_winner(self, storage: Storage) -> None:
+        if not storage.supports_exclusive_create:
+            pytest.skip(f"{type(storage).__name__} at {storage.url} declares no atomic exclusive create")
+        for round_ in range(5):
+            key = f"race/{round_}"
+            winners = _race_to_create(storage, key, contenders=6)
+            assert len(winners) == 1, winners
+            assert storage.read(key) == f"contender {winners[0]}".encode()
+
+    # -- bounded reads -------------------------------------------------------------------------
+
+    def test_read_record_reads_an_object_within_the_limit(self, storage: Storage) -> None:
+        storage.write("commit.json", b"x" * 100)
+        storage.write("empty.json", b"")
+        assert storage.read_record("commit.json", limit=100) == b"x" * 100
+        assert storage.read_record("commit.json") == b"x" * 100
+        assert storage.read_record("empty.json", limit=0) == b""
+
+    def test_read_record_refuses_an_object_over_the_limit_naming_it(self, storage: Storage) -> None:
+        storage.write("snapshots/000000000001/commit.json", b"x" * 101)
+        with pytest.raises(ObjectTooLargeError) as info:
+            storage.read_record("snapshots/000000000001/commit.json", limit=100)
+        assert info.value.key == "snapshots/000000000001/commit.json"
+        assert info.value.url == storage.url
+        assert "100-byte limit" in str(info.value)
+
+    def test_read_record_limit_defaults_to_the_storage_setting(self, storage: Storage) -> None:
+        storage.write("manifest.json", b"y" * 64)
+        storage.record_limit = 63
+        with pytest.raises(ObjectTooLargeError):
+            storage.read_record("manifest.json")
+        storage.record_limit = 64
+        assert storage.read_record("manifest.json") == b"y" * 64
+
+    def test_read_record_of_a_missing_object_or_a_prefix_is_file_not_found(self, storage: Storage) -> None:
+        storage.write("dir/obj", b"x")
+        for key in ("missing", "dir"):
+            with pytest.raises(FileNotFoundError):
+                storage.read_record(key)
+
+    # -- stray names ---------------------------------------------------------------------------
+
+    @pytest.fixture
+    def plant(self, storage: Storage) -> Callable[[str, bytes], None]:
+        """Put an object at a raw name, past the key checks (as another program would)."""
+
+        def plant(name: str, data: bytes = b"stray") -> None:
+            storage._write(name, [data])
+
+        return plant
+
+    def test_listings_skip_names_outside_the_key_alphabet(
+        self, storage: Storage, plant: Callable[[str, bytes], None], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        storage.write("snapshots/000000000001/commit.json", b"{}")
+        for name in STRAY_NAMES:
+            plant(f"snapshots/000000000001/{name}", b"stray")
+            plant(f"snapshots/{name}/x", b"stray")
+        with caplog.at_level(logging.WARNING):
+            assert storage.list("snapshots") == ["snapshots/000000000001/commit.json"]
+            assert storage.list_dirs("snapshots") == ["000000000001"]
+        assert any(".nfs0000000012345678" in r.getMessage() for r in caplog.records)
+
+    def test_delete_tree_removes_stray_names_too(self, storage: Storage, plant: Callable[[str, bytes], None]) -> None:
+        storage.write("snapshots/000000000001/commit.json", b"{}")
+        storage.write("snapshots/000000000001/model/c/0", b"data")
+        for name in STRAY_NAMES:
+            plant(f"snapshots/000000000001/{name}", b"stray")
+            plant(f"snapshots/000000000001/model/{name}", b"stray")
+        storage.write("snapshots/000000000002/commit.json", b"{}")
+        storage.delete_tree("snapshots/000000000001")
+        assert storage.list_dirs("snapshots") == ["000000000002"]
+        assert storage.list() == ["snapshots/000000000002/commit.json"]
+
+    def test_delete_tree_keeps_what_it_is_told_to_keep(self, storage: Storage) -> None:
+        for key in ("s/claim.json", "s/commit.json", "s/a/b", "s/c"):
+            storage.write(key, b"x")
+        storage.delete_tree("s", keep=["s/claim.json"])
+        assert storage.list() == ["s/claim.json"]
+        storage.delete_tree("s")
+        assert storage.list() == []
+        storage.delete_tree("s")  # gone already: not an error
+
+    def test_newest_change_is_recent_or_unknown(self, storage: Storage) -> None:
+        before = time.time()
+        storage.write("s/a", b"x")
+        seen = storage.newest_change("s")
+        assert seen is None or seen >= before - 5  # coarse clocks (object stores: whole seconds)
+        assert storage.newest_change("missing") is None
+
+
+def _race_to_create(storage: Storage, key: str, contenders: int) -> list[int]:
+    """Threads released at once all `create` ``key``; returns the ones that succeeded."""
+    winners: list[int] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(contenders)
+
+    def contender(i: int) -> None:
+        start.wait(10)
+        try:
+            storage.create(key, f"contender {i}".encode())
+            winners.append(i)
+        except FileExistsError:
+            pass
+        except BaseException as exc:  # noqa: BLE001  (reported by the caller)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=contender, args=(i,)) for i in range(contenders)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not errors, errors
+    return winners
+
+
+class LocalPathTests:
+    """For back ends over a local file system: nothing below the run directory is followed.
+
+    Subclasses supply ``storage`` and ``local_root`` (the run directory's path on disk).
+    """
+
+    @pytest.fixture
+    def local_root(self) -> Path:
+        raise NotImplementedError("subclasses of LocalPathTests supply a 'local_root' fixture")
+
+    @pytest.fixture
+    def victim(self, tmp_path: Path) -> Path:
+        """A directory outside the run with a file in it: no storage call may touch it."""
+        outside = tmp_path / "victim"
+        outside.mkdir(exist_ok=True)
+        (outside / "secret").write_bytes(b"do not touch")
+        (outside / "snapshot-like").mkdir(exist_ok=True)
+        (outside / "snapshot-like" / "commit.json").write_bytes(b"{}")
+        return outside
+
+    @staticmethod
+    def assert_untouched(victim: Path) -> None:
+        assert (victim / "secret").read_bytes() == b"do not touch"
+        assert (victim / "snapshot-like" / "commit.json").read_bytes() == b"{}"
+        assert sorted(p.name for p in victim.iterdir()) == ["secret", "snapshot-like"]
+
+    def test_a_linked_directory_is_never_followed(self, storage: Storage, local_root: Path, victim: Path) -> None:
+        storage.write("snapshots/000000000010/commit.json", b"{}")
+        os.symlink(victim, local_root / "snapshots" / "000000000020")
+        assert storage.list_dirs("snapshots") == ["000000000010"]
+        for attempt in (
+            lambda: storage.write("snapshots/000000000020/commit.json", b"x"),
+            lambda: storage.create("snapshots/000000000020/claim.json", b"x"),
+            lambda: storage.read("snapshots/000000000020/secret"),
+            lambda: storage.read_record("snapshots/000000000020/secret"),
+            lambda: storage.size("snapshots/000000000020/secret"),
+            lambda: storage.list("snapshots/000000000020"),
+            lambda: storage.delete(["snapshots/000000000020/secret"]),
+        ):
+            with pytest.raises(UnsafeEntryError) as info:
+                attempt()
+            assert info.value.key == "snapshots/000000000020"
+            self.assert_untouched(victim)
+        storage.delete_tree("snapshots/000000000020")  # the link itself goes, never what it points to
+        assert not os.path.lexists(local_root / "snapshots" / "000000000020")
+        self.assert_untouched(victim)
+        storage.write("snapshots/000000000020/commit.json", b"mine")
+        assert (local_root / "snapshots" / "000000000020").is_dir()
+        self.assert_untouched(victim)
+
+    def test_a_linked_file_is_refused_and_its_target_never_read_or_written(
+        self, storage: Storage, local_root: Path, victim: Path
+    ) -> None:
+        storage.write("s/real", b"x")
+        os.symlink(victim / "secret", local_root / "s" / "chunk")
+        os.symlink(local_root / "nowhere", local_root / "s" / "dangling")
+        for key in ("s/chunk", "s/dangling"):
+            for attempt in (
+                lambda key=key: storage.read(key),
+                lambda key=key: storage.read_record(key),
+                lambda key=key: storage.read_into(key, [memoryview(bytearray(12))]),
+                lambda key=key: storage.size(key),
+                lambda key=key: storage.write(key, b"overwritten"),
+            ):
+                with pytest.raises(UnsafeEntryError) as info:
+                    attempt()
+                assert info.value.key == key
+                assert "12" not in str(info.value)  # the target's size is not disclosed
+        with pytest.raises((FileExistsError, UnsafeEntryError)):  # an entry is there, whatever it is
+            storage.create("s/chunk", b"x")
+        assert storage.list("s") == ["s/real"]
+        storage.delete(["s/chunk"])
+        assert not os.path.lexists(local_root / "s" / "chunk")
+        self.assert_untouched(victim)
+
+    def test_a_fifo_never_blocks_a_read_or_a_listing(self, storage: Storage, local_root: Path) -> None:
+        storage.write("snapshots/000000000001/manifest.json", b"{}")
+        os.mkfifo(local_root / "snapshots" / "000000000001" / "commit.json")
+        done = threading.Event()
+        outcome: list[BaseException | list[str]] = []
+
+        def reader() -> None:
+            try:
+                outcome.append(storage.list("snapshots"))
+                storage.read_record("snapshots/000000000001/commit.json")
+            except BaseException as exc:  # noqa: BLE001  (checked below)
+                outcome.append(exc)
+            done.set()
+
+        threading.Thread(target=reader, daemon=True).start()
+        assert done.wait(20), "reading a FIFO blocked"
+        assert outcome[0] == ["snapshots/000000000001/manifest.json"]
+        assert isinstance(outcome[1], UnsafeEntryError)
+        assert outcome[1].key == "snapshots/000000000001/commit.json"
+        for attempt in (
+            lambda: storage.read("snapshots/000000000001/commit.json"),
+            lambda: storage.write("snapshots/000000000001/commit.json", b"x"),
+            lambda: storage.size("snapshots/000000000001/commit.json"),
+        ):
+            with pytest.raises(UnsafeEntryError):
+                attempt()
+        storage.delete_tree("snapshots/000000000001")
+        assert storage.list_dirs("snapshots") == []
+
+    def test_a_link_to_a_device_is_refused_without_a_read(self, storage: Storage, local_root: Path) -> None:
+        storage.write("snapshots/000000000001/manifest.json", b"{}")
+        os.symlink("/dev/zero", local_root / "snapshots" / "000000000001" / "commit.json")
+        started = time.monotonic()
+        with pytest.raises(UnsafeEntryError):
+            storage.read_record("snapshots/000000000001/commit.json")
+        with pytest.raises(UnsafeEntryError):
+            storage.read("snapshots/000000000001/commit.json")
+        assert time.monotonic() - started < 5
+
+    def test_a_non_utf8_name_is_listed_never_and_deleted_with_its_tree(
+        self, storage: Storage, local_root: Path
+    ) -> None:
+        storage.write("snapshots/000000000001/commit.json", b"{}")
+        weird = os.fsencode(local_root / "snapshots" / "000000000001") + b"/caf\xe9-\xff"
+        with open(weird, "wb") as f:
+            f.write(b"stray")
+        assert storage.list("snapshots") == ["snapshots/000000000001/commit.json"]
+        storage.delete_tree("snapshots/000000000001")
+        assert not (local_root / "snapshots" / "000000000001").exists()
+
+    def test_a_write_through_a_hard_link_leaves_the_other_name_alone(
+        self, storage: Storage, local_root: Path, victim: Path
+    ) -> None:
+        (local_root / "s").mkdir(parents=True)
+        os.link(victim / "secret", local_root / "s" / "obj")
+        storage.write("s/obj", b"new content")
+        assert storage.read("s/obj") == b"new content"
+        self.assert_untouched(victim)
