@@ -421,6 +421,14 @@ class Checkpointer:
         """
         self._agree("taking the run's writer lease", lambda: self._writer_lease() if self.world.rank == 0 else None)
 
+    def check_writer(self) -> None:
+        """Raise `LeaseLostError` if this process took the run's writer lease and no longer holds it.
+
+        A local check (no storage request), cheap enough before every log segment.
+        """
+        if self._lease is not None:
+            self._lease.check()
+
     def _writer_lease(self) -> RunLease:
         """The run's lease, held (coordinator only)."""
         if self._lease is None:
@@ -658,6 +666,44 @@ class Checkpointer:
         self._refuse_or_clear_marker(step, overwrite)  # again, under the claim
         prefix = snapshot_dir(step)
         self.storage.delete_tree(prefix, first=[f"{prefix}/{COMMIT}"], keep=[claim_key(step)])
+
+    def copy_snapshot(self, source: Checkpointer, step: int) -> None:
+        """Copy the committed snapshot at ``step`` of ``source`` into this run, fenced as a save is.
+
+        This process takes the run's writer lease and the step's claim, writes every object, then
+        the commit marker last (created exclusively, after the lease is checked again), and
+        verifies the copy; a copy that fails verification (the source changed meanwhile) is
+        removed. Readers never see a mix: a snapshot already at ``step`` is un-committed first.
+
+        Raises:
+            FencingError: another writer holds this run or the step.
+            CorruptSnapshotError: the copy does not verify.
+        """
+        step = valid_step(step)
+        self._prepare_write(step, overwrite=True)
+        lease = self._lease
+        assert lease is not None
+        prefix, claim = snapshot_dir(step), claim_key(step)
+        marker = f"{prefix}/{COMMIT}"
+        try:
+            keys = [k for k in source.storage.list(prefix) if k not in (marker, claim)]
+            for key in keys:
+                lease.check()
+                self.storage.write(key, source.storage.read(key))
+            self.storage.barrier(keys)
+            lease.check(remote=True)
+            self.storage.create(marker, source.storage.read_record(marker))
+            self.storage.barrier([marker])
+            report = self.verify(step)
+            if not report.snapshot_ok:
+                self.storage.delete_tree(prefix, first=[marker], keep=[claim])
+                raise CorruptSnapshotError(
+                    f"the copy fails verification ({len(report.faults)} fault(s), first: {report.faults[0].message})",
+                    url=self.url,
+                    step=step,
+                )
+        finally:
+            lease.forget_claim(step)
 
     # -- restore -------------------------------------------------------------------------------
 

@@ -57,7 +57,7 @@ from moai_ckpt.entry import (
 )
 from moai_ckpt.entry import not_recorded as markers_in
 from moai_ckpt.errors import ChecksumError, CorruptSnapshotError, MoaiCkptError, SnapshotNotFoundError
-from moai_ckpt.format import COMMIT, RUN_INFO, RunInfo, snapshot_dir
+from moai_ckpt.format import RUN_INFO, RunInfo
 from moai_ckpt.session import Session
 from replay.check import ReplayReport, StepCheck
 from replay.log import Placement, records_after
@@ -145,7 +145,7 @@ class ReplayPlan:
         with _open(self.url, self.storage_option) as ckpt:
             if not ckpt.storage.exists(RUN_INFO):
                 return None
-            data = ckpt.storage.read(RUN_INFO)
+            data = ckpt.storage.read_record(RUN_INFO)
         try:
             info = RunInfo.model_validate_json(data)
         except ValidationError as exc:
@@ -409,28 +409,10 @@ def _verified(ckpt: Checkpointer, step: int) -> None:
 
 
 def _copy_snapshot(source: Checkpointer, target: Checkpointer, step: int) -> None:
-    """Copy a verified snapshot object by object, its commit marker last, then verify the copy.
-
-    Readers of ``target`` never see a mix: a snapshot already there is un-committed first, and a
-    copy that fails verification (the source changed while it was copied) is removed again.
-    """
-    prefix = snapshot_dir(step)
-    marker = f"{prefix}/{COMMIT}"
-    keys = [k for k in source.storage.list(prefix) if k != marker]
-    target.storage.delete([marker])
-    target.storage.delete_prefix(prefix)
-    for key in keys:
-        target.storage.write(key, source.storage.read(key))
-    target.storage.barrier(keys)
-    target.storage.write_durable(marker, source.storage.read(marker))
-    try:
-        _verified(target, step)
-    except MoaiCkptError:
-        target.storage.delete([marker])
-        target.storage.delete_prefix(prefix)
-        raise
+    """Copy a verified snapshot, fenced and verified (`Checkpointer.copy_snapshot`), and run.json."""
+    target.copy_snapshot(source, step)
     if source.storage.exists(RUN_INFO) and not target.storage.exists(RUN_INFO):
-        target.storage.write(RUN_INFO, source.storage.read(RUN_INFO))
+        target.storage.write(RUN_INFO, source.storage.read_record(RUN_INFO))
 
 
 def _fmt(x: float | None, spec: str = ".6g") -> str:

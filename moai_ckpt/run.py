@@ -479,7 +479,9 @@ class Run:
                 problem,
                 contents.last_step,
             )
-        writer, resumed = LogWriter.resume(storage, base, flush_every=self.log_flush_every)
+        writer, resumed = LogWriter.resume(
+            storage, base, flush_every=self.log_flush_every, fence=self.ckpt.check_writer
+        )
         if contents.last_step > resumed.last_step:  # the snapshot committed before its log moved over
             writer.copy([r for r in contents.records if r.step > resumed.last_step], contents)
         return writer, problem
@@ -774,7 +776,7 @@ class Run:
             try:
                 copy_info = self.session.to and self.rank == 0 and not target.storage.exists(RUN_INFO)
                 if copy_info and self.ckpt.storage.exists(RUN_INFO):
-                    target.storage.write(RUN_INFO, self.ckpt.storage.read(RUN_INFO))
+                    target.storage.write(RUN_INFO, self.ckpt.storage.read_record(RUN_INFO))
                 if target.latest_step() != self.step or self.session.to:
                     target.save(self.step, self._state(), overwrite=bool(self.session.to), info=self._info())
             finally:

@@ -69,6 +69,7 @@ class RetryPolicy(BaseModel):
 
 
 #: the default bound on one metadata object (`Storage.read_record`)
+DEFAULT_OBJECT_LIMIT = 4 << 30
 DEFAULT_RECORD_LIMIT = 64 << 20
 
 _PERMANENT_ERRNOS = {
@@ -137,6 +138,8 @@ class Storage:
     supports_exclusive_create: bool = True
     #: the largest object `read_record` reads (`CheckpointerOptions.max_record_bytes` sets it)
     record_limit: int = DEFAULT_RECORD_LIMIT
+    #: the largest object `read` returns whole (chunks are read into their tensors, sized by the manifest)
+    object_limit: int = DEFAULT_OBJECT_LIMIT
 
     def __init__(self, url: str, retry: RetryPolicy | None = None) -> None:
         self.url = url.rstrip("/") if url not in ("/",) else url
@@ -170,9 +173,14 @@ class Storage:
 
         self._call("create", key, attempt)
 
-    def read(self, key: str) -> bytes:
-        """Read a whole object (a regular one: links and special files are refused)."""
-        return self._call("read", key, lambda: self._read(key))
+    def read(self, key: str, limit: int | None = None) -> bytes:
+        """Read a whole object (a regular one: links and special files are refused), bounded too.
+
+        Raises:
+            ObjectTooLargeError: the object is larger than ``limit`` (default `object_limit`).
+        """
+        bound = self.object_limit if limit is None else limit
+        return self._call("read", key, lambda: self._read_record(key, bound))
 
     def read_record(self, key: str, limit: int | None = None) -> bytes:
         """Read a small metadata object (a JSON record, a marker), bounded before it is read.

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from moai_ckpt.storage import Storage
 HEADER_FRAME, BLOB_FRAME, RECORD_FRAME = b"MSEG", b"MBLB", b"MLOG"
 FRAME = struct.Struct("<4sII")
 MAX_FRAME = 256 << 20
+MAX_SEGMENT_BYTES = 1 << 30  # a segment is read whole: a larger object is refused unread
 LOG_VERSION = 3  # 3: exact state digests (`Digests.exact`, `SegmentHeader.state`); 2 still reads
 
 
@@ -250,7 +251,7 @@ class _Reader:
     def read(self) -> LogContents:
         found = segments(self.storage, self.contents.base_step)
         for i, (_first, last, key) in enumerate(found):
-            data = self.storage.read(key)
+            data = self.storage.read(key, MAX_SEGMENT_BYTES)
             frames, damage = unframe(data)
             header: SegmentHeader | None = None
             self.segment_last = -1
@@ -443,10 +444,14 @@ class LogWriter:
         header: SegmentHeader | None = None,
         flush_every: int = 1,
         flush_seconds: float | None = None,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         if flush_every < 1:
             raise ValueError("flush_every must be at least 1")
         self.storage = storage
+        #: called before every segment write: raises when this writer no longer holds the run
+        #: (a zombie after a takeover writes no further segment)
+        self.fence = fence
         self.base_step = base_step
         self.header = (header or SegmentHeader(base_step=base_step)).model_copy(update={"base_step": base_step})
         self.flush_every = flush_every
@@ -540,6 +545,8 @@ class LogWriter:
         """Write every pending record as one durable segment."""
         if not self._steps:
             return
+        if self.fence is not None:
+            self.fence()
         key = segment_key(self.base_step, self._steps[0], self._steps[-1])
         header = frame(HEADER_FRAME, self.header.model_dump_json().encode())
         data = b"".join([header, *self._frames])

@@ -411,7 +411,12 @@ class Recorder:
         old = self.writer
         current = {d: self._header_blobs.get(d) or self._tail.blob(d) for d in header_refs(old.header)}
         self.writer = LogWriter(
-            old.storage, base, header=old.header, flush_every=old.flush_every, flush_seconds=old.flush_seconds
+            old.storage,
+            base,
+            header=old.header,
+            flush_every=old.flush_every,
+            flush_seconds=old.flush_seconds,
+            fence=old.fence,
         )
         self.writer.copy(carried, self._tail)  # one segment per header, each all or nothing
         self.writer.set_header(old.header)  # live records go on under the header of now

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import struct
 from array import array
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,30 +45,74 @@ def rng_components() -> dict[str, bytes]:
 
 
 def load_rng_components(states: Mapping[str, bytes]) -> list[str]:
-    """Set every generator named in ``states``; returns the names this process cannot set."""
-    skipped = []
+    """Set every generator named in ``states``; returns the names this process cannot set.
+
+    The states come from the log, which is untrusted: each is checked (its size, and a load into
+    a spare generator) before any generator is set, so a forged state changes none of them.
+
+    Raises:
+        CorruptLogError: a state has the wrong size or does not load.
+    """
+    skipped: list[str] = []
+    setters: list[Callable[[], object]] = []
     for name, data in states.items():
-        if name == "torch_cpu":
-            torch.set_rng_state(_bytes_tensor(data))
-        elif name.startswith("cuda:"):
-            index = int(name.split(":", 1)[1])
-            if torch.cuda.is_available() and index < torch.cuda.device_count():
-                torch.cuda.set_rng_state(_bytes_tensor(data), index)
-            else:
-                skipped.append(name)
-        elif name == "numpy":
-            keys = np.frombuffer(data[: 624 * 4], dtype="<u4").astype(np.uint32)
-            pos, has_gauss, cached = _NUMPY_TAIL.unpack(data[624 * 4 :])
-            np.random.set_state(("MT19937", keys, pos, has_gauss, cached))
-        elif name == "python":
-            version, has_gauss, gauss = _PY_HEAD.unpack(data[: _PY_HEAD.size])
-            internal = tuple(array("I", data[_PY_HEAD.size :]))
-            random.setstate((version, internal, gauss if has_gauss else None))
-        elif name.startswith("gen:") and name[4:] in _REGISTERED:
-            _REGISTERED[name[4:]].set_state(_bytes_tensor(data))
-        else:
+        setter = _rng_setter(name, data)
+        if setter is None:
             skipped.append(name)
+        else:
+            setters.append(setter)
+    for setter in setters:
+        setter()
     return skipped
+
+
+_NUMPY_BYTES = 624 * 4 + _NUMPY_TAIL.size
+_PY_BYTES = _PY_HEAD.size + 625 * 4
+
+
+def _rng_setter(name: str, data: bytes) -> Callable[[], object] | None:
+    """A function that sets generator ``name`` to ``data``, checked first; None if not here."""
+    from replay.log import CorruptLogError  # the log's error (the log package imports this module's users)
+
+    def bad(why: str) -> CorruptLogError:
+        return CorruptLogError(f"the logged state of generator {name!r} {why}", key=name)
+
+    def tried(load: Callable[[], object]) -> None:
+        try:
+            load()
+        except (RuntimeError, ValueError, TypeError, OverflowError, struct.error) as exc:
+            raise bad(f"does not load: {exc}") from None
+
+    if name == "torch_cpu" or (name.startswith("gen:") and name[4:] in _REGISTERED):
+        live = _REGISTERED[name[4:]] if name.startswith("gen:") else torch.default_generator
+        if len(data) != live.get_state().numel():
+            raise bad(f"is {len(data)} bytes, this generator's is {live.get_state().numel()}")
+        tried(lambda: torch.Generator().set_state(_bytes_tensor(data)))
+        return lambda: live.set_state(_bytes_tensor(data))
+    if name.startswith("cuda:"):
+        index = name.split(":", 1)[1]
+        if not index.isdecimal() or not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
+            return None
+        expected = torch.cuda.get_rng_state(int(index)).numel()
+        if len(data) != expected:
+            raise bad(f"is {len(data)} bytes, this device's is {expected}")
+        return lambda: torch.cuda.set_rng_state(_bytes_tensor(data), int(index))
+    if name == "numpy":
+        if len(data) != _NUMPY_BYTES:
+            raise bad(f"is {len(data)} bytes, not {_NUMPY_BYTES}")
+        keys = np.frombuffer(data[: 624 * 4], dtype="<u4").astype(np.uint32)
+        pos, has_gauss, cached = _NUMPY_TAIL.unpack(data[624 * 4 :])
+        state = ("MT19937", keys, pos, has_gauss, cached)
+        tried(lambda: np.random.RandomState().set_state(state))
+        return lambda: np.random.set_state(state)
+    if name == "python":
+        if len(data) != _PY_BYTES:
+            raise bad(f"is {len(data)} bytes, not {_PY_BYTES}")
+        version, has_gauss, gauss = _PY_HEAD.unpack(data[: _PY_HEAD.size])
+        py_state = (version, tuple(array("I", data[_PY_HEAD.size :])), gauss if has_gauss else None)
+        tried(lambda: random.Random().setstate(py_state))
+        return lambda: random.setstate(py_state)
+    return None
 
 
 def _bytes_tensor(data: bytes) -> torch.Tensor:

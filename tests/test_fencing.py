@@ -351,3 +351,52 @@ def test_a_failed_save_lets_go_of_its_claim_and_a_refused_one_touches_none(tmp_p
         with pytest.raises(moai_ckpt.SnapshotExistsError):
             ckpt.save(4, {"t": torch.ones(8)})
         assert ckpt.storage.read(foreign) == b"not ours"
+
+
+def test_a_writer_that_lost_the_run_writes_no_further_log_segment(tmp_path: Path) -> None:
+    from replay.log import Digests, LogWriter, StepRecord, read_log
+
+    def record(step: int) -> StepRecord:
+        return StepRecord(step=step, samples=[step], rng={}, hparams={}, digests=Digests(loss=1.0 / step))
+
+    with moai_ckpt.Checkpointer(str(tmp_path / "run"), lease_ttl_s=1.0) as ckpt:
+        ckpt.acquire()
+        writer = LogWriter(ckpt.storage, 0, fence=ckpt.check_writer)
+        writer.append(record(1), {})
+        assert ckpt._lease is not None
+        ckpt._lease._stop.set()  # its heartbeat stalls, as in a process stopped for longer than its TTL
+        time.sleep(1.2)
+        with pytest.raises(LeaseLostError):
+            writer.append(record(2), {})
+        assert [r.step for r in read_log(ckpt.storage, 0).records] == [1]
+
+
+def test_a_snapshot_copied_into_a_run_another_job_holds_is_refused(tmp_path: Path) -> None:
+    source = moai_ckpt.Checkpointer(str(tmp_path / "source"))
+    source.save(3, {"t": torch.arange(6.0)})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(run=str(tmp_path / "target"))], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        with moai_ckpt.Checkpointer(str(tmp_path / "target")) as target, pytest.raises(RunLockedError):
+            target.copy_snapshot(source, 3)
+    finally:
+        holder.kill()
+        holder.wait()
+    with moai_ckpt.Checkpointer(str(tmp_path / "target")) as target:  # the holder is gone: taken over at once
+        target.copy_snapshot(source, 3)
+        assert target.steps() == [3] and target.verify(3).ok
+        state = {"t": torch.zeros(6)}
+        target.restore(state)
+        assert torch.equal(state["t"], torch.arange(6.0))
+    source.close()
+
+
+HOLD = """
+import sys, time, moai_ckpt
+ckpt = moai_ckpt.Checkpointer({run!r})
+ckpt.acquire()
+print("holding", flush=True)
+time.sleep(600)
+"""

@@ -194,3 +194,29 @@ def test_a_grad_norm_that_is_a_dtensor_is_recorded_as_its_value(tmp_path: Path) 
     finally:
         dist.destroy_process_group()
     assert (loss, recorded) == (2.0, 1.25)
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda s: {**s, "numpy": s["numpy"][:-1]},
+        lambda s: {**s, "python": b"\xff" * len(s["python"])},
+        lambda s: {**s, "torch_cpu": s["torch_cpu"][:100]},
+    ],
+    ids=["numpy truncated", "python garbage", "torch truncated"],
+)
+def test_a_forged_rng_state_in_the_log_is_refused_before_any_generator_moves(forge: Any) -> None:
+    from replay.log import CorruptLogError
+    from replay.stepstate import load_rng_components, rng_components
+
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    logged = rng_components()
+    torch.manual_seed(2)
+    np.random.seed(2)
+    random.seed(2)
+    before = rng_components()
+    with pytest.raises(CorruptLogError, match="logged state of generator"):
+        load_rng_components(forge(logged))
+    assert rng_components() == before  # no generator moved, not even those listed first

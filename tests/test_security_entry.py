@@ -502,6 +502,9 @@ class _Flaky(Storage):
             raise TimeoutError(f"timed out talking to {self.url}")
         return b"ok"
 
+    def _size(self, key: str) -> int:
+        return 2
+
 
 def test_storage_retry_warnings_never_show_a_password(caplog: pytest.LogCaptureFixture) -> None:
     storage = _Flaky("https://user:pw-99@example.invalid/run")
