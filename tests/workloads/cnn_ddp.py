@@ -7,6 +7,7 @@ micro-batches, the learning rate follows OneCycleLR.
 """
 
 import argparse
+import os
 import random
 
 import numpy as np
@@ -60,8 +61,9 @@ def train(run, run_dir, steps=30, out=None):
     np.random.seed(100 + run.rank)
     random.seed(200 + run.rank)
     images, labels = make_data()
+    device = run.device  # cuda:<local rank> on a GPU machine, else the CPU
 
-    model = DDP(ConvNet())
+    model = DDP(ConvNet().to(device))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
     run.track(model=model, optim=opt, sched=sched)
@@ -70,8 +72,8 @@ def train(run, run_dir, steps=30, out=None):
     for step in run.steps(steps):
         run.hparam(accumulation=ACCUM)
         idx = run.batch()
-        x = torch.stack([augment(images[i]) for i in idx])
-        y = labels[idx]
+        x = torch.stack([augment(images[i]) for i in idx]).to(device)
+        y = labels[idx].to(device)
         model.train()
         opt.zero_grad()
         total = 0.0
@@ -105,6 +107,10 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out")
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.backends.cudnn.deterministic = True  # reproducible convolutions
+        torch.backends.cudnn.benchmark = False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     train(run_dir=args.run_dir, steps=args.steps, out=args.out)
     dist.destroy_process_group()

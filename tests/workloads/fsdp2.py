@@ -5,6 +5,7 @@ every block, bf16 parameters for compute with fp32 gradient reduction (MixedPrec
 """
 
 import argparse
+import os
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.GELU(), nn.Linear(4 * DIM, DIM), nn.Dropout(0.1))
 
     def forward(self, x):
-        mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+        mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device), 1)
         h = self.ln1(x)
         x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
         return x + self.mlp(self.ln2(x))
@@ -60,8 +61,9 @@ def make_data(n=512):
 @moai_ckpt.fault_tolerant(storage="{run_dir}", snapshot_every=7)
 def train(run, run_dir, steps=30, out=None):
     torch.manual_seed(0)
-    data = make_data()
-    model = TinyLM()
+    device = run.device  # cuda:<local rank> on a GPU machine, else the CPU
+    data = make_data().to(device)
+    model = TinyLM().to(device)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.layers:
         fully_shard(layer, mp_policy=mp)
@@ -102,6 +104,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out")
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     train(run_dir=args.run_dir, steps=args.steps, out=args.out)
     dist.destroy_process_group()
