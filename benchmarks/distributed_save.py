@@ -58,7 +58,8 @@ from common import raw_write
 from save_restore import raw_read
 
 import moai_ckpt
-from moai_ckpt.format import CommitMarker, rank_index_key
+from moai_ckpt.format import CommitMarker
+from moai_ckpt.layout import rank_index_key
 from moai_ckpt.testing.dist import launch
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from moai_ckpt._version import __version__
 from moai_ckpt.capture import PartialState
 from moai_ckpt.checkpointer import Checkpointer, CheckpointerOptions
-from moai_ckpt.distributed import CoordinationError
 from moai_ckpt.errors import (
     ChecksumError,
+    CoordinationError,
     CorruptSnapshotError,
     InvalidArgumentError,
     LimitExceededError,
     ManifestMismatchError,
     MissingDataError,
     MoaiCkptError,
+    NotResumableError,
+    ReplayDivergenceError,
     SnapshotExistsError,
     SnapshotNotFoundError,
     StateMismatchError,
@@ -32,12 +33,11 @@ from moai_ckpt.results import SaveHandle, SnapshotEntry, VerifyReport
 from moai_ckpt.rng import register_generator, unregister_generator
 from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage
-from moai_ckpt.trackable import NotResumableError
 
 if TYPE_CHECKING:
-    from moai_ckpt.run import ReplayDivergenceError, Run, fault_tolerant
+    from moai_ckpt.run import Run, fault_tolerant
 
-_LAZY = {"Run": "moai_ckpt.run", "fault_tolerant": "moai_ckpt.run", "ReplayDivergenceError": "replay.recorder"}
+_LAZY = {"Run": "moai_ckpt.run", "fault_tolerant": "moai_ckpt.run"}
 
 
 def __getattr__(name: str) -> Any:

@@ -40,7 +40,9 @@ from moai_ckpt import __version__
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.dtypes import from_name
 from moai_ckpt.errors import MoaiCkptError, SnapshotNotFoundError, UnsupportedFormatError, redact_url
-from moai_ckpt.format import STEP_DIGITS, ArrayRecord, Manifest, snapshot_dir
+from moai_ckpt.format import ArrayRecord, Manifest
+from moai_ckpt.layout import STEP_DIGITS, snapshot_dir
+from moai_ckpt.pruning import prune_run
 from moai_ckpt.results import SnapshotEntry, VerifyReport
 from moai_ckpt.tree import decode, tensor_refs
 
@@ -600,7 +602,7 @@ def prune_snapshots(
     """Delete all but the newest KEEP committed snapshots, and leftovers of failed saves."""
     with _open(url, storage_option) as ckpt:
         entries = {e.step: e for e in ckpt.scan()}
-        deleted = ckpt.prune(keep, dry_run=dry_run)
+        deleted = prune_run(ckpt, keep, dry_run=dry_run)
         kept = [s for s in ckpt.steps() if s not in deleted]
     if as_json:
         _echo_json({"dry_run": dry_run, "deleted": deleted, "kept": kept})

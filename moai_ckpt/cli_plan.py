@@ -24,7 +24,8 @@ import typer
 from rich.markup import escape
 
 from moai_ckpt.cli import JsonOpt, StorageOpt, _command, _storage_options, _table, err, out
-from moai_ckpt.format import SNAPSHOTS, parse_snapshot_dir
+from moai_ckpt.errors import ModelFunctionError, ProfileError
+from moai_ckpt.layout import PLANS, SNAPSHOTS, parse_snapshot_dir
 from moai_ckpt.storage import Storage, open_storage
 from parallel.costmodel import (
     ModelProfile,
@@ -35,15 +36,10 @@ from parallel.costmodel import (
     load_profile,
     profile_model,
 )
-from parallel.errors import ProfileError
 from parallel.inventory import Device, local_device, parse_devices
 from parallel.plan import Plan
 from parallel.planner import PlanOptions, make_plan
 from parallel.replan import RecordedPlan, compare, recorded_plan, replan
-
-
-class ModelFunctionError(ProfileError):
-    """``--model`` names nothing importable, or the function returns something else."""
 
 
 def _load_function(spec: str) -> Any:
@@ -91,7 +87,7 @@ def _cached_profile(url: str, storage_options: dict[str, Any]) -> ModelProfile:
         raise ProfileError(
             "no model profile cached in the run directory: pass --model MODULE:FUNCTION to profile one",
             url=storage.url,
-            key="plans/",
+            key=f"{PLANS}/",
         )
     profiles = [load_profile(storage, key) for key in keys]
     return max(profiles, key=lambda p: (p.source == "measured", p.created))

@@ -57,7 +57,8 @@ from moai_ckpt.entry import (
 )
 from moai_ckpt.entry import not_recorded as markers_in
 from moai_ckpt.errors import ChecksumError, CorruptSnapshotError, MoaiCkptError, SnapshotNotFoundError
-from moai_ckpt.format import RUN_INFO, RunInfo
+from moai_ckpt.format import RunInfo
+from moai_ckpt.layout import RUN_INFO
 from moai_ckpt.session import Session
 from replay.check import ReplayReport, StepCheck
 from replay.log import Placement, records_after

@@ -40,15 +40,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from moai_ckpt import faults
-from moai_ckpt.errors import MoaiCkptError
+from moai_ckpt.errors import DemoError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gpt_demo.py"
 PHASES = ("forward", "backward", "optimizer")
 MARKER = "demo.json"
-
-
-class DemoError(MoaiCkptError, RuntimeError):
-    """The demo could not run (no example to run, or a torchrun launch failed)."""
 
 
 @dataclass(frozen=True)

@@ -1,32 +1,27 @@
-"""Coordination between the ranks of a collective save or restore.
+"""Coordination between the ranks of a collective save or restore: small JSON messages and the vote.
 
 Messages are small JSON documents carried as byte tensors over a dedicated gloo group (CPU only,
 its own timeout, safe to use from a background thread while training runs NCCL collectives).
 Nothing is pickled, unlike ``all_gather_object``. A rank that dies or hangs turns into a
-`CoordinationError` that names it, within the timeout, instead of a hang.
+`CoordinationError` that names it, within the timeout, instead of a hang. `agree` is the vote
+every phase of a save or restore ends with (torchft's ``should_commit``): one rank's failure is
+everyone's.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from moai_ckpt.errors import MoaiCkptError
+from moai_ckpt.errors import CoordinationError, RankLostError
 
-
-class CoordinationError(MoaiCkptError, RuntimeError):
-    """Ranks could not agree: one died, hung past the timeout, or reported a failure."""
-
-
-class RankLostError(CoordinationError):
-    """A collective failed: a rank died or hung past the timeout. The group is unusable now."""
-
-
+T = TypeVar("T")
 _WORLDS = itertools.count()
 
 
@@ -157,3 +152,31 @@ def current_world(timeout: timedelta, group: dist.ProcessGroup | None = None, *,
     if not local and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return ProcessGroupWorld(timeout, group)
     return SingleProcess()
+
+
+def agree(world: World, what: str, fn: Callable[[], T], *, url: str | None = None, step: int | None = None) -> T:
+    """Run ``fn`` on every rank and vote on the outcome: if it failed anywhere, it fails everywhere.
+
+    Every rank reaches the vote, whatever ``fn`` did (a barrier that names ranks that died or
+    hung, then each rank's verdict gathered), so no rank goes on with a step the others gave
+    up. The failing rank raises its own error; the others raise `CoordinationError` naming the
+    failed ranks and their errors.
+    """
+    try:
+        result, error = fn(), None
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+        result, error = None, exc
+    if world.world_size > 1:
+        world.barrier(what)  # names ranks that died or hung (on rank 0) instead of a bare socket error
+        verdicts = world.all_gather_json(None if error is None else f"{type(error).__name__}: {error}", what)
+        failed = {rank: msg for rank, msg in enumerate(verdicts) if msg}
+        if failed and error is None:
+            raise CoordinationError(
+                f"{what} failed on rank(s) {sorted(failed)}: "
+                + "; ".join(f"rank {r}: {m}" for r, m in sorted(failed.items())),
+                url=url,
+                step=step,
+            )
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]

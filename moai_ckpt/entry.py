@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from moai_ckpt.errors import MoaiCkptError, redact_url
+from moai_ckpt.errors import EntrypointError, redact_url
 
 NOT_RECORDED = "$not_recorded"
 CALL_ENV = "MOAI_CKPT_CALL"  # a call's JSON arguments handed to another process (never stored)
@@ -61,10 +61,6 @@ _SECRET_WORDS = frozenset(
 _SECRET_SUFFIXES = ("token", "secret", "password", "passwd", "apikey", "accesskey", "secretkey", "privatekey")
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _URL_WITH_USERINFO = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]*@")
-
-
-class EntrypointError(MoaiCkptError, ValueError):
-    """The training function to re-run cannot be found, is refused, or cannot be called."""
 
 
 class RecordedCall(BaseModel):

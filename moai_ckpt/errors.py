@@ -1,14 +1,38 @@
-"""One exception hierarchy for everything moai-ckpt raises.
+"""One exception hierarchy for everything moai-ckpt raises, `MoaiCkptError` at its root.
 
-Each class also inherits the builtin a caller would naturally catch (``OSError`` for storage,
-``ValueError`` for bad data, ``TypeError`` for unsupported values, ``FileNotFoundError`` for a
-missing snapshot), so ``except FileNotFoundError`` keeps working for code that never heard of us.
-Messages say what failed, where (URL, step, key) and what to do next.
+Every error of every package (`moai_ckpt`, `replay`, `parallel`, the tools) is defined here, so
+this module reads as the whole hierarchy::
+
+    MoaiCkptError
+    ├── StorageError (OSError) ── TransientStorageError
+    ├── SnapshotNotFoundError (FileNotFoundError), SnapshotExistsError (FileExistsError)
+    ├── CorruptDataError (ValueError): stored data fails its checks; never loaded
+    │   ├── CorruptSnapshotError ── ChecksumError, TruncatedDataError, MissingDataError,
+    │   │                           ManifestMismatchError, LimitExceededError,
+    │   │                           UnsafeEntryError, ObjectTooLargeError
+    │   ├── CorruptLogError (the op-stream log)
+    │   └── CorruptCaptureError (an op capture)
+    ├── UnsupportedFormatError, UnsafeKeyError, StateMismatchError, InvalidArgumentError,
+    │   NotResumableError, EntrypointError (ValueError); UnserializableStateError (TypeError)
+    ├── FencingError (PermissionError) ── RunLockedError, LeaseLostError, StepClaimedError
+    ├── CoordinationError (RuntimeError) ── RankLostError
+    ├── ReplayDivergenceError, OpCaptureError (RuntimeError)
+    ├── PlacementError ── DeviceSpecError, ProfileError (── ModelFunctionError),
+    │                     NoFeasiblePlanError (ValueError); PlanMismatchError (RuntimeError)
+    ├── InteropError (ValueError), UntrustedDataError (PermissionError)
+    └── ChaosError, DemoError (RuntimeError): the tools could not run
+
+Each class also inherits the builtin a caller would naturally catch, so ``except
+FileNotFoundError`` keeps working for code that never heard of us. Messages say what failed,
+where (URL, step, key) and what to do next. The modules that raise an error also export it
+under their own name (``replay.log.CorruptLogError``, ``moai_ckpt.distributed.CoordinationError``),
+where callers found it before.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # ``scheme://userinfo@``: the userinfo (``user:password``) ends at the last ``@`` before the host's
 # ``/``, so a password with a raw ``@`` in it is caught whole
@@ -73,8 +97,12 @@ class SnapshotExistsError(MoaiCkptError, FileExistsError):
     """A committed snapshot already exists at this step."""
 
 
-class CorruptSnapshotError(MoaiCkptError, ValueError):
-    """Stored data fails its checks; it is never loaded."""
+class CorruptDataError(MoaiCkptError, ValueError):
+    """Stored data fails its checks; it is never loaded (a snapshot, a log, an op capture)."""
+
+
+class CorruptSnapshotError(CorruptDataError):
+    """A snapshot (or a metadata object of the run) fails its checks; it is never loaded."""
 
 
 class ChecksumError(CorruptSnapshotError):
@@ -143,3 +171,104 @@ class LeaseLostError(FencingError):
 
 class StepClaimedError(FencingError):
     """Another writer has claimed this step and may still be writing it."""
+
+
+# -- the op-stream log and its replay ------------------------------------------------------------
+
+
+class CorruptLogError(CorruptDataError):
+    """A log record or blob fails its checks (not a torn tail): replay must stop before it."""
+
+
+class CorruptCaptureError(CorruptDataError):
+    """An op capture is torn, or fails a checksum or a check of its structure."""
+
+
+class ReplayDivergenceError(MoaiCkptError, RuntimeError):
+    """A replayed step produced a different result than its record, on the same placement and
+    device type: non-determinism or silent data corruption. ``check`` names the quantity.
+
+    Attributes:
+        check: the `replay.check.StepCheck` of the step that diverged, when known (typed loosely:
+            this module sits below every layer and imports none of them).
+    """
+
+    def __init__(self, message: str, *, check: Any = None, **where: Any) -> None:
+        super().__init__(message, **where)
+        self.check = check
+
+
+class OpCaptureError(MoaiCkptError, RuntimeError):
+    """An op stream cannot be captured or replayed as asked."""
+
+
+# -- coordination between ranks --------------------------------------------------------------------
+
+
+class CoordinationError(MoaiCkptError, RuntimeError):
+    """Ranks could not agree: one died, hung past the timeout, or reported a failure."""
+
+
+class RankLostError(CoordinationError):
+    """A collective failed: a rank died or hung past the timeout. The group is unusable now."""
+
+
+# -- what the user hands over ---------------------------------------------------------------------
+
+
+class NotResumableError(MoaiCkptError, ValueError):
+    """A tracked object keeps state no snapshot can hold: a resumed run would silently differ."""
+
+
+class EntrypointError(MoaiCkptError, ValueError):
+    """The training function to re-run cannot be found, is refused, or cannot be called."""
+
+
+# -- placement (`parallel`) ---------------------------------------------------------------------------
+
+
+class PlacementError(MoaiCkptError):
+    """Root of the errors the `parallel` package raises."""
+
+
+class DeviceSpecError(PlacementError, ValueError):
+    """A device declaration (``2xH100,1xA100``) names an unknown type or is malformed."""
+
+
+class ProfileError(PlacementError, ValueError):
+    """A model cannot be profiled: no layer sequence, or layers that do not chain."""
+
+
+class ModelFunctionError(ProfileError):
+    """``--model`` names nothing importable, or the function returns something else."""
+
+
+class NoFeasiblePlanError(PlacementError, ValueError):
+    """No candidate plan fits the devices; the message names the closest one and why it failed."""
+
+
+class PlanMismatchError(PlacementError, RuntimeError):
+    """A plan is applied to a job it does not describe (world size, layers, devices)."""
+
+
+# -- conversions to and from other formats ---------------------------------------------------------
+
+
+class InteropError(MoaiCkptError, ValueError):
+    """A conversion cannot proceed: a missing entry, a dtype the target format lacks, a clash of names,
+    or a destination that already holds files. Nothing is written, or what was written is not final."""
+
+
+class UntrustedDataError(MoaiCkptError, PermissionError):
+    """Reading this input would unpickle it, and the caller has not said it trusts the input."""
+
+
+# -- the tools ------------------------------------------------------------------------------------------
+
+
+class ChaosError(MoaiCkptError, RuntimeError):
+    """The chaos harness itself could not run a trial (not a finding about the job)."""
+
+
+class DemoError(MoaiCkptError, RuntimeError):
+    """The demo could not run (no example to run, or a torchrun launch failed)."""

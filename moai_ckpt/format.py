@@ -1,37 +1,20 @@
-"""The on-storage format: paths, versioned records and their checks.
+"""The on-storage records: versioned pydantic models of what a run directory holds, and their checks.
 
-Layout of a run directory::
+Where each record lives is `moai_ckpt.layout`'s business; this module says what it contains:
+the `Manifest` (the state tree and its arrays), each rank's `RankIndex`, the `CommitMarker`, the
+run's `RunInfo`, and the fencing records (`LeaseRecord`, `ClaimRecord`). Every record read back
+is untrusted: `load_commit` and `load_record` turn anything malformed into a moai-ckpt error that
+names its URL, step and key.
 
-    run.json                         run identity (RunInfo)
-    snapshots/<step:012d>/           one zarr v3 group per snapshot
-        zarr.json                    group metadata (attributes.moai_ckpt: format version, step)
-        <object>/zarr.json           one sub-group per top-level state entry
-        <object>/<name>/zarr.json    one zarr v3 array per stored tensor (bytes + crc32c codecs)
-        <object>/<name>/c/<i>/...    chunks: little-endian words followed by their crc32c
-        manifest.json                state tree (JSON, tensors referenced by array path)
-        ranks/<rank:05d>.json        per-rank shard index: chunks written, with sizes and crc32c
-        claim.json                   step claim: which writer (owner, lease epoch) is writing it
-        commit.json                  commit marker, written last by the coordinator
-    log/<base:012d>/<a>-<b>.seg      op-stream log: records of steps a..b after the snapshot at
-                                     base, in immutable framed segments (the replay package)
-    reports/replay-<time>-from-<base>.json   what each replay after a restart checked
-    lease/<epoch:012d>.json          the run's writer lease, one object per epoch (LeaseRecord)
-
-A snapshot exists if and only if ``commit.json`` exists, parses, carries a known format version,
-matches its own checksum and names the step of its directory. The marker holds the sha256 of the
-manifest and of every rank index, so nothing it vouches for can change unnoticed.
-
-Names are strict: a step or log directory is exactly twelve ASCII digits, a log segment
-``<12 digits>-<12 digits>.seg``, a lease ``<12 digits>.json``; anything else below ``snapshots/``,
-``log/`` or ``lease/`` is not ours and is ignored (with a warning, once).
+A snapshot exists if and only if its commit marker exists, parses, carries a known format
+version, matches its own checksum and names the step of its directory. The marker holds the
+sha256 of the manifest and of every rank index, so nothing it vouches for can change unnoticed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,111 +22,11 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moai_ckpt.errors import ChecksumError, CorruptSnapshotError, MoaiCkptError, UnsupportedFormatError
-from moai_ckpt.keys import check_key, warn_once
+from moai_ckpt.keys import check_key
+from moai_ckpt.layout import commit_key
 
 #: the newest snapshot format this code reads and the one it writes (1: no rank-local state)
 FORMAT_VERSION = 2
-SNAPSHOTS = "snapshots"
-LOG = "log"
-RUN_INFO = "run.json"
-REPORTS = "reports"
-MANIFEST = "manifest.json"
-COMMIT = "commit.json"
-RANKS = "ranks"
-CLAIM = "claim.json"
-LEASE = "lease"
-STEP_DIGITS = 12
-
-_STEP_NAME = re.compile(r"[0-9]{12}", re.ASCII)
-_SEGMENT_NAME = re.compile(r"([0-9]{12})-([0-9]{12})\.seg", re.ASCII)
-_LEASE_NAME = re.compile(r"([0-9]{12})\.json", re.ASCII)
-#: names below ``log/`` that are ours but not a log (moai_ckpt.run.quarantine, replay.opstore)
-_LOG_NON_STEPS = frozenset({"quarantine", "ops"})
-
-
-def snapshot_dir(step: int) -> str:
-    if step < 0 or step >= 10**STEP_DIGITS:
-        raise ValueError(f"step must be in [0, 1e{STEP_DIGITS}), got {step}")
-    return f"{SNAPSHOTS}/{step:0{STEP_DIGITS}d}"
-
-
-def parse_step_name(name: str) -> int | None:
-    """The step a directory name spells (exactly twelve ASCII digits), or None.
-
-    ``str.isdigit`` is not enough: ``"00000000001\u00b2"`` is "digits" to it, yet no step.
-    """
-    return int(name) if _STEP_NAME.fullmatch(name) else None
-
-
-def parse_snapshot_dir(name: str) -> int | None:
-    """The step of a ``snapshots/`` entry, or None for anything that is not one."""
-    return parse_step_name(name)
-
-
-def log_dir(base_step: int) -> str:
-    """The folder of the log records that follow the snapshot at ``base_step``."""
-    return f"{LOG}/{base_step:0{STEP_DIGITS}d}"
-
-
-def log_segment_key(base_step: int, first: int, last: int) -> str:
-    return f"{log_dir(base_step)}/{first:0{STEP_DIGITS}d}-{last:0{STEP_DIGITS}d}.seg"
-
-
-def parse_log_segment(name: str) -> tuple[int, int] | None:
-    """(first, last) step of a log segment's file name, or None for anything else."""
-    m = _SEGMENT_NAME.fullmatch(name)
-    if m is None or int(m.group(1)) > int(m.group(2)):
-        return None
-    return int(m.group(1)), int(m.group(2))
-
-
-def steps_in(names: Iterable[str], where: str, *, ignore: Iterable[str] = ()) -> list[int]:
-    """Steps of the entries of a ``snapshots/`` or ``log/`` listing, ascending.
-
-    Anything that is not a twelve-digit name is ignored with a warning (once per name), apart
-    from the names in ``ignore`` that are known to live there.
-    """
-    skip = set(ignore)
-    steps = []
-    for name in names:
-        step = parse_step_name(name)
-        if step is not None:
-            steps.append(step)
-        elif name not in skip:
-            warn_once(where, name, f"not a step (steps are {STEP_DIGITS} ASCII digits)")
-    return sorted(steps)
-
-
-def snapshot_steps(names: Iterable[str], url: str) -> list[int]:
-    """Steps of a ``snapshots/`` listing (see `steps_in`)."""
-    return steps_in(names, f"{url}/{SNAPSHOTS}")
-
-
-def log_base_steps(names: Iterable[str], url: str) -> list[int]:
-    """Base steps of a ``log/`` listing (see `steps_in`)."""
-    return steps_in(names, f"{url}/{LOG}", ignore=_LOG_NON_STEPS)
-
-
-def claim_key(step: int) -> str:
-    """The claim a writer makes, by exclusive create, before it writes anything of ``step``."""
-    return f"{snapshot_dir(step)}/{CLAIM}"
-
-
-def lease_key(epoch: int) -> str:
-    if epoch < 1 or epoch >= 10**STEP_DIGITS:
-        raise ValueError(f"a lease epoch must be in [1, 1e{STEP_DIGITS}), got {epoch}")
-    return f"{LEASE}/{epoch:0{STEP_DIGITS}d}.json"
-
-
-def parse_lease_key(key: str) -> int | None:
-    """The epoch of a ``lease/`` object's key, or None for anything else."""
-    folder, _, name = key.rpartition("/")
-    m = _LEASE_NAME.fullmatch(name)
-    return int(m.group(1)) if folder == LEASE and m is not None and int(m.group(1)) >= 1 else None
-
-
-def rank_index_key(step: int, rank: int) -> str:
-    return f"{snapshot_dir(step)}/{RANKS}/{rank:05d}.json"
 
 
 def now_iso() -> str:
@@ -307,7 +190,7 @@ def load_commit(data: bytes, *, url: str, step: int) -> CommitMarker:
     Anything malformed (not JSON, too deeply nested, fields of the wrong type) is a
     `CorruptSnapshotError`: the snapshot is not committed, and nothing else breaks.
     """
-    key = f"{snapshot_dir(step)}/{COMMIT}"
+    key = commit_key(step)
     try:
         # pydantic's JSON parser bounds the nesting depth (the stdlib's raises RecursionError)
         raw = pydantic_core.from_json(data)

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from moai_ckpt.errors import NoFeasiblePlanError, PlacementError
 from parallel.apply import LossFn, Placed, apply_plan
 from parallel.costmodel import ModelProfile, ProfileOptions, as_inputs, cached_or_measured
-from parallel.errors import NoFeasiblePlanError, PlacementError
 from parallel.inventory import Device, job_devices, parse_devices
 from parallel.plan import Plan
 from parallel.planner import PlanOptions

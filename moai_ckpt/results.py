@@ -6,7 +6,8 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 from moai_ckpt.errors import CorruptSnapshotError
-from moai_ckpt.format import COMMIT, CommitMarker, snapshot_dir
+from moai_ckpt.format import CommitMarker
+from moai_ckpt.layout import commit_key
 from moai_ckpt.ranklocal import RankLocalChoice
 from moai_ckpt.snapshot import Fault
 
@@ -101,7 +102,7 @@ class VerifyReport:
     @property
     def snapshot_ok(self) -> bool:
         """The snapshot itself is sound (the faults of newer snapshots it stands in for aside)."""
-        passed_over = {f"{snapshot_dir(e.step)}/{COMMIT}" for e in self.passed_over}
+        passed_over = {commit_key(e.step) for e in self.passed_over}
         return all(f.key in passed_over for f in self.faults)
 
     def raise_if_failed(self) -> None:

@@ -45,7 +45,7 @@ from moai_ckpt.errors import (
     StorageError,
     UnsupportedFormatError,
 )
-from moai_ckpt.format import REPORTS, RUN_INFO, STEP_DIGITS
+from moai_ckpt.layout import RUN_INFO, quarantine_key, replay_report_key
 from moai_ckpt.opcapture import capture_divergence, check_policy, hooks_for
 from moai_ckpt.results import skipped_message
 from moai_ckpt.sampler import GlobalSampler
@@ -664,7 +664,7 @@ class Run:
         if self.rank != 0 or self.report is None or not self.report.steps:
             return
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        key = f"{REPORTS}/replay-{stamp}-from-{self.report.base_step:0{STEP_DIGITS}d}.json"
+        key = replay_report_key(stamp, self.report.base_step)
         try:
             self.ckpt.storage.write(key, self.report.model_dump_json(indent=1).encode())
         except MoaiCkptError as exc:  # a report is worth a warning, not the run
@@ -853,7 +853,7 @@ def quarantine(storage: Any, base: int, last_good: int) -> None:
     held = max((last for _, last, key in all_segments if last <= last_good), default=base)
     keep = [r for r in contents.records if r.step > held]
     for _, key in damaged:
-        storage.write(f"log/quarantine/{key.split('/', 1)[1]}", storage.read(key))
+        storage.write(quarantine_key(key), storage.read(key))
     if keep:
         writer.last_step = keep[0].step - 1
         writer.copy(keep, contents)

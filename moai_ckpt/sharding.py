@@ -12,6 +12,7 @@ read pattern.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -121,6 +122,28 @@ class WritePlan:
 
     def for_rank(self, rank: int) -> list[Assignment]:
         return [a for a in self.assignments if a.rank == rank]
+
+    def jobs(
+        self,
+        rank: int,
+        host: Mapping[str, torch.Tensor],
+        pieces: Mapping[str, Piece],
+        rank_local: Mapping[str, Mapping[int, str]],
+    ) -> list[tuple[str, za.ChunkSpan, memoryview]]:
+        """``rank``'s chunks to write: (array, span, bytes), cut from its host copies of its rows.
+
+        ``host`` and ``pieces`` are by tensor; a rank-local copy (``rank_local``: tensor -> rank
+        -> array of that rank's copy) is cut from this rank's own tensor.
+        """
+        tensor_of = {copies[rank]: name for name, copies in rank_local.items() if rank in copies}
+        out = []
+        for a in self.for_rank(rank):
+            record = self.records[a.name]
+            itemsize = from_name(record.dtype).itemsize
+            row_bytes = math.prod(record.shape[1:]) * itemsize if record.shape else itemsize
+            name = tensor_of.get(a.name, a.name)
+            out.append((a.name, a.span, local_bytes(host[name], pieces[name], a.span, row_bytes)))
+        return out
 
 
 def plan_writes(pieces_by_rank: list[dict[str, Piece]], chunk_bytes: int, devices: dict[str, str]) -> WritePlan:

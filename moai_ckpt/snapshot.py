@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future, wait
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ import torch
 
 from moai_ckpt import arrays as za
 from moai_ckpt import faults
+from moai_ckpt._version import __version__
 from moai_ckpt.dtypes import StoredDtype, from_name, torch_dtype
 from moai_ckpt.errors import (
     CorruptSnapshotError,
@@ -36,9 +38,7 @@ from moai_ckpt.errors import (
     TruncatedDataError,
 )
 from moai_ckpt.format import (
-    COMMIT,
     FORMAT_VERSION,
-    MANIFEST,
     ArrayRecord,
     ChunkEntry,
     CommitBody,
@@ -48,8 +48,16 @@ from moai_ckpt.format import (
     RankRef,
     load_commit,
     load_record,
-    rank_index_key,
     sha256,
+)
+from moai_ckpt.layout import (
+    array_metadata_key,
+    chunk_key,
+    commit_key,
+    group_key,
+    in_snapshot,
+    manifest_key,
+    rank_index_key,
     snapshot_dir,
 )
 from moai_ckpt.storage import Storage
@@ -81,16 +89,6 @@ def group_attributes(step: int, version: int = FORMAT_VERSION) -> dict[str, Any]
     return {za.MOAI_ATTR: {"format_version": version, "step": step}}
 
 
-def host_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU tensor with ``t``'s contents (no copy when ``t`` already is one)."""
-    t = t.detach()
-    if t.is_conj() or t.is_neg():  # lazy conjugate / negative views have no bytes of their own yet
-        t = t.resolve_conj().resolve_neg()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    return t if t.is_contiguous() else t.contiguous()
-
-
 @dataclass
 class SnapshotWriter:
     """Writes the parts of a snapshot at ``step``; one per rank, the coordinator also commits."""
@@ -101,10 +99,6 @@ class SnapshotWriter:
     #: the writer's fence (`moai_ckpt.lease.RunLease.check`): called before every chunk, and with
     #: ``remote=True`` right before the commit marker; it raises once this writer lost the run
     fence: Callable[..., None] | None = None
-
-    @property
-    def prefix(self) -> str:
-        return snapshot_dir(self.step)
 
     def write_chunks(
         self,
@@ -117,7 +111,7 @@ class SnapshotWriter:
     ) -> RankIndex:
         """Write this rank's chunks (array name, span, bytes), then its rank index, then make them durable."""
         futures = [
-            (name, self.executor.submit(self._write_chunk, f"{self.prefix}/{name}/{span.key}", span, data, progress))
+            (name, self.executor.submit(self._write_chunk, chunk_key(self.step, name, span.key), span, data, progress))
             for name, span, data in jobs
         ]
         chunks: dict[str, list[ChunkEntry]] = {}
@@ -138,7 +132,7 @@ class SnapshotWriter:
         key = rank_index_key(self.step, rank)
         self.storage.write(key, index.model_dump_json().encode())
         # each rank makes its own writes durable before it votes: the commit need not list them
-        self.storage.barrier([key, *(f"{self.prefix}/{name}/{span.key}" for name, span, _ in jobs)])
+        self.storage.barrier([key, *(chunk_key(self.step, name, span.key) for name, span, _ in jobs)])
         return index
 
     def _write_chunk(self, key: str, span: za.ChunkSpan, data: memoryview, progress: Progress | None) -> ChunkEntry:
@@ -158,14 +152,14 @@ class SnapshotWriter:
         attrs = group_attributes(self.step, manifest.format_version)
         data = manifest.model_dump_json(indent=1).encode()
         documents = {
-            f"{self.prefix}/{name}/zarr.json": json.dumps(
+            array_metadata_key(self.step, name): json.dumps(
                 za.array_metadata(rec, from_name(rec.dtype)), indent=1
             ).encode()
             for name, rec in manifest.arrays.items()
         }
-        documents[f"{self.prefix}/zarr.json"] = za.group_metadata(attrs)
-        documents |= {f"{self.prefix}/{g}/zarr.json": za.group_metadata() for g in sorted(groups)}
-        documents[f"{self.prefix}/{MANIFEST}"] = data
+        documents[group_key(self.step)] = za.group_metadata(attrs)
+        documents |= {group_key(self.step, g): za.group_metadata() for g in sorted(groups)}
+        documents[manifest_key(self.step)] = data
         writes = [self.executor.submit(self.storage.write, key, doc) for key, doc in documents.items()]
         with settle(writes):
             for w in writes:
@@ -203,19 +197,19 @@ class SnapshotWriter:
         )
         marker = CommitMarker.seal(body)
         faults.point("snapshot.commit")
-        commit_key = f"{self.prefix}/{COMMIT}"
+        marker_key = commit_key(self.step)
         if self.fence is not None:
             self.fence(remote=True)  # still the run's writer, right before vouching for the step
         try:
-            self.storage.create(commit_key, marker.to_bytes())  # never over another writer's marker
+            self.storage.create(marker_key, marker.to_bytes())  # never over another writer's marker
         except FileExistsError:
             raise SnapshotExistsError(
                 "another writer committed this step while it was being written; this save is not committed",
                 url=self.storage.url,
                 step=self.step,
-                key=commit_key,
+                key=marker_key,
             ) from None
-        self.storage.barrier([commit_key])
+        self.storage.barrier([marker_key])
         return marker
 
 
@@ -249,17 +243,15 @@ class SnapshotReader:
         self.prefix = snapshot_dir(step)
         url = storage.url
         try:
-            marker_bytes = storage.read_record(f"{self.prefix}/{COMMIT}")
+            marker_bytes = storage.read_record(commit_key(step))
         except FileNotFoundError:
             raise SnapshotNotFoundError("no committed snapshot at this step", url=url, step=step) from None
         self.marker = load_commit(marker_bytes, url=url, step=step)
-        manifest_bytes = self._read_checked(f"{self.prefix}/{MANIFEST}", self.marker.body.manifest_sha256)
-        self.manifest: Manifest = load_record(
-            Manifest, manifest_bytes, url=url, step=step, key=f"{self.prefix}/{MANIFEST}"
-        )
+        manifest_bytes = self._read_checked(manifest_key(step), self.marker.body.manifest_sha256)
+        self.manifest: Manifest = load_record(Manifest, manifest_bytes, url=url, step=step, key=manifest_key(step))
         if self.manifest.step != step:
             raise CorruptSnapshotError(
-                f"manifest names step {self.manifest.step}", url=url, step=step, key=f"{self.prefix}/{MANIFEST}"
+                f"manifest names step {self.manifest.step}", url=url, step=step, key=manifest_key(step)
             )
         self.chunks: dict[str, dict[tuple[int, ...], ChunkEntry]] = {}
         for ref in self.marker.body.ranks:
@@ -268,7 +260,7 @@ class SnapshotReader:
                     f"rank index key {ref.key!r} is not where it belongs",
                     url=url,
                     step=step,
-                    key=f"{self.prefix}/{COMMIT}",
+                    key=commit_key(step),
                 )
             index: RankIndex = load_record(
                 RankIndex, self._read_checked(ref.key, ref.sha256), url=url, step=step, key=ref.key
@@ -301,12 +293,12 @@ class SnapshotReader:
     def _error(self, cls: type[MoaiCkptError], message: str, key: str) -> MoaiCkptError:
         """An error whose key is run-relative, like every key moai-ckpt reports."""
         if not key.startswith(self.prefix + "/"):
-            key = f"{self.prefix}/{key}"
+            key = in_snapshot(self.step, key)
         return cls(message, url=self.storage.url, step=self.step, key=key)
 
     def _layout(self, record: ArrayRecord) -> StoredDtype:
         """The record's stored dtype, once its layout passed `arrays.check_layout` (arithmetic only)."""
-        key = f"{self.prefix}/{record.path}"
+        key = in_snapshot(self.step, record.path)
         return za.check_layout(record, limit=self.max_array_bytes, url=self.storage.url, step=self.step, key=key)
 
     def _spans(self, record: ArrayRecord) -> list[tuple[za.ChunkSpan, ChunkEntry]]:
@@ -345,7 +337,7 @@ class SnapshotReader:
     def check_metadata(self, record: ArrayRecord) -> None:
         """Check the record's layout, then its whole ``zarr.json`` against what the record implies."""
         self._layout(record)
-        key = f"{self.prefix}/{record.path}/zarr.json"
+        key = array_metadata_key(self.step, record.path)
         try:
             raw = self.storage.read_record(key)
         except FileNotFoundError:
@@ -380,7 +372,7 @@ class SnapshotReader:
         for span, entry in spans:
             if span.stop <= lo or span.start >= hi:
                 continue
-            key = f"{self.prefix}/{name}/{span.key}"
+            key = chunk_key(self.step, name, span.key)
             if lo <= span.start and span.stop <= hi:
                 target = data[span.start - lo : span.stop - lo]
                 futures.append(self.executor.submit(self._read_chunk, key, target, span.pad, entry, progress))
@@ -488,11 +480,9 @@ class SnapshotReader:
 
     def _group_faults(self) -> list[Fault]:
         """The zarr group documents must be intact for plain zarr to open the snapshot."""
-        expected = {
-            f"{self.prefix}/zarr.json": za.group_metadata(group_attributes(self.step, self.manifest.format_version))
-        }
+        expected = {group_key(self.step): za.group_metadata(group_attributes(self.step, self.manifest.format_version))}
         for group in sorted({name.split("/", 1)[0] for name in self.arrays}):
-            expected[f"{self.prefix}/{group}/zarr.json"] = za.group_metadata()
+            expected[group_key(self.step, group)] = za.group_metadata()
         faults = []
         for key, document in expected.items():
             try:
@@ -546,10 +536,6 @@ def _nbytes(record: ArrayRecord) -> int:
 
 
 def writer_info() -> dict[str, str]:
-    import platform
-
-    from moai_ckpt import __version__
-
     return {
         "moai_ckpt": __version__,
         "torch": torch.__version__,

@@ -1,23 +1,37 @@
-"""Host staging for asynchronous saves: a reusable pool of (pinned) host buffers.
+"""Staging, the first phase of a save: one rank's state captured into host tensors ready to write.
 
-`save_async` blocks only while the rank's tensors are copied into this pool; encoding, checksums,
-writes and the commit run in the background from the pool's buffers. The pool keeps one buffer
-per array name and reuses it while the name's shape and dtype stay the same, so host memory stays
-at one copy of the rank's state, however many saves run. Buffers for CUDA tensors are pinned, so
-the device-to-host copies run at full bandwidth and can all be queued before a single wait.
+`stage` captures the state (`moai_ckpt.capture`: encoded trees and the tensors they name), takes
+this rank's piece of every tensor (`moai_ckpt.sharding.local_piece`: its rows of a sharded one),
+and puts each piece in host memory: CPU tensors as they are, device tensors through the pinned
+`HostPool`, all copies queued before one wait. Under several ranks it also starts the digests of
+the tensors taken as replicated (`moai_ckpt.ranklocal` checks them). The result, `Staged`, is all
+the later phases need.
+
+`save_async` stages with a copy of every tensor (its `Stager`): it blocks only while the rank's
+tensors are copied into the pool; encoding, checksums, writes and the commit run in the
+background from the pool's buffers. The pool keeps one buffer per array name and reuses it while
+the name's shape and dtype stay the same, so host memory stays at one copy of the rank's state,
+however many saves run. Buffers for CUDA tensors are pinned, so the device-to-host copies run at
+full bandwidth and can all be queued before a single wait.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from moai_ckpt.digest import PendingDigests
+from moai_ckpt import faults
+from moai_ckpt.capture import RNG_KEY, Captured, capture
+from moai_ckpt.digest import PendingDigests, digest_tensors
+from moai_ckpt.dtypes import stored_dtype
 from moai_ckpt.format import ObjectRecord
-from moai_ckpt.sharding import Piece
+from moai_ckpt.rng import GlobalRNG
+from moai_ckpt.sharding import Piece, is_dtensor, local_piece
+from moai_ckpt.tree import tensor_refs
 
 
 class Stager(Protocol):
@@ -93,3 +107,81 @@ class HostPool:
         with self._lock:
             self._buffers.clear()
             self._used.clear()
+
+
+def rng_key(rank: int) -> str:
+    """The state entry that holds ``rank``'s global RNG states."""
+    return RNG_KEY if rank == 0 else f"{RNG_KEY}.{rank}"
+
+
+def host_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor with ``t``'s contents (no copy when ``t`` already is one)."""
+    t = t.detach()
+    if t.is_conj() or t.is_neg():  # lazy conjugate / negative views have no bytes of their own yet
+        t = t.resolve_conj().resolve_neg()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def stage(
+    step: int,
+    state: Mapping[str, Any],
+    info: Mapping[str, Any] | None,
+    *,
+    rank: int,
+    world_size: int,
+    capture_rng: bool,
+    pool: HostPool,
+    copy: Stager | None = None,
+) -> Staged:
+    """Capture ``state`` on this rank: its pieces of every array, as contiguous host tensors.
+
+    With ``copy`` every host tensor is a copy (for a save that returns before it writes).
+    Otherwise CPU tensors are written straight from the live memory, and device tensors go
+    through the pinned staging ``pool``: all copies queued, one wait.
+    """
+    faults.point("snapshot.stage")
+    key = rng_key(rank)
+    captured = capture(state, rng=GlobalRNG() if capture_rng else None, rng_key=key)
+    staged = Staged(step=step, objects=captured.objects, info=dict(info or {}), rng_key=key)
+    pooled = False
+    for name, tensor in captured.tensors.items():
+        shape, start, stop, local = local_piece(tensor)
+        staged.pieces[name] = Piece(stored_dtype(tensor.dtype, key=name).logical, shape, start, stop)
+        staged.devices[name] = str(tensor.device)
+        if copy is not None:
+            staged.host[name] = copy(name, local)
+        elif local.device.type == "cuda":
+            staged.host[name], pooled = pool(name, local), True
+        else:
+            staged.host[name] = host_tensor(local)
+    if world_size > 1:
+        _start_digests(captured, staged)
+    if copy is not None:
+        copy.wait()
+    elif pooled:
+        pool.wait()
+    return staged
+
+
+def _start_digests(captured: Captured, staged: Staged) -> None:
+    """Choose the tensors taken as replicated (not DTensors, not this rank's RNG state), whose
+    digests the ranks compare, and queue the digests of those on a device (read in `replica_digests`)."""
+    own = set(tensor_refs(captured.objects[staged.rng_key].tree)) if staged.rng_key in captured.objects else set()
+    staged.compare = [n for n, t in captured.tensors.items() if n not in own and not is_dtensor(t)]
+    on_device = [(n, captured.tensors[n]) for n in staged.compare if captured.tensors[n].device.type != "cpu"]
+    staged.device_digests = digest_tensors(on_device)
+
+
+def replica_digests(staged: Staged) -> dict[str, str]:
+    """Array -> an exact digest of this rank's copy (with its dtype and shape), for the arrays
+    taken as replicated. CPU tensors are digested from their host copies here (off the
+    training thread for `save_async`); device tensors' digests were queued by `stage`."""
+    if not staged.compare:
+        return {}
+    on_host = [(n, staged.host[n]) for n in staged.compare if staged.devices[n] == "cpu"]
+    found = digest_tensors(on_host).wait()
+    if staged.device_digests is not None:
+        found |= staged.device_digests.wait()
+    return {n: f"{staged.pieces[n].dtype}{list(staged.pieces[n].shape)}:{found[n]}" for n in staged.compare}

@@ -22,15 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from moai_ckpt.errors import MoaiCkptError
+from moai_ckpt.errors import NotResumableError
 
 __all__ = ["NotResumableError", "check_trackable", "varies_between_reads"]
 
 _PROBE_SEEDS = (0, 1, 2, 3)  # reads of one item under different global seeds; all equal => it does not vary
-
-
-class NotResumableError(MoaiCkptError, ValueError):
-    """A tracked object keeps state no snapshot can hold: a resumed run would silently differ."""
 
 
 def check_trackable(key: str, obj: Any) -> None:

@@ -12,6 +12,7 @@ The package uses moai_ckpt's storage layer (profiles are cached in the run direc
 
 from __future__ import annotations
 
+from moai_ckpt.errors import DeviceSpecError, NoFeasiblePlanError, PlacementError, PlanMismatchError, ProfileError
 from parallel.apply import Placed, apply_plan
 from parallel.catalog import CATALOG, CatalogEntry
 from parallel.costmodel import (
@@ -25,7 +26,6 @@ from parallel.costmodel import (
     profile_model,
     save_profile,
 )
-from parallel.errors import DeviceSpecError, NoFeasiblePlanError, PlacementError, PlanMismatchError, ProfileError
 from parallel.inventory import Device, job_devices, local_device, parse_devices
 from parallel.partition import Split, split_layers
 from parallel.plan import Candidate, Plan, RankRole, Stage, StepTime

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moai_ckpt.errors import PlanMismatchError
 from moai_ckpt.sampler import GlobalSampler
 from parallel.costmodel import Inputs, as_inputs, find_layers
-from parallel.errors import PlanMismatchError
 from parallel.plan import Plan, RankRole
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -37,16 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from moai_ckpt.errors import CorruptSnapshotError
-from moai_ckpt.keys import sanitize_segment
+from moai_ckpt.errors import CorruptSnapshotError, ProfileError
+from moai_ckpt.layout import PLANS, is_profile_key, profile_key
 from moai_ckpt.storage import Storage, open_storage
-from parallel.errors import ProfileError
 from parallel.inventory import Device, local_device, parse_devices
 
 log = logging.getLogger(__name__)
 
 PROFILE_FORMAT = 1
-PLANS = "plans"
 
 Inputs = tuple[torch.Tensor, ...]
 
@@ -147,11 +145,6 @@ class ModelProfile(BaseModel):
 
 def _roofline(device: Device, flops: float, nbytes: float) -> float:
     return max(flops / device.flops, nbytes / device.memory_bandwidth)
-
-
-def profile_key(device_type: str, model_hash: str, *, analytic: bool = False) -> str:
-    """``plans/profile-<device type>-<model hash>[-analytic].json`` (the type made key-safe)."""
-    return f"{PLANS}/profile-{sanitize_segment(device_type)}-{model_hash}{'-analytic' if analytic else ''}.json"
 
 
 # -- the layer sequence ---------------------------------------------------------------------------
@@ -534,7 +527,7 @@ def load_profile(where: str | Storage, key: str) -> ModelProfile:
 def cached_profiles(where: str | Storage) -> list[str]:
     """Keys of every profile cached in a run directory, newest name last."""
     storage = _storage(where)
-    return [k for k in storage.list(PLANS) if k.startswith(f"{PLANS}/profile-") and k.endswith(".json")]
+    return [k for k in storage.list(PLANS) if is_profile_key(k)]
 
 
 def cached_or_measured(

@@ -27,8 +27,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from moai_ckpt.errors import DeviceSpecError
 from parallel.catalog import CatalogEntry, identify, known_types, lookup
-from parallel.errors import DeviceSpecError
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from moai_ckpt.errors import DeviceSpecError, NoFeasiblePlanError
 from parallel.costmodel import ModelProfile, human
-from parallel.errors import DeviceSpecError, NoFeasiblePlanError
 from parallel.inventory import MAX_DEVICES, Device, describe
 from parallel.partition import Split, split_layers
 from parallel.plan import Candidate, DataParallel, Plan, RankRole, Schedule, Stage, StepTime

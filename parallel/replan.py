@@ -19,7 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from moai_ckpt.errors import MoaiCkptError
-from moai_ckpt.format import COMMIT, MANIFEST, Manifest, load_commit, load_record, sha256, snapshot_dir
+from moai_ckpt.format import Manifest, load_commit, load_record, sha256
+from moai_ckpt.layout import commit_key, manifest_key
 from moai_ckpt.storage import Storage
 from parallel.costmodel import ModelProfile, human
 from parallel.inventory import Device, describe
@@ -85,11 +86,10 @@ def recorded_plan(storage: Storage, steps: Sequence[int]) -> RecordedPlan | None
     too); one without a plan ends the search (its job was not placed).
     """
     for step in sorted(steps, reverse=True):
-        prefix = snapshot_dir(step)
         try:
-            marker = load_commit(storage.read_record(f"{prefix}/{COMMIT}"), url=storage.url, step=step)
-            data = storage.read_record(f"{prefix}/{MANIFEST}")
-            manifest: Manifest = load_record(Manifest, data, url=storage.url, step=step, key=f"{prefix}/{MANIFEST}")
+            marker = load_commit(storage.read_record(commit_key(step)), url=storage.url, step=step)
+            data = storage.read_record(manifest_key(step))
+            manifest: Manifest = load_record(Manifest, data, url=storage.url, step=step, key=manifest_key(step))
         except (MoaiCkptError, FileNotFoundError) as exc:
             log.debug("no plan from the snapshot of step %d: %s", step, exc)
             continue

@@ -24,9 +24,10 @@ corruption, and the records before it are all a replay may use.
 from __future__ import annotations
 
 import hashlib
+import logging
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,19 +35,17 @@ import crc32c as _crc32c
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moai_ckpt import faults
-from moai_ckpt.errors import CorruptSnapshotError, UnsupportedFormatError
-from moai_ckpt.format import LOG, log_base_steps, log_dir, log_segment_key, parse_log_segment
+from moai_ckpt.errors import CorruptLogError, UnsupportedFormatError, redact_url
+from moai_ckpt.layout import LOG, log_base_steps, log_dir, log_segment_key, parse_log_segment
 from moai_ckpt.storage import Storage
+
+log = logging.getLogger("replay.log")
 
 HEADER_FRAME, BLOB_FRAME, RECORD_FRAME = b"MSEG", b"MBLB", b"MLOG"
 FRAME = struct.Struct("<4sII")
 MAX_FRAME = 256 << 20
 MAX_SEGMENT_BYTES = 1 << 30  # a segment is read whole: a larger object is refused unread
 LOG_VERSION = 3  # 3: exact state digests (`Digests.exact`, `SegmentHeader.state`); 2 still reads
-
-
-class CorruptLogError(CorruptSnapshotError):
-    """A log record or blob fails its checks (not a torn tail): replay must stop before it."""
 
 
 class Placement(BaseModel):
@@ -187,18 +186,10 @@ def unframe(data: bytes) -> tuple[list[tuple[bytes, bytes]], Damage | None]:
 # keys -----------------------------------------------------------------------------------------
 
 
-def segment_prefix(base_step: int) -> str:
-    return log_dir(base_step)
-
-
-def segment_key(base_step: int, first: int, last: int) -> str:
-    return log_segment_key(base_step, first, last)
-
-
 def segments(storage: Storage, base_step: int) -> list[tuple[int, int, str]]:
     """(first, last, key) of every segment after ``base_step``, in order."""
     found = []
-    for key in storage.list(segment_prefix(base_step)):
+    for key in storage.list(log_dir(base_step)):
         parsed = parse_log_segment(key.rsplit("/", 1)[-1])
         if parsed is not None:
             found.append((*parsed, key))
@@ -547,7 +538,7 @@ class LogWriter:
             return
         if self.fence is not None:
             self.fence()
-        key = segment_key(self.base_step, self._steps[0], self._steps[-1])
+        key = log_segment_key(self.base_step, self._steps[0], self._steps[-1])
         header = frame(HEADER_FRAME, self.header.model_dump_json().encode())
         data = b"".join([header, *self._frames])
         fault = faults.due("log.write")
@@ -567,7 +558,23 @@ class LogWriter:
         self.flush()
 
 
-def drop_logs(storage: Storage, bases: Iterable[int]) -> None:
-    """Delete the logs after the snapshots at ``bases``."""
-    for base in bases:
-        storage.delete_prefix(segment_prefix(base))
+def prune_logs(storage: Storage, oldest_kept: int) -> list[int]:
+    """Delete the logs of snapshots older than ``oldest_kept`` (the oldest snapshot a prune kept).
+
+    Kept: the newest such log if it runs past ``oldest_kept`` further than any later log (a run
+    that died after a snapshot committed, before its log moved over, has those records there
+    alone). Returns the base steps of the logs deleted.
+    """
+    last_steps = {
+        base: max((last for _, last, _ in segments(storage, base)), default=base) for base in log_bases(storage)
+    }
+    later_end = max((end for base, end in last_steps.items() if base >= oldest_kept), default=-1)
+    older = sorted(b for b in last_steps if b < oldest_kept)
+    deleted = []
+    for base in older:
+        if base == older[-1] and last_steps[base] > max(later_end, oldest_kept):
+            continue
+        storage.delete_prefix(log_dir(base))
+        log.info("pruned the log after step %d from %s", base, redact_url(storage.url))
+        deleted.append(base)
+    return deleted

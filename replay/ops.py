@@ -40,7 +40,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from moai_ckpt.errors import MoaiCkptError
+from moai_ckpt.errors import OpCaptureError
 
 SAMPLE = 64  # elements of each value kept as float64 for error estimates
 SKIPPED_NAMESPACES = ("profiler",)
@@ -53,10 +53,6 @@ _K1, _K2 = 0x9E3779B97F4A7C16, 0x2545F4914F6CDD1D  # even multiplier, odd offset
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _active: OpRecorder | None = None
 _active_lock = threading.Lock()
-
-
-class OpCaptureError(MoaiCkptError, RuntimeError):
-    """An op stream cannot be captured or replayed as asked."""
 
 
 def _signed(value: int) -> int:

@@ -15,7 +15,6 @@ never use it. Labels (``c<unix ms>-<source>`` by default) sort in the order capt
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,21 +24,26 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moai_ckpt.dtypes import torch_dtype
-from moai_ckpt.errors import CorruptSnapshotError, UnsafeKeyError, UnsupportedFormatError
-from moai_ckpt.format import LOG, STEP_DIGITS, canonical_json, parse_step_name, sha256
+from moai_ckpt.errors import CorruptCaptureError, UnsupportedFormatError
+from moai_ckpt.format import canonical_json, sha256
+from moai_ckpt.layout import (
+    CAPTURE_INDEX,
+    CAPTURE_STREAM,
+    CAPTURE_VALUES,
+    OPS,
+    capture_dir,
+    capture_key,
+    capture_step_dir,
+    check_label,
+    is_capture_label,
+    parse_capture_rank,
+    parse_step_name,
+)
 from moai_ckpt.storage import Storage
 from replay.log import Placement
 from replay.ops import OpStream
 
 CAPTURE_VERSION = 1
-OPS = f"{LOG}/ops"
-INDEX, STREAM, VALUES = "capture.json", "stream.json", "values.bin"
-_LABEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
-_RANK = re.compile(r"^rank-(\d{5})$")
-
-
-class CorruptCaptureError(CorruptSnapshotError):
-    """An op capture is torn, or fails a checksum or a check of its structure."""
 
 
 class FileEntry(BaseModel):
@@ -72,18 +76,6 @@ class CaptureIndex(BaseModel):
         return sha256(canonical_json(self.model_dump(exclude={"checksum"})))
 
 
-def check_label(label: str) -> str:
-    if not _LABEL.match(label):
-        raise UnsafeKeyError(f"capture label {label!r} must match {_LABEL.pattern}")
-    return label
-
-
-def capture_prefix(step: int, label: str, rank: int) -> str:
-    if not 1 <= step < 10**STEP_DIGITS:
-        raise ValueError(f"a captured step must be in [1, 1e{STEP_DIGITS}), got {step}")
-    return f"{OPS}/{step:0{STEP_DIGITS}d}/{check_label(label)}/rank-{rank:05d}"
-
-
 def new_label(source: str) -> str:
     """A label that sorts after every earlier one: ``c<unix ms>-<source>``."""
     return check_label(f"c{int(time.time() * 1000):013d}-{source}")
@@ -94,7 +86,8 @@ def new_label(source: str) -> str:
 
 def write_capture(storage: Storage, stream: OpStream, label: str, placement: Placement) -> CaptureIndex:
     """Store ``stream``: its two data objects, then the index that commits them."""
-    prefix = capture_prefix(stream.step, label, stream.rank)
+    step, rank = stream.step, stream.rank
+    capture_dir(step, label, rank)  # a step and label a capture can have, checked before anything is written
     body = {
         "version": CAPTURE_VERSION,
         "step": stream.step,
@@ -117,8 +110,8 @@ def write_capture(storage: Storage, stream: OpStream, label: str, placement: Pla
         parts.append(data)
         offset += len(data)
     data_bytes = b"".join(parts)
-    storage.write_durable(f"{prefix}/{STREAM}", stream_bytes)
-    storage.write_durable(f"{prefix}/{VALUES}", data_bytes)
+    storage.write_durable(capture_key(step, label, rank, CAPTURE_STREAM), stream_bytes)
+    storage.write_durable(capture_key(step, label, rank, CAPTURE_VALUES), data_bytes)
     index = CaptureIndex(
         step=stream.step,
         label=label,
@@ -133,7 +126,7 @@ def write_capture(storage: Storage, stream: OpStream, label: str, placement: Pla
         blobs=blobs,
     )
     index = index.model_copy(update={"checksum": index.body_checksum()})
-    storage.write_durable(f"{prefix}/{INDEX}", index.model_dump_json().encode())
+    storage.write_durable(capture_key(step, label, rank, CAPTURE_INDEX), index.model_dump_json().encode())
     return index
 
 
@@ -152,29 +145,27 @@ class CaptureRef:
 
 def list_captures(storage: Storage, step: int | None = None) -> list[CaptureRef]:
     """Every capture in the run directory (of ``step`` only, if given), oldest label first per step."""
-    steps = [s for s in storage.list_dirs(OPS) if parse_step_name(s) is not None]
     found = []
-    for name in steps:
-        if step is not None and int(name) != step:
-            continue
-        for label in storage.list_dirs(f"{OPS}/{name}"):
-            if not _LABEL.match(label):
-                continue
+    for name in storage.list_dirs(OPS):
+        captured = parse_step_name(name)
+        if captured is None or captured < 1 or (step is not None and captured != step):
+            continue  # not a step, or step 0 (no step before it to capture)
+        for label in filter(is_capture_label, storage.list_dirs(capture_step_dir(captured))):
             ranks: list[int] = []
             torn: list[int] = []
-            for rank_dir in storage.list_dirs(f"{OPS}/{name}/{label}"):
-                m = _RANK.match(rank_dir)
-                if m is None:
+            for rank_dir in storage.list_dirs(capture_dir(captured, label)):
+                rank = parse_capture_rank(rank_dir)
+                if rank is None:
                     continue
-                committed = storage.exists(f"{OPS}/{name}/{label}/{rank_dir}/{INDEX}")
-                (ranks if committed else torn).append(int(m.group(1)))
-            found.append(CaptureRef(int(name), label, tuple(sorted(ranks)), tuple(sorted(torn))))
+                committed = storage.exists(capture_key(captured, label, rank, CAPTURE_INDEX))
+                (ranks if committed else torn).append(rank)
+            found.append(CaptureRef(captured, label, tuple(sorted(ranks)), tuple(sorted(torn))))
     return sorted(found, key=lambda r: (r.step, r.label))
 
 
 def read_index(storage: Storage, step: int, label: str, rank: int = 0) -> CaptureIndex:
-    prefix = capture_prefix(step, label, rank)
-    key = f"{prefix}/{INDEX}"
+    prefix = capture_dir(step, label, rank)
+    key = capture_key(step, label, rank, CAPTURE_INDEX)
     try:
         raw = storage.read(key)
     except FileNotFoundError:
@@ -226,8 +217,8 @@ def _read_checked(storage: Storage, key: str, entry: FileEntry) -> bytes:
 def read_capture(storage: Storage, step: int, label: str, rank: int = 0, *, blobs: bool = True) -> OpStream:
     """Read and check one rank's capture (with the kept values' bytes unless ``blobs=False``)."""
     index = read_index(storage, step, label, rank)
-    prefix = capture_prefix(step, label, rank)
-    body = json.loads(_read_checked(storage, f"{prefix}/{STREAM}", index.stream))
+    prefix = capture_dir(step, label, rank)
+    body = json.loads(_read_checked(storage, capture_key(step, label, rank, CAPTURE_STREAM), index.stream))
     stream = OpStream(
         step=body["step"],
         rank=body["rank"],
@@ -242,12 +233,11 @@ def read_capture(storage: Storage, step: int, label: str, rank: int = 0, *, blob
     if len(stream.ops) != index.ops or len(stream.values) != index.values:
         raise CorruptCaptureError("stream.json disagrees with capture.json's counts", url=storage.url, key=prefix)
     if blobs:
-        stream.blobs = _blobs(storage, prefix, index, stream)
+        stream.blobs = _blobs(storage, capture_key(step, label, rank, CAPTURE_VALUES), index, stream)
     return stream
 
 
-def _blobs(storage: Storage, prefix: str, index: CaptureIndex, stream: OpStream) -> dict[int, torch.Tensor]:
-    key = f"{prefix}/{VALUES}"
+def _blobs(storage: Storage, key: str, index: CaptureIndex, stream: OpStream) -> dict[int, torch.Tensor]:
     data = _read_checked(storage, key, index.data)
     out: dict[int, torch.Tensor] = {}
     for name, (offset, length, crc) in index.blobs.items():

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from moai_ckpt.distributed import World
-from moai_ckpt.errors import MoaiCkptError
+from moai_ckpt.errors import CorruptLogError, ReplayDivergenceError
 from replay import statedigest
 from replay.check import RankState, StepCheck, compare, params_array, params_blob
 from replay.codec import join, pack, unpack
 from replay.log import (
-    CorruptLogError,
     Digests,
     LogContents,
     LogWriter,
@@ -42,15 +41,6 @@ from replay.log import (
 )
 from replay.statedigest import PendingState
 from replay.stepstate import StepValues
-
-
-class ReplayDivergenceError(MoaiCkptError, RuntimeError):
-    """A replayed step produced a different result than its record, on the same placement and
-    device type: non-determinism or silent data corruption. ``check`` names the quantity."""
-
-    def __init__(self, message: str, *, check: StepCheck | None = None, **where: Any) -> None:
-        super().__init__(message, **where)
-        self.check = check
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from moai_ckpt.errors import CorruptLogError
 from moai_ckpt.rng import _REGISTERED
 from moai_ckpt.wrappers import canonical_names
 
@@ -72,7 +73,6 @@ _PY_BYTES = _PY_HEAD.size + 625 * 4
 
 def _rng_setter(name: str, data: bytes) -> Callable[[], object] | None:
     """A function that sets generator ``name`` to ``data``, checked first; None if not here."""
-    from replay.log import CorruptLogError  # the log's error (the log package imports this module's users)
 
     def bad(why: str) -> CorruptLogError:
         return CorruptLogError(f"the logged state of generator {name!r} {why}", key=name)

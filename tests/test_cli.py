@@ -19,7 +19,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from moai_ckpt import Checkpointer, __version__, cli
-from moai_ckpt.format import COMMIT, snapshot_dir
+from moai_ckpt.layout import COMMIT, snapshot_dir
 
 STEPS = (10, 20, 30)
 SCRIPT = Path(sys.executable).with_name("moai-ckpt")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import moai_ckpt
-from moai_ckpt.format import snapshot_dir
+from moai_ckpt.layout import snapshot_dir
 
 SAVER = r"""
 import sys, torch, moai_ckpt

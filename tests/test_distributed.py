@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import moai_ckpt
-from moai_ckpt.format import snapshot_dir
+from moai_ckpt.layout import snapshot_dir
 from moai_ckpt.testing.dist import RankResult, launch
 
 pytestmark = pytest.mark.slow

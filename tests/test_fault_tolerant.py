@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import moai_ckpt
+from moai_ckpt.layout import log_segment_key
 from moai_ckpt.testing.dist import launch
-from replay.log import LogWriter, history, log_bases, read_log, records_after, segment_key, segments
+from replay.log import LogWriter, history, log_bases, read_log, records_after, segments
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,7 +180,7 @@ def test_a_replay_that_diverges_is_an_error_naming_the_step_and_quantity(tmp_pat
     assert [r.step for r in contents.records] == [5, 6]
     first = contents.records[0]
     tampered = first.model_copy(update={"digests": first.digests.model_copy(update={"grad_norm": 1.0})})
-    ckpt.storage.delete([segment_key(4, 5, 5)])
+    ckpt.storage.delete([log_segment_key(4, 5, 5)])
     LogWriter(ckpt.storage, 4).copy([tampered], contents)  # the same record with one digest changed
     result = run_scenario(run_dir, 8)
     assert result.returncode != 0

@@ -24,8 +24,10 @@ import torch
 
 import moai_ckpt
 from moai_ckpt.errors import LeaseLostError, RunLockedError, StepClaimedError
-from moai_ckpt.format import CLAIM, LeaseRecord, WriterIdentity, lease_key, snapshot_dir
-from moai_ckpt.lease import CLOCK_SKEW_S, this_writer
+from moai_ckpt.format import LeaseRecord, WriterIdentity
+from moai_ckpt.layout import CLAIM, lease_key, snapshot_dir
+from moai_ckpt.lease import CLOCK_SKEW_S
+from moai_ckpt.liveness import this_writer
 from moai_ckpt.testing import s3 as s3_kit
 
 s3_server = s3_kit.s3_server
@@ -182,7 +184,7 @@ def test_a_second_job_is_refused_naming_the_first_until_it_closes(target: Target
             holder.finish()  # closes its Checkpointer: the lease is released
             second.save(1, {"x": {"v": 1}})
             assert second.steps() == [1]
-            assert second._lease is not None and second._lease.takeover.endswith("released it")
+            assert second.writer.lease is not None and second.writer.lease.takeover.endswith("released it")
     finally:
         holder.kill()
 
@@ -197,7 +199,7 @@ def test_the_run_is_taken_over_at_once_when_its_holder_died(target: Target, tmp_
     started = time.monotonic()
     with target.checkpointer(lease_ttl_s=600) as second:
         second.save(1, {"x": {"v": 1}})
-        assert second._lease is not None and "is gone" in second._lease.takeover
+        assert second.writer.lease is not None and "is gone" in second.writer.lease.takeover
     assert time.monotonic() - started < 60  # not the 600 s lease
 
 
@@ -216,7 +218,9 @@ def test_an_expired_lease_of_another_host_is_taken_over(target: Target) -> None:
     with target.checkpointer() as ckpt:
         _put_lease(ckpt, _foreign_lease(expires_in=-(CLOCK_SKEW_S + 1), ttl=30))
         ckpt.save(1, {"x": {"v": 1}})
-        assert ckpt._lease is not None and ckpt._lease.epoch == 2 and "expired" in ckpt._lease.takeover
+        assert (
+            ckpt.writer.lease is not None and ckpt.writer.lease.epoch == 2 and "expired" in ckpt.writer.lease.takeover
+        )
 
 
 def test_a_silent_lease_of_another_host_is_taken_over_after_one_ttl(target: Target) -> None:
@@ -225,7 +229,7 @@ def test_a_silent_lease_of_another_host_is_taken_over_after_one_ttl(target: Targ
         started = time.monotonic()
         ckpt.save(1, {"x": {"v": 1}})
         assert time.monotonic() - started >= 1.5
-        assert ckpt._lease is not None and "did not renew" in ckpt._lease.takeover
+        assert ckpt.writer.lease is not None and "did not renew" in ckpt.writer.lease.takeover
 
 
 def test_a_renewed_lease_of_another_host_refuses_the_second_job(target: Target) -> None:
@@ -267,7 +271,7 @@ def test_a_restart_of_the_same_torchelastic_job_takes_over_a_live_holder(
         monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
         with target.checkpointer() as restarted:
             restarted.save(1, {"x": {"v": 1}})
-            assert restarted._lease is not None and "torchelastic job 'job-7'" in restarted._lease.takeover
+            assert restarted.writer.lease is not None and "torchelastic job 'job-7'" in restarted.writer.lease.takeover
     finally:
         holder.kill()
 
@@ -325,8 +329,8 @@ def test_a_writer_stopped_mid_save_never_commits_after_another_job_took_over(
 def test_a_lease_that_lapsed_in_this_process_fails_the_commit(target: Target) -> None:
     with target.checkpointer(lease_ttl_s=1.0) as ckpt:
         ckpt.acquire()
-        assert ckpt._lease is not None
-        ckpt._lease._stop.set()  # its heartbeat stalls, as in a process stopped for longer than its TTL
+        assert ckpt.writer.lease is not None
+        ckpt.writer.lease._stop.set()  # its heartbeat stalls, as in a process stopped for longer than its TTL
         time.sleep(1.2)
         with pytest.raises(LeaseLostError, match="not renewed in time"):
             ckpt.save(1, {"x": {"v": 1}})
@@ -363,8 +367,8 @@ def test_a_writer_that_lost_the_run_writes_no_further_log_segment(tmp_path: Path
         ckpt.acquire()
         writer = LogWriter(ckpt.storage, 0, fence=ckpt.check_writer)
         writer.append(record(1), {})
-        assert ckpt._lease is not None
-        ckpt._lease._stop.set()  # its heartbeat stalls, as in a process stopped for longer than its TTL
+        assert ckpt.writer.lease is not None
+        ckpt.writer.lease._stop.set()  # its heartbeat stalls, as in a process stopped for longer than its TTL
         time.sleep(1.2)
         with pytest.raises(LeaseLostError):
             writer.append(record(2), {})

@@ -16,7 +16,7 @@ from zarr.codecs import Crc32cCodec
 
 import moai_ckpt
 from moai_ckpt.dtypes import stored_dtype
-from moai_ckpt.format import snapshot_dir
+from moai_ckpt.layout import snapshot_dir
 
 FLOAT8 = [
     getattr(torch, n)

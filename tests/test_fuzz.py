@@ -37,7 +37,8 @@ from torch import nn
 from moai_ckpt import Checkpointer, MoaiCkptError
 from moai_ckpt.arrays import array_metadata
 from moai_ckpt.dtypes import from_name
-from moai_ckpt.format import ArrayRecord, snapshot_dir
+from moai_ckpt.format import ArrayRecord
+from moai_ckpt.layout import snapshot_dir
 from moai_ckpt.storage import open_storage
 from moai_ckpt.testing import tamper
 from replay.log import Digests, LogContents, LogWriter, StepRecord, read_log, records_after

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import moai_ckpt
 from moai_ckpt.errors import CorruptSnapshotError, UnserializableStateError
 from moai_ckpt.integrations.lightning import CheckpointPointer, MoaiCheckpointIO
-from replay.log import LogWriter, history, read_log, segment_key
+from moai_ckpt.layout import log_segment_key
+from replay.log import LogWriter, history, read_log
 from replay.recorder import ReplayDivergenceError
 from tests import integration_runs as runs
 from tests import lightning_scenario
@@ -173,7 +174,7 @@ def test_a_replayed_step_that_differs_from_its_log_record_is_an_error_naming_it(
     contents = read_log(ckpt.storage, base)
     record = contents.records[0]
     tampered = record.model_copy(update={"digests": record.digests.model_copy(update={"loss": 1.5})})
-    ckpt.storage.delete([segment_key(base, record.step, record.step)])
+    ckpt.storage.delete([log_segment_key(base, record.step, record.step)])
     LogWriter(ckpt.storage, base).copy([tampered], contents)  # the same record with its loss changed
     with pytest.raises(ReplayDivergenceError, match=f"step {record.step}: first divergent quantity loss"):
         lightning_scenario.train(str(run), str(tmp_path), 1)  # in this process

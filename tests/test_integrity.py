@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import moai_ckpt
-from moai_ckpt.format import canonical_json, sha256, snapshot_dir
+from moai_ckpt.format import canonical_json, sha256
+from moai_ckpt.layout import snapshot_dir
 from tests.helpers import Trainer, full_state_tensors
 
 

@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from moai_ckpt import Checkpointer
-from moai_ckpt.format import snapshot_dir
+from moai_ckpt.layout import snapshot_dir
 
 ts = pytest.importorskip("tensorstore", reason="the TensorStore reader test needs the tensorstore package")
 

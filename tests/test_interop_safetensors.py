@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from moai_ckpt import Checkpointer, ChecksumError, PartialState, cli
-from moai_ckpt.format import snapshot_dir
 from moai_ckpt.interop import InteropError, export_safetensors, read_state
+from moai_ckpt.layout import snapshot_dir
 
 transformers = pytest.importorskip("transformers", reason="the from_pretrained tests need transformers")
 

@@ -9,6 +9,8 @@ import pytest
 
 from moai_ckpt import Checkpointer
 from moai_ckpt.errors import UnsupportedFormatError
+from moai_ckpt.layout import log_segment_key
+from moai_ckpt.pruning import prune_run
 from moai_ckpt.storage import Storage, open_storage
 from replay.log import (
     CorruptLogError,
@@ -20,7 +22,6 @@ from replay.log import (
     history,
     read_log,
     records_after,
-    segment_key,
     segments,
 )
 
@@ -129,7 +130,7 @@ def test_a_corrupt_record_stops_reading_before_it_with_a_clear_message(storage: 
 
 def test_a_missing_segment_is_a_gap_not_a_silent_skip(storage: Storage) -> None:
     write(storage, 0, range(1, 7), flush_every=2).close()
-    storage.delete([segment_key(0, 3, 4)])
+    storage.delete([log_segment_key(0, 3, 4)])
     contents = read_log(storage, 0)
     assert contents.last_step == 2
     assert "jumps from step 2 to 5" in str(contents.corruption)
@@ -150,7 +151,7 @@ def test_a_record_whose_blob_is_gone_is_corruption(storage: Storage) -> None:
 def test_a_newer_log_format_is_refused_with_an_upgrade_hint(storage: Storage) -> None:
     from replay.log import HEADER_FRAME, frame
 
-    storage.write(segment_key(0, 1, 1), frame(HEADER_FRAME, b'{"version": 99, "base_step": 0}'))
+    storage.write(log_segment_key(0, 1, 1), frame(HEADER_FRAME, b'{"version": 99, "base_step": 0}'))
     with pytest.raises(UnsupportedFormatError, match="upgrade moai-ckpt"):
         read_log(storage, 0)
 
@@ -198,7 +199,7 @@ def test_logs_older_than_the_oldest_kept_snapshot_are_pruned_with_it(tmp_path: P
     for base, steps in ((0, range(1, 4)), (3, range(4, 7)), (6, range(7, 8))):
         ckpt.save(base, {"extra": {"at": base}})
         write(ckpt.storage, base, steps).close()
-    assert ckpt.prune(keep=2) == [0]
+    assert prune_run(ckpt, keep=2) == [0]
     assert segments(ckpt.storage, 0) == [] and len(segments(ckpt.storage, 3)) == 3
 
 
@@ -207,5 +208,5 @@ def test_prune_keeps_an_older_log_that_holds_the_only_records_after_the_kept_sna
     ckpt.save(0, {"extra": {}})
     write(ckpt.storage, 0, range(1, 7)).close()
     ckpt.save(4, {"extra": {}})  # committed, but the run died before its log moved over
-    assert ckpt.prune(keep=1) == [0]
+    assert prune_run(ckpt, keep=1) == [0]
     assert [r.step for r in records_after(ckpt.storage, 4).records] == [5, 6]

@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from rich.console import Console
 
+from moai_ckpt.errors import DeviceSpecError, NoFeasiblePlanError
 from parallel.catalog import CATALOG, identify, lookup
 from parallel.costmodel import LayerProfile, ModelProfile
-from parallel.errors import DeviceSpecError, NoFeasiblePlanError
 from parallel.inventory import describe, parse_devices
 from parallel.partition import additive_cost, proportional_shares, split_layers
 from parallel.plan import Plan

@@ -13,9 +13,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from moai_ckpt import cli
+from moai_ckpt.errors import ProfileError
 from parallel import costmodel, inventory
 from parallel.costmodel import ProfileOptions, analytic_profile, cached_or_measured, find_layers, profile_model
-from parallel.errors import ProfileError
 from parallel.inventory import Device, local_device, parse_devices
 from parallel.plan import Plan
 from tests.parallel_scenarios import IN, WIDTH, build_model, model_and_sample

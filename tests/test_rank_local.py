@@ -25,7 +25,8 @@ import torch
 import zarr
 
 import moai_ckpt
-from moai_ckpt.format import Manifest, snapshot_dir
+from moai_ckpt.format import Manifest
+from moai_ckpt.layout import snapshot_dir
 from moai_ckpt.ranklocal import choose, copy_name, find_rank_local, split_pieces
 from moai_ckpt.sharding import Piece
 from moai_ckpt.testing.dist import RankResult, launch

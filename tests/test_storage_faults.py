@@ -47,7 +47,7 @@ def faulty_storage(root: Path, plan: FaultPlan, retry: RetryPolicy = FAST) -> Fs
     """The wrapper's own behaviour, call by call: without the size read-back after each write."""
     storage = open_storage(f"faulty://{root}", retry, target_protocol="file", plan=plan)
     assert isinstance(storage, FsspecStorage)
-    storage.verify_writes = False
+    storage.supports_atomic_put = True
     return storage
 
 
@@ -65,7 +65,7 @@ def faulty_checkpointer(
     ckpt = Checkpointer(
         f"faulty://{run}", chunk_bytes=4096, io_threads=4, retry=retry, target_protocol="file", plan=plan
     )
-    ckpt.storage.verify_writes = verify_writes  # type: ignore[attr-defined]
+    ckpt.storage.supports_atomic_put = not verify_writes
     return ckpt
 
 

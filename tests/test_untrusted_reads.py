@@ -26,7 +26,8 @@ import moai_ckpt
 from moai_ckpt import cli
 from moai_ckpt.arrays import array_metadata
 from moai_ckpt.dtypes import from_name
-from moai_ckpt.format import ArrayRecord, snapshot_dir
+from moai_ckpt.format import ArrayRecord
+from moai_ckpt.layout import snapshot_dir
 from moai_ckpt.testing import tamper
 from moai_ckpt.tree import MAX_DEPTH
 from tests.helpers import Trainer, fingerprint

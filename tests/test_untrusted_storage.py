@@ -27,7 +27,8 @@ from typer.testing import CliRunner
 
 import moai_ckpt
 from moai_ckpt import cli
-from moai_ckpt.format import COMMIT, LOG, log_dir, snapshot_dir
+from moai_ckpt.layout import COMMIT, LOG, log_dir, snapshot_dir
+from moai_ckpt.pruning import prune_run
 from replay.log import log_bases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,7 +196,7 @@ def test_names_that_only_look_like_steps_are_ignored_with_a_warning(
         assert ckpt.verify().ok
         assert restored_step(ckpt) == 30
         assert log_bases(ckpt.storage) == [10]
-        assert ckpt.prune(keep=1) == [10, 20]
+        assert prune_run(ckpt, keep=1) == [10, 20]
     assert any(STRAY in r.getMessage() for r in caplog.records)
     assert (Path(run_dir) / "snapshots" / STRAY).exists()  # not ours: not deleted either
 

@@ -20,8 +20,9 @@ from rich.console import Console
 
 from moai_ckpt.chaos.oracle import Verdict, judge
 from moai_ckpt.chaos.report import Summary, TrialReport, checks_table, draw_timeline, faults_table, write
-from moai_ckpt.chaos.runner import HANDOFF, ChaosError, RunOutcome, Trial
+from moai_ckpt.chaos.runner import HANDOFF, RunOutcome, Trial
 from moai_ckpt.chaos.scenario import BUILTIN, DEMO_ENTRYPOINT, KINDS, PHASES, Fault, Scenario
+from moai_ckpt.errors import ChaosError
 
 __all__ = [
     "BUILTIN",

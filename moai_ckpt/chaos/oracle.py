@@ -26,7 +26,7 @@ from moai_ckpt.chaos.runner import RunOutcome
 from moai_ckpt.chaos.scenario import PLACEMENT_KINDS, Scenario
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.errors import MoaiCkptError
-from moai_ckpt.format import LOG, REPORTS, parse_log_segment
+from moai_ckpt.layout import REPORTS, is_replay_report, parse_log_segment, quarantine_key, snapshot_step_of
 from replay.log import history
 
 
@@ -54,7 +54,7 @@ class Verdict:
 
 def _replay_reports(run_dir: Path) -> list[dict[str, Any]]:
     out = []
-    for path in sorted((run_dir / REPORTS).glob("replay-*.json")):
+    for path in sorted(p for p in (run_dir / REPORTS).glob("*") if is_replay_report(p.name)):
         try:
             data = json.loads(path.read_text())
         except ValueError:
@@ -111,7 +111,7 @@ def _destroyed_at_rest(run_dir: Path, target: str) -> set[int]:
     if parsed is None:
         return set()
     names: list[str] = []
-    for where in (run_dir / folder, run_dir / LOG / "quarantine" / Path(folder).name):  # a restart may move it
+    for where in (run_dir / folder, run_dir / quarantine_key(folder)):  # a restart may move it
         with contextlib.suppress(OSError):
             names += os.listdir(where)
     ends = [p[1] for p in map(parse_log_segment, names) if p is not None]
@@ -174,8 +174,9 @@ def judge(scenario: Scenario, reference: RunOutcome, faulty: RunOutcome) -> Verd
 def _check_restores(verdict: Verdict, faulty: RunOutcome) -> None:
     corrupted: dict[int, float] = {}
     for record in faulty.faults:
-        if record.target and record.target.startswith("snapshots/") and record.fired_at is not None:
-            corrupted[int(record.target.split("/")[1])] = record.fired_at
+        step = snapshot_step_of(record.target) if record.target else None
+        if step is not None and record.fired_at is not None:
+            corrupted[step] = record.fired_at
     reports = _replay_reports(faulty.run_dir)
     with Checkpointer(str(faulty.run_dir), local=True) as ckpt:
         committed = set(ckpt.steps())

@@ -25,7 +25,7 @@ from typing import Any
 from moai_ckpt import faults as fault_points
 from moai_ckpt.chaos.scenario import AT_REST_KINDS, PROCESS_KINDS, STORAGE_KINDS, Fault, Scenario
 from moai_ckpt.checkpointer import Checkpointer
-from moai_ckpt.format import COMMIT, LOG, parse_log_segment, parse_step_name, snapshot_dir
+from moai_ckpt.layout import LOG, commit_key, is_chunk_key, log_dir, parse_log_segment, parse_step_name, snapshot_dir
 from moai_ckpt.session import DEVICE_ENV
 from moai_ckpt.testing.faulty import EVENT_LOG_ENV, PLAN_ENV
 
@@ -87,10 +87,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-class ChaosError(RuntimeError):
-    """The harness itself could not run a trial (not a finding about the job)."""
 
 
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
@@ -342,14 +338,18 @@ class Trial:
             usable = ckpt.steps()  # committed, with a valid marker: what a restart may restore
         newest = run_dir / snapshot_dir(usable[-1]) if usable else None
         if kind == "corrupt_chunk" and newest is not None:
-            candidates = sorted(p for p in newest.rglob("*") if p.is_file() and "/c/" in str(p) and p.stat().st_size)
+            candidates = sorted(
+                p
+                for p in newest.rglob("*")
+                if p.is_file() and is_chunk_key(p.relative_to(run_dir).as_posix()) and p.stat().st_size
+            )
         elif kind == "corrupt_marker" and newest is not None:
-            candidates = [newest / COMMIT]
+            candidates = [run_dir / commit_key(usable[-1])]
         elif kind == "corrupt_log":
             # the log a restart replays first: the one after the newest usable snapshot (a log
             # whose own snapshot is unusable is read by nobody)
-            logs = sorted(p for p in (run_dir / LOG).glob("*") if parse_step_name(p.name) in usable)
-            candidates = sorted(p for p in logs[-1].glob("*.seg")) if logs else []
+            logs = [run_dir / log_dir(base) for base in usable if (run_dir / log_dir(base)).is_dir()]
+            candidates = sorted(p for p in logs[-1].iterdir() if parse_log_segment(p.name)) if logs else []
             candidates = candidates[:-1] or candidates  # not the newest segment: damage there reads as torn
         else:
             candidates = []

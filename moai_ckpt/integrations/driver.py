@@ -35,7 +35,7 @@ import torch
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.distributed import CoordinationError, RankLostError, World, current_world
 from moai_ckpt.errors import CorruptSnapshotError, MoaiCkptError, StorageError
-from moai_ckpt.format import REPORTS, STEP_DIGITS
+from moai_ckpt.layout import replay_report_key
 from moai_ckpt.results import SaveHandle
 from moai_ckpt.run import current_placement, placement_changes, quarantine
 from replay.check import ReplayReport
@@ -424,7 +424,7 @@ class StepDriver:
             )
         if self.rank == 0 and report.steps:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-            key = f"{REPORTS}/replay-{stamp}-from-{report.base_step:0{STEP_DIGITS}d}.json"
+            key = replay_report_key(stamp, report.base_step)
             try:
                 self.ckpt.storage.write(key, report.model_dump_json(indent=1).encode())
             except MoaiCkptError as exc:  # a report is worth a warning, not the run

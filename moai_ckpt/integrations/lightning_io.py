@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.errors import CorruptSnapshotError, MoaiCkptError, SnapshotNotFoundError, UnserializableStateError
-from moai_ckpt.format import COMMIT, SNAPSHOTS, snapshot_dir
 from moai_ckpt.keys import check_key, sanitize_segment
+from moai_ckpt.layout import SNAPSHOTS, commit_key, snapshot_dir
 from moai_ckpt.results import SaveHandle
 from moai_ckpt.storage import open_storage
 from moai_ckpt.tree import TensorSink, encode
@@ -196,7 +196,7 @@ class MoaiCheckpointIO(CheckpointIO):
             parent = open_storage(f"{self.url}/{CHECKPOINTS}")
             with Checkpointer(self._run_url(name), local=True, **self.options) as ckpt:
                 steps = ckpt.steps()
-            parent.delete([f"{name}/{snapshot_dir(s)}/{COMMIT}" for s in steps])  # un-commit first
+            parent.delete([f"{name}/{commit_key(s)}" for s in steps])  # un-commit first
             parent.delete_prefix(name)
 
     def teardown(self) -> None:
@@ -246,7 +246,7 @@ class MoaiCheckpointIO(CheckpointIO):
             fs.pipe_file(local, data)
         for old in ckpt.steps():
             if old != step:
-                ckpt.storage.delete([f"{snapshot_dir(old)}/{COMMIT}"])  # un-commit first
+                ckpt.storage.delete([commit_key(old)])  # un-commit first
                 ckpt.storage.delete_prefix(snapshot_dir(old))
 
     def _locate(self, path: str) -> tuple[str, int | None]:

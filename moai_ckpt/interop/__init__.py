@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from moai_ckpt.interop.errors import InteropError, UntrustedDataError
+from moai_ckpt.errors import InteropError, UntrustedDataError
 from moai_ckpt.interop.state import read_state
 
 if TYPE_CHECKING:

@@ -48,8 +48,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem, WriteItem, WriteItemType
 
 from moai_ckpt.checkpointer import Checkpointer
-from moai_ckpt.errors import UnserializableStateError
-from moai_ckpt.interop.errors import InteropError, UntrustedDataError
+from moai_ckpt.errors import InteropError, UnserializableStateError, UntrustedDataError
 from moai_ckpt.interop.state import is_rng_entry, open_reader, read_entries
 from moai_ckpt.tree import TensorSink, encode
 

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 
 from moai_ckpt.dtypes import from_name
-from moai_ckpt.errors import MoaiCkptError
+from moai_ckpt.errors import InteropError, MoaiCkptError
 from moai_ckpt.format import ArrayRecord
-from moai_ckpt.interop.errors import InteropError
 from moai_ckpt.interop.state import check_entries, open_reader
 from moai_ckpt.snapshot import SnapshotReader
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from moai_ckpt.capture import RNG_KEY
 from moai_ckpt.checkpointer import Checkpointer
-from moai_ckpt.interop.errors import InteropError
+from moai_ckpt.errors import InteropError
 from moai_ckpt.snapshot import SnapshotReader
 from moai_ckpt.tree import decode, tensor_refs
 

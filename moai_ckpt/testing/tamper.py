@@ -26,7 +26,8 @@ from typing import Any
 
 import crc32c as _crc32c
 
-from moai_ckpt.format import COMMIT, MANIFEST, canonical_json, sha256, snapshot_dir
+from moai_ckpt.format import canonical_json, sha256
+from moai_ckpt.layout import COMMIT, MANIFEST, snapshot_dir
 
 JsonPath = tuple[str | int, ...]
 
