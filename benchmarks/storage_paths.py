@@ -10,8 +10,9 @@ and in interleaved repetitions, N small objects at a snapshot-like depth
 
 and prints the median of each with the ratio to plain. Snapshots write few large chunks (64 MiB
 by default), so the per-object cost shows only with many small objects: this is the worst case.
-``--baseline FILE`` adds the `LocalStorage` of another ``storage.py`` (an earlier release, say
-``git show v0.1.0:moai_ckpt/storage.py > /tmp/old_storage.py``), timed the same way.
+``--baseline FILE`` adds the `LocalStorage` of another module that defines one (an earlier
+release's, say ``git show v0.1.0:moai_ckpt/storage.py > /tmp/old_storage.py``; today it lives in
+``moai_ckpt/storage/local.py``), timed the same way.
 
     python benchmarks/storage_paths.py --objects 4000 --size 4096 --reps 5 --dir bench_out/paths
 """
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096, help="bytes per object")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dir", default="bench_out/paths")
-    parser.add_argument("--baseline", default=None, help="another storage.py whose LocalStorage to time too")
+    parser.add_argument("--baseline", default=None, help="another module whose LocalStorage to time too")
     args = parser.parse_args()
     names = keys(args.objects)
     payload = os.urandom(args.size)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import errno
+import importlib.metadata
+import json
 import os
 import shutil
+import subprocess
+import sys
+import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +26,10 @@ from moai_ckpt.errors import (
     UnsafeKeyError,
 )
 from moai_ckpt.storage import FsspecStorage, LocalStorage, RetryPolicy, Storage, is_transient, open_storage
-from moai_ckpt.testing import FaultPlan, FaultyFileSystem
+from moai_ckpt.testing import FaultPlan, FaultyFileSystem, protocols
 from moai_ckpt.testing.storage_suite import LocalPathTests, StorageTests
 
+ROOT = Path(__file__).resolve().parent.parent
 FAST = RetryPolicy(attempts=3, initial_backoff_s=0.001, max_backoff_s=0.002, jitter_s=0.0, deadline_s=5)
 
 
@@ -202,6 +208,58 @@ def test_a_relative_path_behind_a_wrapper_lists_keys_relative_to_the_run(
 def test_a_faulty_url_without_a_target_is_refused_with_a_hint(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="target_protocol"):
         open_storage(f"faulty://{tmp_path}/run")
+
+
+# -- how faulty:// resolves: the test kit's entry point, never an import in the core -------------------
+
+_HIDE_THE_INSTALLED_PACKAGE = """
+import importlib.metadata as metadata
+import json
+import sys
+
+every = metadata.distributions
+# as if moai-ckpt were not installed: no distribution of its own declares an entry point
+metadata.distributions = lambda **kw: (d for d in every(**kw) if d.metadata["Name"] != "moai-ckpt")
+from moai_ckpt.storage import open_storage
+
+storage = open_storage("faulty://" + sys.argv[1], target_protocol="file")
+storage.write("k", b"x")
+print(json.dumps([type(storage.fs).__name__, sorted(sys.modules.keys() & {"moai_ckpt.testing.faulty"})]))
+"""
+
+
+def test_the_kits_entry_point_for_a_checkout_is_the_one_the_package_declares() -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["fsspec.specs"]
+    found = {
+        e.name: e.value
+        for d in importlib.metadata.distributions(path=[protocols.ENTRY_POINTS])
+        for e in d.entry_points
+        if e.group == "fsspec.specs"
+    }
+    assert found == declared == protocols.PROTOCOLS
+
+
+def test_a_child_process_resolves_faulty_urls_without_the_installed_entry_point(tmp_path: Path) -> None:
+    env = protocols.child_environment({**os.environ, "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-c", _HIDE_THE_INSTALLED_PACKAGE, str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == ["FaultyFileSystem", ["moai_ckpt.testing.faulty"]]
+    assert (tmp_path / "run" / "k").read_bytes() == b"x"
+    without = {**os.environ, "PYTHONPATH": str(ROOT)}  # and without the kit's folder, nothing resolves it
+    failed = subprocess.run(
+        [sys.executable, "-c", _HIDE_THE_INSTALLED_PACKAGE, str(tmp_path / "other")],
+        env=without,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode != 0 and "faulty" in failed.stderr
 
 
 def test_an_unknown_protocol_is_a_storage_error_naming_the_url() -> None:

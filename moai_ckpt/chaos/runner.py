@@ -27,6 +27,7 @@ from moai_ckpt.chaos.scenario import AT_REST_KINDS, PROCESS_KINDS, STORAGE_KINDS
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.layout import LOG, commit_key, is_chunk_key, log_dir, parse_log_segment, parse_step_name, snapshot_dir
 from moai_ckpt.session import DEVICE_ENV
+from moai_ckpt.testing import protocols
 from moai_ckpt.testing.faulty import EVENT_LOG_ENV, PLAN_ENV
 
 
@@ -160,6 +161,7 @@ class Trial:
         if storage_plan is not None:
             env[PLAN_ENV] = json.dumps(storage_plan)
             env[EVENT_LOG_ENV] = str(scratch / "storage_faults.jsonl")
+            env = protocols.child_environment(env)  # the job resolves faulty://, installed or not
         return env
 
     def run(self, name: str, drawn: list[Fault]) -> RunOutcome:
