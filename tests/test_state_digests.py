@@ -24,8 +24,6 @@ from torch import nn
 
 import moai_ckpt
 from moai_ckpt.digest import SMALL_WORDS, _batched_sums, _large_sums, _words, device_sums
-
-BLOCK = 4096  # sizes around a round number of words
 from moai_ckpt.testing.dist import launch
 from replay import statedigest
 from replay.check import compare
@@ -33,6 +31,7 @@ from replay.log import Digests, LogWriter, StepRecord, history, read_log
 from replay.statedigest import capture_state
 from tests.state_scenario import FLIP_ENV, Net, entry_tensor, flip_one_bit
 
+BLOCK = 4096  # sizes around a round number of words
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
