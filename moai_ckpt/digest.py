@@ -8,7 +8,8 @@ or a changed word always shows, and values moved between positions show but for 
   the GIL). Computed at once, on the calling thread.
 - **Device tensors (CUDA and others)**: two 64-bit sums of the tensor's words, on the device: the
   plain sum (a flipped bit ``b`` moves it by ``±2**b``, never by a multiple of ``2**64``) and the
-  sum of every word mixed with its position (`mix`: multiply, xor-shift, multiply, xor-shift), so
+  sum of every 32-bit word mixed with its position (`mix`: a multiply-add, then the lowbias32
+  integer hash; one fused kernel on CUDA, `moai_ckpt.digest_cuda`), so
   that equal values at other positions (two ranks that counted different samples the same number
   of times) give other sums. The work is queued on the current stream; the host reads the few
   result words later, through one non-blocking copy per device and an event
@@ -31,7 +32,7 @@ import torch
 
 SMALL_WORDS = 1 << 14  # tensors of at most this many words are reduced together
 
-__all__ = ["PendingDigests", "device_sums", "digest_tensors", "host_digest", "local_tensor", "mix"]
+__all__ = ["PendingDigests", "device_sums", "digest_tensors", "host_digest", "local_tensor", "mix", "reference_sums"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -67,26 +68,27 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return data
 
 
-def _signed(value: int) -> int:
-    """A 64-bit constant as the signed integer torch's int64 arithmetic takes."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_K_WORD = _signed(0x9E3779B97F4A7C15)
-_K_POS = _signed(0xC2B2AE3D27D4EB4F)
-_K_MIX = _signed(0x94D049BB133111EB)
+_M32 = 0xFFFFFFFF
+# 32-bit mixing constants: a golden-ratio word multiplier, a position multiplier, and the two
+# multipliers of the "lowbias32" integer hash (one xor-shift-multiply round per constant)
+_K_WORD, _K_POS, _K_MIX1, _K_MIX2 = 0x9E3779B1, 0x85EBCA77, 0x7FEB352D, 0x846CA68B
 
 
 def mix(words: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """int64 words mixed with their positions: what the second sum adds up, word by word.
+    """Each 32-bit word mixed with its position, as non-negative int64 values below 2**32.
 
-    Wrapping 64-bit arithmetic with arithmetic right shifts, the same on every device (the
-    reference the tests compare devices with is this function run on the CPU).
+    ``words`` holds the words' bit patterns (any integer dtype; only the low 32 bits count) and
+    ``positions`` their indices. The mix is 32-bit wrapping arithmetic with logical shifts,
+    computed here in int64 with masks so that every device (and the fused CUDA kernel in
+    `moai_ckpt.digest_cuda`) gives the same integers; the tests compare devices against this
+    function run on the CPU.
     """
-    x = words * _K_WORD + positions * _K_POS
-    x = x ^ (x >> 31)
-    x = x * _K_MIX
-    return x ^ (x >> 29)
+    x = ((words & _M32) * _K_WORD + (positions & _M32) * _K_POS) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _K_MIX1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _K_MIX2) & _M32
+    return x ^ (x >> 16)
 
 
 def _large_sums(words: torch.Tensor) -> torch.Tensor:
@@ -129,14 +131,12 @@ def _batched_sums(words: list[torch.Tensor]) -> torch.Tensor:
     return (running[:, bounds[1]] - running[:, bounds[0]]).t()
 
 
-def device_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """int64 [k, 2] on the tensors' device: each tensor's plain word sum and the sum of its
-    words mixed with their positions (`mix`).
+def reference_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64 [k, 2] on the tensors' device, computed with plain torch operations.
 
-    Integer sums wrap modulo 2**64 in any order, so a tensor's sums are the same whether it is
-    reduced alone (large tensors) or with other small ones (a few kernels for all of them).
-    Nothing is copied from the host (that would wait for the device), except a layout seen for
-    the first time, from pinned memory.
+    What `device_sums` computes: the reference for the fused CUDA kernel, and the path for
+    devices without one. Large tensors are reduced alone, small ones together (a few kernels
+    for all of them); integer sums wrap modulo 2**64 in any order, so both give the same sums.
     """
     words = [_words(t) for t in tensors]
     out: list[torch.Tensor | None] = [None] * len(words)
@@ -151,6 +151,35 @@ def device_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         for row, i in enumerate(members):
             out[i] = sums[row : row + 1]
     return torch.cat([t for t in out if t is not None]) if out else torch.zeros(0, 2, dtype=torch.int64)
+
+
+def device_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64 [k, 2] on the tensors' device: each tensor's plain word sum and the sum of its
+    words mixed with their positions (`mix`).
+
+    On CUDA, tensors whose bytes make whole 32-bit words go through one fused kernel
+    (`moai_ckpt.digest_cuda`: one read of each word, two launches for all of them) when Triton
+    is there; everything else through `reference_sums`. Nothing is copied from the host (that
+    would wait for the device), except a layout seen for the first time, from pinned memory.
+    """
+    if not tensors or tensors[0].device.type != "cuda":
+        return reference_sums(tensors)
+    from moai_ckpt import digest_cuda
+
+    fused = [i for i, t in enumerate(tensors) if digest_cuda.available() and _nbytes(t) % 4 == 0]
+    if not fused:
+        return reference_sums(tensors)
+    rest = [i for i in range(len(tensors)) if i not in set(fused)]
+    rows: dict[int, torch.Tensor] = {}
+    for results, members in (
+        (digest_cuda.word_sums([_words(tensors[i]) for i in fused]), fused),
+        (reference_sums([tensors[i] for i in rest]) if rest else None, rest),
+    ):
+        for row, i in enumerate(members):
+            assert results is not None
+            rows[i] = results[row : row + 1]
+    # slices in the callers' order (an index tensor built on the host would wait for the device)
+    return rows[0] if len(rows) == 1 else torch.cat([rows[i] for i in range(len(tensors))])
 
 
 def _nbytes(t: torch.Tensor) -> int:
