@@ -171,8 +171,13 @@ def device_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return reference_sums(tensors)
     rest = [i for i in range(len(tensors)) if i not in set(fused)]
     rows: dict[int, torch.Tensor] = {}
+    try:
+        fused_sums = digest_cuda.word_sums([_words(tensors[i]) for i in fused])
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile here must not stop training
+        digest_cuda.disable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        return reference_sums(tensors)
     for results, members in (
-        (digest_cuda.word_sums([_words(tensors[i]) for i in fused]), fused),
+        (fused_sums, fused),
         (reference_sums([tensors[i] for i in rest]) if rest else None, rest),
     ):
         for row, i in enumerate(members):

@@ -17,11 +17,12 @@ Without Triton (CPU builds of torch) `available` is False and callers use the to
 from __future__ import annotations
 
 import functools
-from typing import Any
+import logging
 
 import torch
 
 BLOCK = 4096
+log = logging.getLogger("moai_ckpt.digest")
 
 try:
     import triton
@@ -29,18 +30,28 @@ try:
 except ImportError:  # CPU builds of torch come without Triton
     triton = None
 
-__all__ = ["BLOCK", "available", "word_sums"]
+__all__ = ["BLOCK", "available", "disable", "word_sums"]
+
+
+_broken: list[str] = []  # why the kernel failed here, once: the torch path takes over for good
 
 
 def available() -> bool:
-    """Whether the fused kernel can run here (Triton is importable)."""
-    return triton is not None
+    """Whether the fused kernel can run here (Triton is importable and has not failed)."""
+    return triton is not None and not _broken
+
+
+def disable(reason: str) -> None:
+    """Stop using the kernel in this process (it failed to compile or run: say why, once)."""
+    if not _broken:
+        _broken.append(reason)
+        log.warning("the fused CUDA digest kernel is off (%s); digests use torch operations, same results", reason)
 
 
 if triton is not None:
 
     @triton.jit
-    def _sums_kernel(table_ptr: Any, out_ptr: Any, BLOCK: tl.constexpr) -> None:
+    def _sums_kernel(table_ptr, out_ptr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
         row = table_ptr + tl.program_id(0) * 4
         address, count = tl.load(row), tl.load(row + 1)
         tensor, first = tl.load(row + 2), tl.load(row + 3)
