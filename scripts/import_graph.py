@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("moai_ckpt", "replay", "parallel")
 
 #: the rooms of the house, bottom layer first: (name, what it holds, the module prefixes in it).
-#: A module belongs to the room with the longest prefix that names it or a package above it.
+#: A module belongs to the room with the longest prefix that names it or a package above it;
+#: ``moai_ckpt`` names the package's ``__init__`` alone (its modules each have a room).
 ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     (
         "foundation",
@@ -34,6 +35,7 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.wrappers",
             "moai_ckpt.rng",
             "moai_ckpt.digest",
+            "moai_ckpt.digest_cuda",
             "moai_ckpt.faults",
         ),
     ),
@@ -190,7 +192,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def room_of(module: str) -> str:
     """The room a module lives in (see `ROOMS`); `KeyError` for a module no room holds."""
     best = max(
-        ((p, name) for name, _, prefixes in ROOMS for p in prefixes if module == p or module.startswith(p + ".")),
+        (
+            (p, name)
+            for name, _, prefixes in ROOMS
+            for p in prefixes
+            if module == p or (module.startswith(p + ".") and p != "moai_ckpt")
+        ),
         key=lambda found: len(found[0]),
         default=None,
     )

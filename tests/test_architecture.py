@@ -92,10 +92,17 @@ def test_every_module_has_a_room_in_the_picture_of_the_layers() -> None:
     assert not lost, f"modules in no room of scripts/import_graph.py: {lost}"
 
 
-@pytest.mark.parametrize("module", sorted(m for m in FILES if graph_script.room_of(m) not in TOP_ROOMS))
+def _in_top_room(module: str) -> bool:
+    try:
+        return graph_script.room_of(module) in TOP_ROOMS
+    except KeyError:  # reported by test_every_module_has_a_room_in_the_picture_of_the_layers
+        return False
+
+
+@pytest.mark.parametrize("module", sorted(m for m in FILES if not _in_top_room(m)))
 def test_the_core_imports_neither_the_test_kit_nor_the_tools_nor_the_cli(module: str) -> None:
     _skip_if_not_yet_checked(module)
-    upward = sorted(t for t in GRAPH[module] if graph_script.room_of(t) in TOP_ROOMS)
+    upward = sorted(t for t in GRAPH[module] if _in_top_room(t))
     assert not upward, f"{module} imports {upward}: the test kit, the tools and the CLI sit on top of the core"
 
 

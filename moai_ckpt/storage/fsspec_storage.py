@@ -2,15 +2,16 @@
 
 Writes whole objects only (no append, no rename). Exclusive create is a conditional PUT on S3,
 ``O_EXCL`` on a bare local file system (through the no-follow walk), the memory file system's own
-``xb``, and emulated (check, write, read back) anywhere else. The capabilities are read off the
-file system when the storage is opened: atomic puts on object stores, ranged reads where no
-local path needs its ``lstat`` check first.
+``xb``, and emulated (check, write, read back, with a warning the first time a writer relies on
+it) anywhere else. Whether a put is atomic is read off the file system when the storage is
+opened (object stores: yes); a bounded read is one ranged read everywhere.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 from datetime import datetime
@@ -20,6 +21,7 @@ from fsspec.implementations.chained import ChainedFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractFileSystem
 
+from moai_ckpt.errors import redact_url
 from moai_ckpt.keys import warn_once
 from moai_ckpt.storage import nofollow
 from moai_ckpt.storage.base import Buffer, Storage, not_an_object
@@ -49,6 +51,7 @@ class FsspecStorage(Storage):
     """
 
     supports_modification_times = True  # each back end's own field: mtime, LastModified, updated...
+    supports_ranged_reads = True  # ``cat_file(start, end)``: one request, never the whole of a huge object
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str, retry: RetryPolicy | None = None) -> None:
         super().__init__(url, retry)
@@ -64,8 +67,6 @@ class FsspecStorage(Storage):
         local = isinstance(inner, LocalFileSystem)
         #: the run directory with every link resolved, for the realpath checks (local file systems)
         self.real_root: str | None = os.path.realpath(self.root) if local else None
-        # an object store reads a byte range in one request; a local file system is checked with lstat first
-        self.supports_ranged_reads = self.real_root is None
         if local and len(layers) == 1:
             self._create_mode = "local"  # O_EXCL through our own no-follow walker
         elif _protocols(inner) & _NATIVE_CREATE_PROTOCOLS and all(
@@ -75,14 +76,7 @@ class FsspecStorage(Storage):
         else:
             self._create_mode = "emulated"
         self.supports_exclusive_create = self._create_mode != "emulated"
-        if not self.supports_exclusive_create:
-            log.warning(
-                "storage %s cannot create an object exclusively (no O_EXCL or conditional PUT known for "
-                "%s): writer fencing falls back to write-and-read-back, which two writers racing for the "
-                "same key can both pass (see docs/security.md)",
-                url,
-                type(inner).__name__,
-            )
+        self._fs_name = type(inner).__name__
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -138,6 +132,7 @@ class FsspecStorage(Storage):
 
     def _create(self, key: str, data: bytes) -> None:
         if self._create_mode == "emulated":
+            _warn_emulated_create(self.url, self._fs_name)
             super()._create(key, data)
             return
         if self._create_mode == "local":
@@ -160,6 +155,7 @@ class FsspecStorage(Storage):
             raise not_an_object(self._path(key)) from None
 
     def _read_range(self, key: str, length: int) -> bytes:
+        self._guard(key)  # a local file system: no link on the way, and a regular file (a FIFO never blocks)
         try:
             return bytes(self.fs.cat_file(self._path(key), start=0, end=length))
         except IsADirectoryError:
@@ -275,3 +271,15 @@ def _timestamp(info: dict[str, object]) -> float | None:
             with contextlib.suppress(ValueError):
                 return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_emulated_create(url: str, fs_name: str) -> None:
+    """Say once per run directory, when a writer first relies on it, that fencing is weaker here."""
+    log.warning(
+        "storage %s cannot create an object exclusively (no O_EXCL or conditional PUT known for %s): "
+        "writer fencing falls back to write-and-read-back, which two writers racing for the same key "
+        "can both pass (see docs/security.md)",
+        redact_url(url),
+        fs_name,
+    )
