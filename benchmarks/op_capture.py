@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt import GPT, SIZES, loss_fn
 
 import moai_ckpt
+from moai_ckpt.layout import capture_step_dir
 from moai_ckpt.storage import open_storage
 from replay.log import Placement
 from replay.ops import OpRecorder
@@ -90,7 +91,7 @@ def plain_and_captured(args: argparse.Namespace, directory: str) -> dict[str, fl
         t2 = time.perf_counter()
         index = write_capture(storage, stream, f"c{i:04d}-bench", Placement(device_type=s.device.type))
         t3 = time.perf_counter()
-        storage.delete_prefix(f"log/ops/{i + 1:012d}")  # keep the disk free: one capture at a time
+        storage.delete_prefix(capture_step_dir(i + 1))  # keep the disk free: one capture at a time
         plain.append(t1 - t0)
         captured.append(t3 - t1)
         writing.append(t3 - t2)

@@ -1,4 +1,5 @@
-"""What snapshots a run directory holds: every step's status, read from its commit marker.
+"""What snapshots a run directory holds: every step's status, read from its commit marker, and
+opening one to read.
 
 A snapshot is committed if and only if its marker exists and validates; a marker of a newer
 format version lists the step too (as "unsupported": a restore says to upgrade), and a damaged
@@ -8,11 +9,14 @@ one directory listing, then markers read newest first where only the newest is w
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
+
 from moai_ckpt.errors import CorruptSnapshotError, SnapshotNotFoundError, UnsupportedFormatError
 from moai_ckpt.format import load_commit
 from moai_ckpt.layout import SNAPSHOTS, commit_key, snapshot_steps
 from moai_ckpt.options import valid_step
 from moai_ckpt.results import SnapshotEntry
+from moai_ckpt.snapshot import DEFAULT_MAX_ARRAY_BYTES, SnapshotReader
 from moai_ckpt.storage import Storage
 
 #: the statuses that count as a snapshot of the run (`SnapshotCatalog.steps`)
@@ -24,10 +28,18 @@ class SnapshotCatalog:
 
     Args:
         storage: the run directory.
+        executor: runs the chunk reads of the snapshots it opens.
+        max_array_bytes: the largest array a read allocates (`CheckpointerOptions.max_array_bytes`).
     """
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, executor: Executor, *, max_array_bytes: int = DEFAULT_MAX_ARRAY_BYTES) -> None:
         self.storage = storage
+        self.executor = executor
+        self.max_array_bytes = max_array_bytes
+
+    def open(self, step: int) -> SnapshotReader:
+        """The committed snapshot at ``step``, its marker, manifest and rank indexes checked."""
+        return SnapshotReader(self.storage, step, self.executor, max_array_bytes=self.max_array_bytes)
 
     def entry(self, step: int) -> SnapshotEntry:
         """The status of the snapshot folder at ``step``, from its commit marker."""

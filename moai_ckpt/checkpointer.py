@@ -9,7 +9,6 @@ save one (the commit protocol, phase by phase), `moai_ckpt.restore` loads one,
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, MutableMapping
@@ -23,19 +22,17 @@ from moai_ckpt.distributed import World, agree, current_world
 from moai_ckpt.errors import (
     InvalidArgumentError,
     MoaiCkptError,
-    SnapshotNotFoundError,
-    UnsupportedFormatError,
     redact_url,
 )
 from moai_ckpt.format import CommitMarker, Manifest
-from moai_ckpt.layout import commit_key
 from moai_ckpt.options import CheckpointerOptions, valid_info, valid_step
 from moai_ckpt.restore import SnapshotRestore
-from moai_ckpt.results import RestoreInfo, SaveHandle, SnapshotEntry, VerifyReport, skipped_message
+from moai_ckpt.results import RestoreInfo, SaveHandle, SnapshotEntry, VerifyReport
 from moai_ckpt.retention import KeepLatest, Pruner
-from moai_ckpt.snapshot import Fault, Progress, SnapshotReader
+from moai_ckpt.snapshot import Progress, SnapshotReader
 from moai_ckpt.staging import HostPool, Staged, Stager, stage
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage
+from moai_ckpt.verify import verify as verify_snapshot
 from moai_ckpt.writer import RunWriter
 
 __all__ = ["Checkpointer", "CheckpointerOptions"]
@@ -79,11 +76,7 @@ class Checkpointer:
         **storage_options: Any,
     ) -> None:
         named = {"chunk_bytes": chunk_bytes, "io_threads": io_threads, "capture_rng": capture_rng, "retry": retry}
-        overrides = {k: v for k, v in named.items() if v is not None}
-        # keyword arguments that are option fields set options; the rest go to the storage back end
-        overrides |= {k: storage_options.pop(k) for k in list(storage_options) if k in CheckpointerOptions.model_fields}
-        base = options or CheckpointerOptions()
-        self.options = CheckpointerOptions.model_validate({**dict(base), **overrides}) if overrides else base
+        self.options, storage_options = CheckpointerOptions.merged(options, named, storage_options)
         self.storage: Storage = open_storage(url, self.options.retry, **storage_options)
         self.storage.record_limit = self.options.max_record_bytes
         self.url = self.storage.url
@@ -95,16 +88,10 @@ class Checkpointer:
         self._pool = HostPool()
         self._inflight: SaveHandle | None = None
         #: the snapshots of this run directory
-        self.catalog = SnapshotCatalog(self.storage)
+        self.catalog = SnapshotCatalog(self.storage, self._executor, max_array_bytes=self.options.max_array_bytes)
         #: this process as the run's writer: its lease (the coordinator's, once it writes), its saves
         self.writer = RunWriter(self.storage, self.options.lease_ttl_s)
-        self._restore = SnapshotRestore(
-            self.catalog,
-            self.world,
-            self._executor,
-            max_array_bytes=self.options.max_array_bytes,
-            capture_rng=self.options.capture_rng,
-        )
+        self._restore = SnapshotRestore(self.catalog, self.world, capture_rng=self.options.capture_rng)
         self._pruner = Pruner(self.catalog, self.writer, leftover_grace_s=self.options.leftover_grace_s)
         #: what ``run.json`` records about the training function (set by `fault_tolerant`)
         self.run_entry: dict[str, Any] | None = None
@@ -135,7 +122,7 @@ class Checkpointer:
 
     def open_snapshot(self, step: int | None = None) -> SnapshotReader:
         """Open a committed snapshot (the latest by default), its marker, manifest and rank indexes checked."""
-        return self._restore.reader(self.catalog.resolve(step))
+        return self.catalog.open(self.catalog.resolve(step))
 
     def manifest(self, step: int | None = None) -> Manifest:
         """The validated manifest of a committed snapshot."""
@@ -372,32 +359,7 @@ class Checkpointer:
 
         Returns a report listing every fault (``report.ok`` is True when there are none).
         """
-        latest = self.latest_step()
-        step = self.catalog.resolve(step if step is not None else latest)
-        report = VerifyReport(self.url, step)
-        if step == latest:
-            skipped = report.passed_over = self.damaged_after(step)
-            if skipped:
-                message = skipped_message(skipped, step)
-                report.faults.extend(Fault(commit_key(e.step), "CorruptSnapshotError", message) for e in skipped)
-        try:
-            reader = self._restore.reader(step)
-        except (SnapshotNotFoundError, UnsupportedFormatError):
-            raise
-        except MoaiCkptError as exc:
-            report.faults.append(Fault(exc.key or "", type(exc).__name__, str(exc)))
-            return report
-        report.arrays = len(reader.arrays)
-        lock = threading.Lock()
-
-        def count(nbytes: int) -> None:
-            with lock:
-                report.bytes_checked += nbytes
-            if progress is not None:
-                progress(nbytes)
-
-        report.faults.extend(reader.verify(count))
-        return report
+        return verify_snapshot(self.catalog, step, progress)
 
     def prune(self, keep: int = 1, *, dry_run: bool = False) -> list[int]:
         """Delete all but the newest ``keep`` committed snapshots, and leftovers of failed saves.

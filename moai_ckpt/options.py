@@ -55,6 +55,19 @@ class CheckpointerOptions(BaseModel):
     )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
 
+    @classmethod
+    def merged(
+        cls, base: CheckpointerOptions | None, named: Mapping[str, Any], keywords: Mapping[str, Any]
+    ) -> tuple[CheckpointerOptions, dict[str, Any]]:
+        """``base`` with the options a `Checkpointer` was given by name (None: not given) and those
+        among its other keyword arguments that are option fields; returns it and the remaining
+        keyword arguments, which go to the storage back end."""
+        overrides = {k: v for k, v in named.items() if v is not None}
+        overrides |= {k: v for k, v in keywords.items() if k in cls.model_fields}
+        rest = {k: v for k, v in keywords.items() if k not in cls.model_fields}
+        base = base or cls()
+        return (cls.model_validate({**dict(base), **overrides}) if overrides else base), rest
+
 
 def valid_step(step: object) -> int:
     """``step`` as a plain int in [0, 1e12), or `InvalidArgumentError` (checked before any I/O).

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import MutableMapping
-from concurrent.futures import Executor
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from moai_ckpt.ranklocal import RankLocalChoice, choose
 from moai_ckpt.results import RestoreInfo, skipped_message
 from moai_ckpt.rng import GlobalRNG
 from moai_ckpt.sharding import live_targets
-from moai_ckpt.snapshot import Progress, SnapshotReader
+from moai_ckpt.snapshot import Progress
 from moai_ckpt.staging import rng_key
 from moai_ckpt.tree import tensor_refs
 
@@ -50,33 +49,17 @@ class SnapshotRestore:
     Args:
         catalog: the run's snapshots (and its storage).
         world: the ranks taking part.
-        executor: runs the chunk reads.
-        max_array_bytes: the largest array a read allocates (`CheckpointerOptions.max_array_bytes`).
         capture_rng: restore the global RNG states unless a restore says otherwise.
     """
 
-    def __init__(
-        self,
-        catalog: SnapshotCatalog,
-        world: World,
-        executor: Executor,
-        *,
-        max_array_bytes: int,
-        capture_rng: bool,
-    ) -> None:
+    def __init__(self, catalog: SnapshotCatalog, world: World, *, capture_rng: bool) -> None:
         self.catalog = catalog
         self.world = world
-        self.executor = executor
-        self.max_array_bytes = max_array_bytes
         self.capture_rng = capture_rng
 
     @property
     def url(self) -> str:
         return self.catalog.storage.url
-
-    def reader(self, step: int) -> SnapshotReader:
-        """The committed snapshot at ``step``, opened and checked."""
-        return SnapshotReader(self.catalog.storage, step, self.executor, max_array_bytes=self.max_array_bytes)
 
     def run(
         self,
@@ -144,7 +127,7 @@ class SnapshotRestore:
         Of a rank-local array, the copy `moai_ckpt.ranklocal.choose` picks is read (this rank's
         own on the world size that saved, else the lowest rank's) and stands under the plain name.
         """
-        reader = self.reader(step)
+        reader = self.catalog.open(step)
         manifest = reader.manifest
         wanted = dict(state)
         rng = self.capture_rng if restore_rng is None else restore_rng
