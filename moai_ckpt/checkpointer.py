@@ -1,9 +1,10 @@
 """`Checkpointer`: the public face of the snapshots of one run directory.
 
 It checks arguments, coordinates saves in flight, and hands each operation to the collaborator
-that owns it: `moai_ckpt.catalog` lists snapshots, `moai_ckpt.staging` and `moai_ckpt.commit`
-save one (the commit protocol, phase by phase), `moai_ckpt.restore` loads one,
-`moai_ckpt.retention` prunes, and `moai_ckpt.writer` holds the run for this process.
+that owns it: `moai_ckpt.catalog` lists and opens snapshots, `moai_ckpt.staging` and
+`moai_ckpt.commit` save one (the commit protocol, phase by phase), `moai_ckpt.restore` loads one,
+`moai_ckpt.verify` checks one, `moai_ckpt.retention` prunes, and `moai_ckpt.writer` holds the run
+for this process.
 """
 
 from __future__ import annotations
@@ -19,11 +20,7 @@ from typing import Any, TypeVar
 from moai_ckpt.catalog import SnapshotCatalog
 from moai_ckpt.commit import SnapshotCommit, copy_snapshot
 from moai_ckpt.distributed import World, agree, current_world
-from moai_ckpt.errors import (
-    InvalidArgumentError,
-    MoaiCkptError,
-    redact_url,
-)
+from moai_ckpt.errors import InvalidArgumentError, MoaiCkptError, redact_url
 from moai_ckpt.format import CommitMarker, Manifest
 from moai_ckpt.options import CheckpointerOptions, valid_info, valid_step
 from moai_ckpt.restore import SnapshotRestore

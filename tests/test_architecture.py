@@ -15,10 +15,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 600
 
-#: files not checked yet, and why: each is being reshaped on its own branch. Empty it as they land.
+#: files (or folders, ending in /) not checked yet, and why: each is being reshaped on its own
+#: branch, today's paths and those it moves them to. Empty it as they land.
 NOT_YET_CHECKED: dict[str, str] = {
-    path: "being reshaped into moai_ckpt/run/, moai_ckpt/cli/ and the tools package (branch run-rooms)"
+    path: "being reshaped into moai_ckpt/run/, moai_ckpt/cli/ and moai_ckpt/tools/ (branch run-rooms)"
     for path in (
+        "moai_ckpt/run/",
+        "moai_ckpt/cli/",
+        "moai_ckpt/tools/",
         "moai_ckpt/run.py",
         "moai_ckpt/session.py",
         "moai_ckpt/placement.py",
