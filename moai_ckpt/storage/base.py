@@ -45,6 +45,10 @@ class _TornWrite(ConnectionError):
 class Storage:
     """A run directory on some storage, addressed by safe relative keys.
 
+    Abstract: a back end subclasses it, implements the hooks (the ``_``-prefixed methods at the
+    end, which raise `NotImplementedError` here, as fsspec's ``AbstractFileSystem`` does) and
+    sets the ``supports_*`` flags. Everything public is built on those hooks, once, here.
+
     Args:
         url: the run directory (a plain path or any fsspec URL).
         retry: how transient faults are retried.
