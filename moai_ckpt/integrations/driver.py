@@ -34,10 +34,10 @@ def integration_options(url: str | None, options: RunOptions | None = None, **kw
     """The options of a framework's run: ``options``, or the callback's keyword arguments (validated now).
 
     Frameworks keep bookkeeping that a resumed run rebuilds differently from an uninterrupted one
-    (the Trainer's logged loss averages and flop counts, in its state), so the exact digest of
-    the whole state is not logged unless ``state_digests`` is set (an argument, or
-    ``MOAI_CKPT_STATE_DIGESTS``); loss, grad norm, parameter norms, samples, RNG states and
-    hyperparameters are checked as always.
+    (with the digests on, a resumed Lightning fit diverges at ``state loops``, the fit loop's
+    progress counters), so the exact digest of the whole state is not logged unless
+    ``state_digests`` is set (an argument, or ``MOAI_CKPT_STATE_DIGESTS``); loss, grad norm,
+    parameter norms, samples, RNG states and hyperparameters are checked as always.
 
     Raises:
         TypeError: both ``options`` and keyword options.

@@ -39,7 +39,7 @@ CAPTURE_POLICIES: tuple[str, ...] = CapturePolicy.__args__  # type: ignore[attr-
 
 
 class RunOptions(BaseSettings):
-    """How a fault-tolerant run snapshots, logs and captures (see the module docstring for sources).
+    """How a fault-tolerant run snapshots, logs and captures (fields and sources: docs/configuration.md).
 
     Keyword arguments of `fault_tolerant` and `Run` build one (`RunOptions.of`); any
     `CheckpointerOptions` field among them goes to ``checkpointer``, anything else to
