@@ -120,7 +120,7 @@ def test_the_driven_path_installs_no_signal_handler_and_refuses_steps_out_of_ord
         run.begin_step(2)
         with pytest.raises(MoaiCkptError, match="step 5 ends, but step 2 began"):
             run.end_step(5, 0.5)
-        with pytest.raises(RuntimeError, match="ended without run.record"):
+        with pytest.raises(RuntimeError, match=r"ended without run\.record"):
             run.end_step(2)
     finally:
         run.close(failing=True)

@@ -85,11 +85,11 @@ def test_bad_options_are_refused_naming_the_option(tmp_path: Path, monkeypatch: 
     typo.write_text('storage = "x"\nsnapshot_evry = 5\n')
     with pytest.raises(ValidationError, match="snapshot_evry"):
         RunOptions(config_file=str(typo))
-    with pytest.raises(ValueError, match="config_file: .* is not a file"):
+    with pytest.raises(ValueError, match=r"config_file: .* is not a file"):
         RunOptions(config_file=str(tmp_path / "missing.toml"))
     wrong = tmp_path / "moai.json"
     wrong.write_text("{}")
-    with pytest.raises(ValueError, match="neither .toml nor .yaml"):
+    with pytest.raises(ValueError, match=r"neither \.toml nor \.yaml"):
         RunOptions(config_file=str(wrong))
 
 
