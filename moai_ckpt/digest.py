@@ -1,18 +1,21 @@
 """Exact digests of tensors, computed where the tensors live, without a host copy of their data.
 
-Two digests are exact in the sense that matters for checking a replay: any change of any bit
-changes them (collisions of *different* states are possible, as for every hash, but a single
-flipped bit, a changed word or a value moved between blocks always shows).
+Digests are exact in the sense that matters for checking a replay: any change of any bit changes
+them (collisions of *different* states are possible, as for every hash, but a single flipped bit
+or a changed word always shows, and values moved between positions show but for a 2**-64 chance).
 
 - **CPU tensors**: the crc32c of the tensor's bytes (hardware-accelerated; the C call releases
   the GIL). Computed at once, on the calling thread.
 - **Device tensors (CUDA and others)**: two 64-bit sums of the tensor's words, on the device: the
-  plain sum (a flipped bit ``b`` moves it by ``±2**b``, never by a multiple of ``2**64``) and a
-  sum of 4096-word blocks weighted by odd block numbers (values moved between blocks). The work is
-  queued on the current stream; the host reads the few result words later, through one
-  non-blocking copy per device and an event (`PendingDigests.wait`), so the caller never waits.
+  plain sum (a flipped bit ``b`` moves it by ``±2**b``, never by a multiple of ``2**64``) and the
+  sum of every 32-bit word mixed with its position (`mix`: a multiply-add, then the lowbias32
+  integer hash; one fused kernel on CUDA, `moai_ckpt.digest_cuda`), so
+  that equal values at other positions (two ranks that counted different samples the same number
+  of times) give other sums. The work is queued on the current stream; the host reads the few
+  result words later, through one non-blocking copy per device and an event
+  (`PendingDigests.wait`), so the caller never waits.
 
-A digest is a short string, ``"crc32c:<hex>"`` or ``"sum64:<hex>:<hex>"``: digests of the same
+A digest is a short string, ``"crc32c:<hex>"`` or ``"mix64:<hex>:<hex>:<hex>"``: digests of the same
 bytes taken on different device types differ, which is why replays compare them only on the
 placement and device type that wrote them.
 """
@@ -27,10 +30,9 @@ from typing import Any
 import crc32c as _crc32c
 import torch
 
-BLOCK_WORDS = 4096
 SMALL_WORDS = 1 << 14  # tensors of at most this many words are reduced together
 
-__all__ = ["BLOCK_WORDS", "PendingDigests", "device_sums", "digest_tensors", "host_digest", "local_tensor"]
+__all__ = ["PendingDigests", "device_sums", "digest_tensors", "host_digest", "local_tensor", "mix", "reference_sums"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -66,26 +68,40 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return data
 
 
-@functools.lru_cache(maxsize=256)
-def _block_weights(blocks: int, device: torch.device) -> torch.Tensor:
-    """int64 [2, blocks]: ones (the plain sum), then the odd block numbers 1, 3, 5, ..."""
-    odd = torch.arange(1, 2 * blocks, 2, dtype=torch.int64, device=device)
-    return torch.stack([torch.ones_like(odd), odd])
+_M32 = 0xFFFFFFFF
+# 32-bit mixing constants: a golden-ratio word multiplier, a position multiplier, and the two
+# multipliers of the "lowbias32" integer hash (one xor-shift-multiply round per constant)
+_K_WORD, _K_POS, _K_MIX1, _K_MIX2 = 0x9E3779B1, 0x85EBCA77, 0x7FEB352D, 0x846CA68B
+
+
+def mix(words: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Each 32-bit word mixed with its position, as non-negative int64 values below 2**32.
+
+    ``words`` holds the words' bit patterns (any integer dtype; only the low 32 bits count) and
+    ``positions`` their indices. The mix is 32-bit wrapping arithmetic with logical shifts,
+    computed here in int64 with masks so that every device (and the fused CUDA kernel in
+    `moai_ckpt.digest_cuda`) gives the same integers; the tests compare devices against this
+    function run on the CPU.
+    """
+    x = ((words & _M32) * _K_WORD + (positions & _M32) * _K_POS) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _K_MIX1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _K_MIX2) & _M32
+    return x ^ (x >> 16)
 
 
 def _large_sums(words: torch.Tensor) -> torch.Tensor:
-    """int64 [2] of one large tensor: its block sums, weighted by ones and by odd block numbers."""
-    rows, tail = divmod(words.numel(), BLOCK_WORDS)
-    blocks = words[: rows * BLOCK_WORDS].view(rows, BLOCK_WORDS).sum(1, dtype=torch.int64)
-    if tail:  # a last, shorter block
-        blocks = torch.cat([blocks, words[rows * BLOCK_WORDS :].sum(dtype=torch.int64).reshape(1)])
-    return (blocks * _block_weights(blocks.numel(), words.device)).sum(1)
+    """int64 [2] of one large tensor: the plain sum of its words and the sum of their mixes."""
+    wide = words.to(torch.int64)
+    positions = torch.arange(wide.numel(), dtype=torch.int64, device=wide.device)
+    return torch.stack([wide.sum(), mix(wide, positions).sum()])
 
 
 @functools.lru_cache(maxsize=64)
 def _layout(lengths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """For tensors of ``lengths`` words laid end to end: each word's weight, and each tensor's
-    (start, end) in the running sums (which begin with a zero).
+    """For tensors of ``lengths`` words laid end to end: each word's position in its own tensor,
+    and each tensor's (start, end) in the running sums (which begin with a zero).
 
     Built on the host once per layout and copied without a wait (from pinned memory, kept with
     the cache entry so that the copy cannot outlive it).
@@ -94,12 +110,12 @@ def _layout(lengths: tuple[int, ...], device: torch.device) -> tuple[torch.Tenso
     ends = torch.cumsum(sizes, 0)
     starts = ends - sizes
     index = torch.repeat_interleave(torch.arange(len(lengths)), sizes)
-    weight = 2 * ((torch.arange(index.numel()) - starts[index]) // BLOCK_WORDS) + 1
-    host = torch.cat([weight, starts, ends])
+    position = torch.arange(index.numel()) - starts[index]
+    host = torch.cat([position, starts, ends])
     if device.type == "cuda":
         host = host.pin_memory()
     on_device = host.to(device, non_blocking=True)
-    n = weight.numel()
+    n = position.numel()
     return on_device[:n], on_device[n:].view(2, len(lengths)), host
 
 
@@ -110,19 +126,17 @@ def _batched_sums(words: list[torch.Tensor]) -> torch.Tensor:
     tensors' words; each tensor's sums are the difference at its two ends.
     """
     flat = torch.cat(words).to(torch.int64)
-    weight, bounds, _ = _layout(tuple(w.numel() for w in words), flat.device)
-    running = torch.nn.functional.pad(torch.stack([flat, flat * weight]).cumsum(1), (1, 0))
+    position, bounds, _ = _layout(tuple(w.numel() for w in words), flat.device)
+    running = torch.nn.functional.pad(torch.stack([flat, mix(flat, position)]).cumsum(1), (1, 0))
     return (running[:, bounds[1]] - running[:, bounds[0]]).t()
 
 
-def device_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """int64 [k, 2] on the tensors' device: each tensor's plain and block-weighted word sums.
+def reference_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64 [k, 2] on the tensors' device, computed with plain torch operations.
 
-    Word ``i`` of a tensor weighs ``2 * (i // BLOCK_WORDS) + 1`` in the second sum. Integer sums
-    wrap modulo 2**64 in any order, so a tensor's sums are the same whether it is reduced alone
-    (large tensors: three kernels each) or with other small ones (a few kernels for all of
-    them). Nothing is copied from the host (that would wait for the device), except a layout
-    seen for the first time, from pinned memory.
+    What `device_sums` computes: the reference for the fused CUDA kernel, and the path for
+    devices without one. Large tensors are reduced alone, small ones together (a few kernels
+    for all of them); integer sums wrap modulo 2**64 in any order, so both give the same sums.
     """
     words = [_words(t) for t in tensors]
     out: list[torch.Tensor | None] = [None] * len(words)
@@ -137,6 +151,40 @@ def device_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         for row, i in enumerate(members):
             out[i] = sums[row : row + 1]
     return torch.cat([t for t in out if t is not None]) if out else torch.zeros(0, 2, dtype=torch.int64)
+
+
+def device_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64 [k, 2] on the tensors' device: each tensor's plain word sum and the sum of its
+    words mixed with their positions (`mix`).
+
+    On CUDA, tensors whose bytes make whole 32-bit words go through one fused kernel
+    (`moai_ckpt.digest_cuda`: one read of each word, two launches for all of them) when Triton
+    is there; everything else through `reference_sums`. Nothing is copied from the host (that
+    would wait for the device), except a layout seen for the first time, from pinned memory.
+    """
+    if not tensors or tensors[0].device.type != "cuda":
+        return reference_sums(tensors)
+    from moai_ckpt import digest_cuda
+
+    fused = [i for i, t in enumerate(tensors) if digest_cuda.available() and _nbytes(t) % 4 == 0]
+    if not fused:
+        return reference_sums(tensors)
+    rest = [i for i in range(len(tensors)) if i not in set(fused)]
+    rows: dict[int, torch.Tensor] = {}
+    try:
+        fused_sums = digest_cuda.word_sums([_words(tensors[i]) for i in fused])
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile here must not stop training
+        digest_cuda.disable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        return reference_sums(tensors)
+    for results, members in (
+        (fused_sums, fused),
+        (reference_sums([tensors[i] for i in rest]) if rest else None, rest),
+    ):
+        for row, i in enumerate(members):
+            assert results is not None
+            rows[i] = results[row : row + 1]
+    # slices in the callers' order (an index tensor built on the host would wait for the device)
+    return rows[0] if len(rows) == 1 else torch.cat([rows[i] for i in range(len(tensors))])
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -158,7 +206,7 @@ class PendingDigests:
             if event is not None:
                 event.synchronize()
             for (name, nbytes), (plain, weighted) in zip(named, values.tolist(), strict=True):
-                out[name] = f"sum64:{nbytes:x}:{plain & (2**64 - 1):016x}:{weighted & (2**64 - 1):016x}"
+                out[name] = f"mix64:{nbytes:x}:{plain & (2**64 - 1):016x}:{weighted & (2**64 - 1):016x}"
         return {name: out[name] for name in self.names}
 
 

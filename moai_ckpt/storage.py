@@ -20,6 +20,7 @@ import builtins
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import random
@@ -785,14 +786,7 @@ class FsspecStorage(Storage):
         else:
             self._create_mode = "emulated"
         self.supports_exclusive_create = self._create_mode != "emulated"
-        if not self.supports_exclusive_create:
-            log.warning(
-                "storage %s cannot create an object exclusively (no O_EXCL or conditional PUT known for "
-                "%s): writer fencing falls back to write-and-read-back, which two writers racing for the "
-                "same key can both pass (see docs/security.md)",
-                url,
-                type(inner).__name__,
-            )
+        self._fs_name = type(inner).__name__
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -856,6 +850,7 @@ class FsspecStorage(Storage):
 
     def _create(self, key: str, data: bytes) -> None:
         if self._create_mode == "emulated":
+            _warn_emulated_create(self.url, self._fs_name)
             super()._create(key, data)
             return
         if self._create_mode == "local":
@@ -878,9 +873,9 @@ class FsspecStorage(Storage):
             raise _not_an_object(self._path(key)) from None
 
     def _read_record(self, key: str, limit: int) -> bytes:
-        if self.real_root is not None:
-            return super()._read_record(key, limit)  # lstat-checked size, then the read
-        # one ranged GET reads at most one byte past the limit: never the whole of a huge object
+        # a local file system: no link on the way, and a regular file (a FIFO never blocks)
+        self._guard(key)
+        # one ranged read of at most one byte past the limit: never the whole of a huge object
         try:
             data = bytes(self.fs.cat_file(self._path(key), start=0, end=limit + 1))
         except IsADirectoryError:
@@ -999,6 +994,18 @@ def _timestamp(info: dict[str, object]) -> float | None:
             with contextlib.suppress(ValueError):
                 return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_emulated_create(url: str, fs_name: str) -> None:
+    """Say once per run directory, when a writer first relies on it, that fencing is weaker here."""
+    log.warning(
+        "storage %s cannot create an object exclusively (no O_EXCL or conditional PUT known for %s): "
+        "writer fencing falls back to write-and-read-back, which two writers racing for the same key "
+        "can both pass (see docs/security.md)",
+        redact_url(url),
+        fs_name,
+    )
 
 
 def open_storage(

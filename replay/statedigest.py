@@ -201,7 +201,7 @@ def pack(digests: list[str]) -> bytes:
     """A rank's digests as one blob: per entry a tag byte, then its fields.
 
     ``0``: no bytes (a meta tensor); ``1``: byte length (LEB128), crc32c (u32 LE); ``2``: byte
-    length (LEB128), plain word sum and block-weighted word sum (u64 LE each).
+    length (LEB128), plain word sum and the sum of the words mixed with their positions (u64 LE each).
     """
     out = bytearray()
     for digest in digests:
@@ -213,7 +213,7 @@ def pack(digests: list[str]) -> bytes:
             out.append(_CRC)
             _varint(int(length, 16), out)
             out += _U32.pack(int(crc, 16))
-        elif kind == "sum64":
+        elif kind == "mix64":
             length, plain, weighted = rest.split(":")
             out.append(_SUM)
             _varint(int(length, 16), out)
@@ -244,7 +244,7 @@ def unpack(data: bytes) -> list[str]:
             out.append(f"crc32c:{length:x}:{crc:08x}")
         else:
             plain, weighted = _U64x2.unpack_from(data, offset)
-            out.append(f"sum64:{length:x}:{plain:016x}:{weighted:016x}")
+            out.append(f"mix64:{length:x}:{plain:016x}:{weighted:016x}")
         offset += fields.size
     return out
 

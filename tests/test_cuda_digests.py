@@ -58,3 +58,17 @@ def test_digests_see_writes_queued_on_the_stream_before_them() -> None:
     x.add_(1.0)  # queued, not waited for
     second = digest_tensors([("x", x)]).wait()["x"]
     assert first != second
+
+
+def test_the_fused_kernel_runs_here_and_matches_the_reference_over_many_blocks() -> None:
+    from moai_ckpt import digest_cuda
+    from moai_ckpt.digest import reference_sums
+
+    assert digest_cuda.available(), "Triton is missing: the fused kernel would not be tested"
+    g = torch.Generator().manual_seed(1)
+    sizes = [1, 7, 4096, 4097, 3 * 4096 + 5, 1 << 20, 12_345_679]
+    cpu = [torch.randint(-(2**31), 2**31 - 1, (n,), generator=g, dtype=torch.int32) for n in sizes]
+    words = [t.cuda() for t in cpu]
+    fused = digest_cuda.word_sums(words).cpu()
+    assert torch.equal(fused, reference_sums(cpu))
+    assert torch.equal(digest_cuda.word_sums(words).cpu(), fused)  # the cached block table, again

@@ -165,7 +165,9 @@ def test_on_two_gpus_over_nccl_device_digests_find_the_rank_local_state(tmp_path
     ]
     differ = {name for name in states[0] if states[0][name] != states[1][name]}
     manifest = moai_ckpt.Checkpointer(run_dir).manifest()
-    assert differ >= BUFFERS and set(manifest.rank_local) == differ and manifest.device_types == ["cuda"]
+    assert differ >= BUFFERS
+    assert set(manifest.rank_local) == differ  # found by device digests: nothing missed, nothing extra
+    assert "cuda" in manifest.device_types  # (the RNG states are CPU tensors)
     values = ok(launch("tests.ranklocal_scenarios:restore_rank_local", 2, run_dir=run_dir, backend="nccl"))
     for rank, value in enumerate(values):
         assert sorted(k for k in states[rank] if value["state"].get(k) != states[rank][k]) == [], f"rank {rank}"

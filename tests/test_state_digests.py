@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import moai_ckpt
-from moai_ckpt.digest import BLOCK_WORDS, SMALL_WORDS, _batched_sums, _large_sums, _words, device_sums
+from moai_ckpt.digest import SMALL_WORDS, _batched_sums, _large_sums, _words, device_sums
 from moai_ckpt.testing.dist import launch
 from replay import statedigest
 from replay.check import compare
@@ -31,6 +31,7 @@ from replay.log import Digests, LogWriter, StepRecord, history, read_log
 from replay.statedigest import capture_state
 from tests.state_scenario import FLIP_ENV, Net, entry_tensor, flip_one_bit
 
+BLOCK = 4096  # sizes around a round number of words
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -100,12 +101,11 @@ def test_a_change_in_state_that_is_not_a_tensor_changes_its_objects_entry() -> N
     assert [n for n in before if before[n] != after[n]] == ["optim", "sched", "_data", "extras"]
 
 
-def test_device_word_sums_see_a_flip_of_any_bit_and_words_moved_between_blocks() -> None:
+def test_device_word_sums_see_a_flip_of_any_bit_and_words_moved_to_other_positions() -> None:
     # the device algorithm, run on CPU tensors: every bit of the first and last byte, in sizes
-    # that take each word width, one block, several blocks with a shorter last one, and the
-    # path of large tensors; tensors reduced together, as small ones are
-    sizes = [(3, torch.uint8), (5, torch.float16), (7, torch.float32), (2 * BLOCK_WORDS + 3, torch.float32)]
-    sizes.append((SMALL_WORDS + BLOCK_WORDS + 1, torch.float32))
+    # that take each word width, small ones reduced together, and the path of large tensors
+    sizes = [(3, torch.uint8), (5, torch.float16), (7, torch.float32), (2 * BLOCK + 3, torch.float32)]
+    sizes.append((SMALL_WORDS + BLOCK + 1, torch.float32))
     tensors = [torch.arange(numel).to(dtype) for numel, dtype in sizes]
     base = device_sums(tensors)
     for k, t in enumerate(tensors):
@@ -116,15 +116,26 @@ def test_device_word_sums_see_a_flip_of_any_bit_and_words_moved_between_blocks()
                 changed = (device_sums(tensors) != base).any(1).tolist()
                 assert changed == [i == k for i in range(len(tensors))], (sizes[k], index, bit)
                 raw[index] ^= 1 << bit
-    t = torch.zeros(2 * BLOCK_WORDS, dtype=torch.int32)
-    t[0], moved = 5, t.clone()
-    moved[0], moved[BLOCK_WORDS] = 0, 5  # the same words, another block: the plain sum cannot tell
-    a, b = device_sums([t]).tolist()[0], device_sums([moved]).tolist()[0]
+    for n in (64, SMALL_WORDS + 64):  # batched and alone
+        t = torch.zeros(n, dtype=torch.int32)
+        t[0], moved = 5, t.clone()
+        moved[0], moved[1] = 0, 5  # the same word, next door: the plain sum cannot tell
+        a, b = device_sums([t]).tolist()[0], device_sums([moved]).tolist()[0]
+        assert a[0] == b[0] and a[1] != b[1]
+
+
+def test_two_ranks_that_counted_different_samples_as_often_have_different_device_sums() -> None:
+    # a per-rank tally (int64, small counts): equal totals at other positions, and the index sums
+    # of the two sets equal as well, which any sum weighted linearly by position misses
+    rank0, rank1 = torch.zeros(64, dtype=torch.int64), torch.zeros(64, dtype=torch.int64)
+    rank0[[1, 4, 10]] += 1
+    rank1[[2, 3, 10]] += 1
+    a, b = device_sums([rank0]).tolist()[0], device_sums([rank1]).tolist()[0]
     assert a[0] == b[0] and a[1] != b[1]
 
 
 def test_a_tensor_has_the_same_device_sums_alone_and_reduced_with_others() -> None:
-    big, small = torch.randn(SMALL_WORDS + 5), torch.randn(2 * BLOCK_WORDS + 1)
+    big, small = torch.randn(SMALL_WORDS + 5), torch.randn(2 * BLOCK + 1)
     together = device_sums([small, big, small.clone()])
     assert torch.equal(together[0], together[2]) and torch.equal(together[1], device_sums([big])[0])
     assert torch.equal(_batched_sums([_words(big)])[0], _large_sums(_words(big)))  # both ways agree
@@ -148,7 +159,7 @@ def test_a_grad_scaler_is_digested_from_its_tensors_without_reading_them_on_the_
 
 
 def test_digests_and_names_round_trip_through_their_compact_blobs() -> None:
-    digests = [*_digests(_tracked()).values(), "meta", "sum64:10:ffffffffffffffff:0000000000000001"]
+    digests = [*_digests(_tracked()).values(), "meta", "mix64:10:ffffffffffffffff:0000000000000001"]
     packed = statedigest.pack(digests)
     assert statedigest.unpack(packed) == digests
     assert len(packed) < len("".join(digests)) / 2

@@ -112,7 +112,12 @@ def kill_plan(workload: Workload, seed: int) -> list[tuple[int, float, int]]:
 
 
 def _environment() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
     # torchrun's restarted gloo workers otherwise read the killed generation's addresses from the
     # shared rendezvous store and fail to connect (pytorch#135712; docs/demo.md says the same to users)
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"

@@ -1,0 +1,95 @@
+"""The fused CUDA kernel of the device digest: one read of every word, two launches for all tensors.
+
+`word_sums(words)` takes 1-D int32 views of CUDA tensors and returns int64 ``[k, 2]`` on their
+device: each tensor's plain word sum and the sum of `moai_ckpt.digest.mix` over its words, the
+very integers `moai_ckpt.digest.reference_sums` computes with torch operations (the GPU tests
+compare the two). Unfused, the same digest costs a dozen kernels and as many full passes of
+int64 temporaries per tensor; fused, it reads each word once.
+
+The kernel walks a block table, one row per 4096-word block of any tensor (address, words in the
+block, tensor index, position of its first word), and adds each block's two sums into its
+tensor's row with integer atomics (exact, so the order does not matter). The table is built on
+the host once per set of tensors (their addresses and sizes: a job's parameters and optimizer
+state keep theirs from step to step) and copied to the device from pinned memory without a wait.
+Without Triton (CPU builds of torch) `available` is False and callers use the torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+BLOCK = 4096
+log = logging.getLogger("moai_ckpt.digest")
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch come without Triton
+    triton = None
+
+__all__ = ["BLOCK", "available", "disable", "word_sums"]
+
+
+_broken: list[str] = []  # why the kernel failed here, once: the torch path takes over for good
+
+
+def available() -> bool:
+    """Whether the fused kernel can run here (Triton is importable and has not failed)."""
+    return triton is not None and not _broken
+
+
+def disable(reason: str) -> None:
+    """Stop using the kernel in this process (it failed to compile or run: say why, once)."""
+    if not _broken:
+        _broken.append(reason)
+        log.warning("the fused CUDA digest kernel is off (%s); digests use torch operations, same results", reason)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sums_kernel(table_ptr, out_ptr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+        row = table_ptr + tl.program_id(0) * 4
+        address, count = tl.load(row), tl.load(row + 1)
+        tensor, first = tl.load(row + 2), tl.load(row + 3)
+        offsets = tl.arange(0, BLOCK)
+        mask = offsets < count
+        words = tl.load(address.to(tl.pointer_type(tl.int32)) + offsets, mask=mask, other=0).to(tl.int64)
+        # moai_ckpt.digest.mix, in the same int64 arithmetic with 32-bit masks
+        m32 = 0xFFFFFFFF
+        x = ((words & m32) * 0x9E3779B1 + ((first + offsets) & m32) * 0x85EBCA77) & m32
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & m32
+        x = x ^ (x >> 15)
+        x = (x * 0x846CA68B) & m32
+        x = x ^ (x >> 16)
+        tl.atomic_add(out_ptr + tensor * 2, tl.sum(words, axis=0))
+        tl.atomic_add(out_ptr + tensor * 2 + 1, tl.sum(tl.where(mask, x, 0), axis=0))
+
+
+@functools.lru_cache(maxsize=32)
+def _table(layout: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block table of tensors at ``layout`` ((address, words) each), on ``device``; the pinned
+    host copy is returned too, kept with the cache entry so that the copy cannot outlive it."""
+    rows = [
+        (address + 4 * start, min(BLOCK, words - start), index, start)
+        for index, (address, words) in enumerate(layout)
+        for start in range(0, words, BLOCK)
+    ]
+    host = torch.tensor(rows or [(0, 0, 0, 0)], dtype=torch.int64).pin_memory()
+    return host.to(device, non_blocking=True), host
+
+
+def word_sums(words: list[torch.Tensor]) -> torch.Tensor:
+    """int64 [k, 2]: the plain and the mixed sum of each 1-D int32 CUDA tensor, in one kernel."""
+    device = words[0].device
+    out = torch.zeros(len(words), 2, dtype=torch.int64, device=device)
+    table, _ = _table(tuple((w.data_ptr(), w.numel()) for w in words), device)
+    blocks = sum((w.numel() + BLOCK - 1) // BLOCK for w in words)
+    if blocks:
+        with torch.cuda.device(device):
+            _sums_kernel[(blocks,)](table, out, BLOCK=BLOCK)
+    return out
