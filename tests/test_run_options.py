@@ -138,3 +138,22 @@ def test_the_integrations_leave_out_state_digests_unless_asked_for(monkeypatch: 
     monkeypatch.setenv("MOAI_CKPT_STATE_DIGESTS", "true")
     assert integration_options("runs/x").state_digests
     assert json.loads(integration_options("runs/x").model_dump_json())["storage"] == "runs/x"
+
+
+def test_the_cli_reads_checkpointer_options_from_the_environment_under_its_own_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from moai_ckpt.cli import app
+
+    run_dir = str(tmp_path / "run")
+    model = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(40)))  # a manifest of some 30 KB
+    with moai_ckpt.Checkpointer(run_dir) as ckpt:
+        ckpt.save(1, {"model": model})
+    assert CliRunner().invoke(app, ["inspect", run_dir, "--json"]).exit_code == 0
+    monkeypatch.setenv("MOAI_CKPT_CHECKPOINTER__MAX_RECORD_BYTES", "4096")
+    refused = CliRunner().invoke(app, ["inspect", run_dir, "--json"])
+    assert refused.exit_code == 2 and "manifest.json" in refused.output
+    allowed = CliRunner().invoke(app, ["inspect", run_dir, "--json", "-o", "max_record_bytes=1000000"])
+    assert allowed.exit_code == 0, allowed.output  # -o over the environment

@@ -1,7 +1,9 @@
 """The ``moai-ckpt`` Typer app and what every command shares: consoles, options, errors, tables.
 
 Every command takes the run directory as a URL (a local path or any fsspec URL) and storage
-options as repeatable ``-o key=value`` pairs (used to open storage, never recorded anywhere).
+options as repeatable ``-o key=value`` pairs (used to open storage, never recorded anywhere), over
+the Checkpointer and storage options of `moai_ckpt.RunOptions` (``MOAI_CKPT_*`` variables, the
+config file), as a training job reads them.
 Tables go to stdout, progress bars and errors to stderr, so ``--json`` output stays parseable.
 Exit codes: 0 success, 1 a check found faults (verify, replay --verify, diff-ops), 2 an error:
 any failure prints one red line (naming URL, step and key for a moai-ckpt error; a traceback
@@ -31,6 +33,7 @@ from moai_ckpt import __version__
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.errors import MoaiCkptError, redact_url
 from moai_ckpt.format import STEP_DIGITS
+from moai_ckpt.run.options import RunOptions
 
 try:  # recent typer releases carry their own copy of click
     from typer._click.exceptions import ClickException
@@ -199,8 +202,15 @@ def parse_pairs(pairs: list[str] | None, option: str = "'-o' / '--storage-option
 
 @contextmanager
 def open_run(url: str, pairs: list[str] | None) -> Iterator[Checkpointer]:
-    """The run directory ``url`` for this process alone (no collectives), with ``-o`` storage options."""
-    with Checkpointer(url, local=True, **parse_pairs(pairs)) as ckpt:
+    """The run directory ``url`` for this process alone (no collectives).
+
+    Its Checkpointer and storage options are those `RunOptions` reads from ``MOAI_CKPT_*``
+    variables and the config file, with the ``-o`` pairs over them (a ``-o`` pair that names a
+    Checkpointer option, ``-o max_record_bytes=...``, sets that option).
+    """
+    options = RunOptions(storage=url)
+    storage_options = {**options.storage_options, **parse_pairs(pairs)}
+    with Checkpointer(url, local=True, options=options.checkpointer, **storage_options) as ckpt:
         yield ckpt
 
 

@@ -43,12 +43,7 @@ def integration_options(url: str | None, options: RunOptions | None = None, **kw
         TypeError: both ``options`` and keyword options.
         pydantic.ValidationError: an option is out of range.
     """
-    if options is not None and kwargs:
-        raise TypeError(f"pass options= or keyword options, not both (got {', '.join(kwargs)})")
-    if options is None:
-        options = RunOptions.of(url, **kwargs)
-    elif url is not None:
-        options = options.model_copy(update={"storage": url})
+    options = RunOptions.from_call("the callback", url, options, kwargs)
     if "state_digests" not in options.model_fields_set:
         options = options.model_copy(update={"state_digests": False})
     return options

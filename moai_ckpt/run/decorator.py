@@ -84,13 +84,7 @@ def fault_tolerant(
         pydantic.ValidationError: an option is out of range (a ``ValueError`` naming it).
         TypeError: ``record_args`` is not a collection of names, or both ``options`` and keywords.
     """
-    if options is not None and kwargs:
-        raise TypeError(f"fault_tolerant: pass options= or keyword options, not both (got {', '.join(kwargs)})")
-    if options is None:
-        options = RunOptions.of(storage, **kwargs)
-    elif storage is not None:
-        options = options.model_copy(update={"storage": storage})
-    chosen = options
+    chosen = RunOptions.from_call("fault_tolerant", storage, options, kwargs)
 
     def wrap(fn: Callable[..., R]) -> Callable[..., R]:
         return _wrap(chosen, fn)

@@ -78,13 +78,7 @@ class Run:
         device: torch.device | str | None = None,
         **kwargs: Any,
     ) -> None:
-        if options is not None and kwargs:
-            raise TypeError(f"Run: pass options= or keyword options, not both (got {', '.join(kwargs)})")
-        if options is None:
-            options = RunOptions.of(storage, **kwargs)
-        elif storage is not None:
-            options = options.model_copy(update={"storage": storage})
-        self.options = options
+        self.options = options = RunOptions.from_call("Run", storage, options, kwargs)
         self._mode = mode_from_env()
         url = self._mode.storage_url(options.storage)
         self.ckpt = Checkpointer(url, options=options.checkpointer, **options.storage_options)

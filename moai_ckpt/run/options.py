@@ -115,6 +115,21 @@ class RunOptions(BaseSettings):
             fields["storage_options"] = storage_options
         return cls(**fields)
 
+    @classmethod
+    def from_call(
+        cls, caller: str, storage: str | None, options: RunOptions | None, kwargs: dict[str, Any]
+    ) -> RunOptions:
+        """The options a call of ``caller`` passed: ``options`` (``storage`` replacing its own), or keywords (`of`).
+
+        Raises:
+            TypeError: both ``options`` and keyword options.
+        """
+        if options is None:
+            return cls.of(storage, **kwargs)
+        if kwargs:
+            raise TypeError(f"{caller}: pass options= or keyword options, not both (got {', '.join(kwargs)})")
+        return options if storage is None else options.model_copy(update={"storage": storage})
+
     @property
     def lag(self) -> int:
         """How many completed steps a record may trail by (0: durable before the next step starts)."""
