@@ -126,19 +126,21 @@ def cold_cache_mode(requested: str = "auto") -> str:
     return "drop_caches" if os.access("/proc/sys/vm/drop_caches", os.W_OK) else "fadvise"
 
 
-def make_cold(paths: list[str], mode: str) -> None:
-    """Evict ``paths`` (files or trees) from the page cache the way ``mode`` says."""
+def make_cold(paths: list[str], mode: str) -> str:
+    """Evict ``paths`` (files or trees) from the page cache the way ``mode`` says; returns the
+    way it was done (``fadvise`` where drop_caches turned out not to be allowed)."""
     if mode == "drop_caches":
         os.sync()
         try:
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("3\n")
-            return
+            return mode
         except OSError:
-            pass  # not allowed after all (a container): evict file by file
+            pass  # not allowed after all (a read-only /proc/sys in a container): file by file
     for path in paths:
         if os.path.exists(path):
             drop_cache(path)
+    return "fadvise"
 
 
 def init_single_process_group() -> None:

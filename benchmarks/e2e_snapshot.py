@@ -481,6 +481,15 @@ def report(out: common.Output, summaries: list[Summary], step_s: float) -> None:
         )
     for line in common.markdown_table(header, rows):
         out(line)
+    waited = [s for s in summaries if s.waited_max > 0.01]
+    if waited:
+        out("")
+        out(
+            "note: at a snapshot call the previous snapshot was still being written by "
+            + ", ".join(s.label for s in waited)
+            + " (the waited column): snapshots came faster than those methods persist, and the wait is part "
+            "of their extra loop time; space them wider (--at) to see one snapshot's cost alone."
+        )
     ours = [s for s in summaries if s.key.startswith("moai")]
     peers = [s for s in summaries if s.key.startswith("dcp")]
     if ours and peers:

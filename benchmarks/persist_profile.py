@@ -24,6 +24,9 @@ to one file without fsync (the page cache alone), the crc32c pass alone and a me
 with counts and cProfile; against a cold raw read of one file, of one file per array, a warm raw
 read, the crc32c pass, first touch of new memory and a memcpy.
 
+``tmpfs``: ``save`` and ``restore`` again in /dev/shm, where no disk takes part: what is left is
+each method's CPU work (file and directory creation, copies, checksums).
+
     OMP_NUM_THREADS=1 python benchmarks/persist_profile.py --out docs/results
 """
 
@@ -676,7 +679,8 @@ def first_touch(tensors: list[torch.Tensor]) -> None:
         torch.empty_like(t).fill_(0)
 
 
-def io_part(out: common.Output, args: argparse.Namespace, base: str) -> dict[str, Any]:
+def io_part(out: common.Output, args: argparse.Namespace, base: str, where: str, detail: bool) -> dict[str, Any]:
+    """Save and restore against raw I/O in ``base``; ``detail``: also what moai-ckpt did, and cProfile."""
     cfg = EncoderConfig(layers=args.save_layers, d_model=1024, heads=16, batch=1, seq=8)
     trainer = Trainer(cfg, torch.device("cpu"))
     target = Trainer(cfg, torch.device("cpu"), seed=1)
@@ -684,7 +688,9 @@ def io_part(out: common.Output, args: argparse.Namespace, base: str) -> dict[str
     names = [f"t{i}" for i in range(len(tensors))]
     buffers = [torch.empty_like(t) for t in tensors]
     nbytes = trainer.nbytes
-    out(f"\n## save and restore: {nbytes / 1e9:.2f} GB of state, {len(tensors)} tensors; {common.load_average()}")
+    out(
+        f"\n## save and restore, {where}: {nbytes / 1e9:.2f} GB of state, {len(tensors)} tensors; {common.load_average()}"
+    )
     paths = {
         "one": os.path.join(base, "raw.bin"),
         "mirror": os.path.join(base, "mirror"),
@@ -809,12 +815,16 @@ def io_part(out: common.Output, args: argparse.Namespace, base: str) -> dict[str
         ]
         for line in common.markdown_table(["phase", "calls", "seconds"], rows):
             out(line)
+        result[kind] = {"times": times, "phases": timed_phases_list, "counts": counts}
+        if not detail:
+            continue
         out(f"\n{kind}: what moai-ckpt did (last repetition; seconds summed over threads):")
         rows = [[k, str(n), f"{s:.3f}"] for k, (n, s) in sorted(counts.items(), key=lambda kv: -kv[1][0])]
         for line in common.markdown_table(["call", "count", "seconds"], rows):
             out(line)
-        result[kind] = {"times": times, "phases": timed_phases_list, "counts": counts}
 
+    if not detail:
+        return result
     # one more of each under cProfile, every thread
     fresh(paths["moai"])
     common.settle(0.5)
@@ -834,7 +844,7 @@ def io_part(out: common.Output, args: argparse.Namespace, base: str) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="loop,arrays,io", help="of loop, arrays, io")
+    parser.add_argument("--parts", default="loop,arrays,io,tmpfs", help="of loop, arrays, io, tmpfs")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--loop-layers", type=int, default=CPU.layers)
     parser.add_argument("--loop-steps", type=int, default=24)
@@ -856,7 +866,15 @@ def main() -> None:
     if "arrays" in parts:
         result["arrays"] = arrays_part(out, args, base)
     if "io" in parts:
-        result["io"] = io_part(out, args, base)
+        result["io"] = io_part(out, args, base, f"on {base}'s disk", detail=True)
+    if "tmpfs" in parts and os.path.isdir("/dev/shm"):
+        shm = os.path.join("/dev/shm", f"moai-persist-profile-{os.getpid()}")
+        os.makedirs(shm, exist_ok=True)
+        try:
+            where = "on tmpfs (no disk: fsync and syncfs return at once, reads come from memory)"
+            result["tmpfs"] = io_part(out, args, shm, where, detail=False)
+        finally:
+            shutil.rmtree(shm, ignore_errors=True)
     out(f"\n{common.load_average()}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)

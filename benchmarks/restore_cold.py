@@ -1,9 +1,11 @@
 """Restore into live objects, cold: moai-ckpt against the raw read floor, torch.load and DCP load.
 
 The state is the encoder stack of `encoder.py` with AdamW (on a GPU by default: 3.6 GB, the
-objects on the GPU; on a CPU: 8 layers of width 1024, 1.2 GB). It is written once per method
-(durably), then each repetition restores every method once, order rotated, into a second set of
-live objects built the same way, each restore from a cold page cache:
+objects on the GPU; on a CPU: 8 layers of width 1024, 1.2 GB). Each repetition takes every method
+in turn, order rotated: writes the state its way (durably), evicts it from the page cache,
+restores it into a second set of live objects built the same way, and compares them with the
+saved ones. Writing right before reading gives every method's files the same age when read (a
+virtual disk's host may cache recent writes below the guest); the writes are timed too.
 
 - ``raw``: the same bytes read sequentially from one file; on CUDA into preallocated pinned
   buffers, each tensor copied to its live device tensor as soon as it is read (the floor); on
@@ -15,7 +17,7 @@ live objects built the same way, each restore from a cold page cache:
 Cold means: ``--cold drop_caches`` writes 3 to /proc/sys/vm/drop_caches (root on a machine of its
 own: page cache, dentries and inodes); ``--cold fadvise`` fsyncs each file and evicts it with
 ``posix_fadvise(DONTNEED)`` (only this benchmark's files: for shared machines); ``auto`` takes the
-first when it is allowed. After every restore the live tensors are compared with the saved ones.
+first when it is allowed (the output says which was used).
 
     python benchmarks/restore_cold.py                         # GPU: 3.6 GB into GPU objects
     OMP_NUM_THREADS=1 python benchmarks/restore_cold.py --device cpu --cold fadvise --out docs/results
@@ -68,28 +70,28 @@ def raw_restore(path: str, targets: list[torch.Tensor], pinned: list[torch.Tenso
         torch.cuda.synchronize()
 
 
-def write_all(source: Trainer, paths: dict[str, str]) -> dict[str, float]:
-    """Write the state once per method, durably; returns the seconds each took (for the record)."""
-    took = {}
+def writers(source: Trainer, paths: dict[str, str]) -> dict[str, Callable[[], object]]:
+    """Each method's durable write of the state (raw from a host copy made beforehand)."""
     host = [t.detach().cpu() for t in source.tensors()]
-    start = time.perf_counter()
-    common.raw_write(paths["raw"], host)
-    took["raw"] = time.perf_counter() - start
-    del host
-    start = time.perf_counter()
-    with open(paths["torch.load"], "wb") as f:
-        torch.save(source.state_dict(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    took["torch.load"] = time.perf_counter() - start
-    start = time.perf_counter()
-    dcp.save(source.state_dict(), storage_writer=dcp.FileSystemWriter(paths["DCP"], sync_files=True))
-    took["DCP"] = time.perf_counter() - start
-    start = time.perf_counter()
-    with moai_ckpt.Checkpointer(paths["moai-ckpt"], capture_rng=False) as ckpt:
-        ckpt.save(1, source.state())
-    took["moai-ckpt"] = time.perf_counter() - start
-    return took
+
+    def torch_save() -> None:
+        with open(paths["torch.load"], "wb") as f:
+            torch.save(source.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def moai_save() -> None:
+        with moai_ckpt.Checkpointer(paths["moai-ckpt"], capture_rng=False) as ckpt:
+            ckpt.save(1, source.state())
+
+    return {
+        "raw": lambda: common.raw_write(paths["raw"], host),
+        "torch.load": torch_save,
+        "DCP": lambda: dcp.save(
+            source.state_dict(), storage_writer=dcp.FileSystemWriter(paths["DCP"], sync_files=True)
+        ),
+        "moai-ckpt": moai_save,
+    }
 
 
 def main() -> None:
@@ -139,10 +141,8 @@ def main() -> None:
         "DCP": os.path.join(base, "dcp"),
         "moai-ckpt": os.path.join(base, "moai"),
     }
-    wrote = write_all(source, paths)
-    out("written once (s): " + ", ".join(f"{k} {v:.2f}" for k, v in wrote.items()))
-    expected = [t.detach().clone() for t in source.tensors()]
-    del source
+    write = writers(source, paths)
+    expected = source.tensors()
     pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in expected] if cuda else None
 
     def live() -> list[torch.Tensor]:
@@ -160,19 +160,25 @@ def main() -> None:
         "moai-ckpt": lambda: moai_ckpt.Checkpointer(paths["moai-ckpt"], capture_rng=False).restore(target.state()),
     }
     times: dict[str, list[float]] = {k: [] for k in restores}
+    wrote: dict[str, list[float]] = {k: [] for k in restores}
     bitwise: dict[str, bool] = dict.fromkeys(restores, True)
     names = list(restores)
+    used: set[str] = set()
     for rep in range(args.reps):
         if rep and args.budget_s and time.perf_counter() - began > args.budget_s:
             out(f"time budget of {args.budget_s:.0f} s spent: stopped after {rep} repetition(s)")
             break
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
+            # written right before it is read, so every method's files are the same age when read
+            # (a virtual disk's host may cache recent writes below the guest's page cache)
+            common.fresh(paths[name])
+            wrote[name].append(common.timed(write[name]))
             with torch.no_grad():
                 for t in live():
                     t.zero_()  # a restore that does nothing shows as a mismatch
             target.sync()
-            common.make_cold(list(paths.values()), cold)
+            used.add(common.make_cold([paths[name]], cold))
             time.sleep(0.5)
             start = time.perf_counter()
             restores[name]()
@@ -180,9 +186,14 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
             same = all(torch.equal(a, b) for a, b in zip(live(), expected, strict=True))
             bitwise[name] = bitwise[name] and same
-        out(f"rep {rep + 1}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in order) + f"; {common.load_average()}")
+        out(
+            f"rep {rep + 1}: "
+            + ", ".join(f"{n} written {wrote[n][-1]:.2f} s, restored {times[n][-1]:.3f} s" for n in order)
+            + f"; {common.load_average()}"
+        )
 
     out("")
+    out(f"cold cache made by: {', '.join(sorted(used))}")
     med = {k: common.median(v) for k, v in times.items()}
     header = ["restore (cold)", "s (median)", "GB/s", "x raw", "x DCP", "x torch.load", "bitwise", "all runs (s)"]
     rows = [
@@ -200,6 +211,12 @@ def main() -> None:
     ]
     for line in common.markdown_table(header, rows):
         out(line)
+    out("")
+    out("the writes before them (durable; raw from a host copy made beforehand), seconds:")
+    for name, v in wrote.items():
+        out(
+            f"  {name:<12} median {common.median(v):.3f} ({nbytes / common.median(v) / 1e9:.2f} GB/s); all: {' '.join(f'{x:.2f}' for x in v)}"
+        )
     out(common.load_average())
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -207,9 +224,9 @@ def main() -> None:
         "machine": common.machine(),
         "torch": torch.__version__,
         "state_bytes": nbytes,
-        "cold": cold,
+        "cold": sorted(used),
         "args": vars(args),
-        "written_s": wrote,
+        "write_s": wrote,
         "restore_s": times,
         "bitwise": bitwise,
     }
