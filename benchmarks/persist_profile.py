@@ -259,16 +259,17 @@ def phases() -> Iterator[Counters]:
 
 @contextlib.contextmanager
 def profiled_threads() -> Iterator[list[cProfile.Profile]]:
-    """cProfile in the calling thread and in every thread started inside the block."""
+    """cProfile in the calling thread and in every thread started inside the block, on each
+    thread's CPU clock: time spent waiting (for the GIL, a CPU, the disk) is not counted."""
     profiles: list[cProfile.Profile] = []
 
     def start(*_: Any) -> None:
         sys.setprofile(None)
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)
         profiles.append(prof)
         prof.enable()
 
-    main = cProfile.Profile()
+    main = cProfile.Profile(time.thread_time)
     profiles.append(main)
     threading.setprofile(start)
     main.enable()
@@ -428,6 +429,26 @@ def loop_part(out: common.Output, args: argparse.Namespace, base: str) -> dict[s
     for line in common.markdown_table(header, rows):
         out(line)
     out(f"moai-ckpt persist (save_async call to commit): {', '.join(f'{s:.3f}' for s in persist_s[1:])} s")
+    alone = count_python(deadline(1.0))
+    stop = threading.Event()
+
+    def crc_loop() -> None:
+        import crc32c
+
+        buf = bytearray(64 << 20)
+        while not stop.is_set():
+            crc32c.crc32c(buf)
+
+    thread = threading.Thread(target=crc_loop, daemon=True)
+    thread.start()
+    beside = count_python(deadline(1.0))
+    stop.set()
+    thread.join()
+    out(
+        f"does crc32c release the GIL? a pure-Python counter alone: {alone[0] / alone[1]:.3g} it/s; beside a thread "
+        f"computing crc32c of 64 MiB buffers: {beside[0] / beside[1]:.3g} it/s "
+        f"({beside[0] / beside[1] / (alone[0] / alone[1]):.2f}x; asleep {max(beside[1] - beside[2] - beside[3], 0):.3f} s of 1 s)"
+    )
     if moai_threads:
         out("CPU seconds per thread group during a moai-ckpt persist (median over persists):")
         groups = sorted({g for m in moai_threads for g in m["threads"]})
@@ -575,13 +596,25 @@ def arrays_part(out: common.Output, args: argparse.Namespace, base: str) -> dict
     for line in common.markdown_table(["per save_async (median)", "seconds", "us per array"], rows):
         out(line)
     common.settle(0.3)
+    with counting() as counter:
+        counted = moai_ckpt.Checkpointer(os.path.join(base, "arrays-counted"), capture_rng=False)
+        counted.save(1, trainer.state())
+        counted.close()
+    out("\nwhat one save of these arrays did (calls; seconds summed over threads):")
+    rows = [[k, str(n), f"{sec:.3f}"] for k, (n, sec) in sorted(counter.snapshot().items(), key=lambda kv: -kv[1][0])]
+    for line in common.markdown_table(["call", "count", "seconds"], rows[:14]):
+        out(line)
+    common.settle(0.3)
     with profiled_threads() as profiles:
         fresh = moai_ckpt.Checkpointer(os.path.join(base, "arrays-profiled"), capture_rng=False)
         handle = fresh.save_async(1, trainer.state())
         assert handle is not None
         handle.result()
         fresh.close()
-    out("\ncProfile of one save_async of these arrays, every thread, moai-ckpt's functions by cumulative time:")
+    out("\ncProfile (thread CPU time) of one save_async of these arrays, every thread, by own time:")
+    for line in top_functions(profiles, 25):
+        out("    " + line)
+    out("\nthe same, moai-ckpt's functions by cumulative CPU time:")
     for line in top_functions(profiles, 25, sort="cumulative", only="moai_ckpt"):
         out("    " + line)
     return {"arrays": arrays, "alone": alone, "probed": probed}
@@ -830,13 +863,13 @@ def io_part(out: common.Output, args: argparse.Namespace, base: str, where: str,
     common.settle(0.5)
     with profiled_threads() as profiles:
         moai_save()
-    out("\ncProfile of one Checkpointer.save, every thread (top by own time):")
+    out("\ncProfile (thread CPU time) of one Checkpointer.save, every thread (top by own time):")
     for line in top_functions(profiles):
         out("    " + line)
     common.make_cold([paths["moai"]], "fadvise")
     with profiled_threads() as profiles:
         moai_restore()
-    out("\ncProfile of one cold Checkpointer.restore, every thread (top by own time):")
+    out("\ncProfile (thread CPU time) of one cold Checkpointer.restore, every thread (top by own time):")
     for line in top_functions(profiles):
         out("    " + line)
     return result
