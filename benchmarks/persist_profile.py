@@ -119,6 +119,7 @@ class Counters:
         is_static = isinstance(owner, type) and isinstance(owner.__dict__.get(attr), staticmethod)
         is_class = isinstance(owner, type) and isinstance(owner.__dict__.get(attr), classmethod)
         raw = owner.__dict__[attr].__func__ if is_class else original
+        own = owner.__dict__.get(attr) if isinstance(owner, type) else None
 
         @functools.wraps(raw)
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -135,7 +136,15 @@ class Counters:
             setattr(owner, attr, staticmethod(counted))
         else:
             setattr(owner, attr, counted)
-        self._undo.append(lambda: setattr(owner, attr, original if not is_class else classmethod(raw)))
+        def undo() -> None:
+            if own is not None:  # the class's own descriptor (function, staticmethod, classmethod)
+                setattr(owner, attr, own)
+            elif isinstance(owner, type):
+                delattr(owner, attr)  # it was inherited
+            else:
+                setattr(owner, attr, original)
+
+        self._undo.append(undo)
 
     def restore(self) -> None:
         for undo in reversed(self._undo):
@@ -258,19 +267,20 @@ def phases() -> Iterator[Counters]:
 
 
 @contextlib.contextmanager
-def profiled_threads() -> Iterator[list[cProfile.Profile]]:
+def profiled_threads() -> Iterator[list[tuple[str, cProfile.Profile]]]:
     """cProfile in the calling thread and in every thread started inside the block, on each
-    thread's CPU clock: time spent waiting (for the GIL, a CPU, the disk) is not counted."""
-    profiles: list[cProfile.Profile] = []
+    thread's CPU clock (time spent waiting for the GIL, a CPU or the disk is not counted);
+    yields (thread name, profile) pairs."""
+    profiles: list[tuple[str, cProfile.Profile]] = []
 
     def start(*_: Any) -> None:
         sys.setprofile(None)
         prof = cProfile.Profile(time.thread_time)
-        profiles.append(prof)
+        profiles.append((name_group(threading.current_thread().name), prof))
         prof.enable()
 
     main = cProfile.Profile(time.thread_time)
-    profiles.append(main)
+    profiles.append(("MainThread", main))
     threading.setprofile(start)
     main.enable()
     try:
@@ -281,10 +291,16 @@ def profiled_threads() -> Iterator[list[cProfile.Profile]]:
 
 
 def top_functions(
-    profiles: list[cProfile.Profile], n: int = 18, sort: str = "tottime", only: str | None = None
+    profiles: list[tuple[str, cProfile.Profile]],
+    n: int = 18,
+    sort: str = "tottime",
+    only: str | None = None,
+    thread: str | None = None,
 ) -> list[str]:
     stats: pstats.Stats | None = None
-    for prof in profiles:
+    for name, prof in profiles:
+        if thread is not None and name != thread:
+            continue
         with contextlib.suppress(TypeError, ValueError):
             prof.create_stats()
             stats = pstats.Stats(prof) if stats is None else stats.add(prof)
@@ -500,6 +516,38 @@ def cpu_by_group(before: dict[int, tuple[float, float, float, float]]) -> dict[s
     return dict(out)
 
 
+def coordinator_parts(trainer: Trainer) -> str:
+    """Two parts of the persist's Python, timed apart: the write plan and the zarr.json documents
+    (encoded as the library does, with ``indent=1``, and compactly)."""
+    from moai_ckpt import arrays as za
+    from moai_ckpt.capture import capture
+    from moai_ckpt.dtypes import from_name, stored_dtype
+    from moai_ckpt.sharding import Piece, local_piece, plan_writes
+
+    captured = capture(trainer.state())
+    pieces = {}
+    for name, tensor in captured.tensors.items():
+        shape, start, stop, _ = local_piece(tensor)
+        pieces[name] = Piece(stored_dtype(tensor.dtype, key=name).logical, shape, start, stop)
+    started = time.perf_counter()
+    plan = plan_writes([pieces], 64 << 20, {})
+    planned = time.perf_counter() - started
+    docs = [za.array_metadata(r, from_name(r.dtype)) for r in plan.records.values()]
+    started = time.perf_counter()
+    for doc in docs:
+        json.dumps(doc, indent=1)
+    indented = time.perf_counter() - started
+    started = time.perf_counter()
+    for doc in docs:
+        json.dumps(doc)
+    compact = time.perf_counter() - started
+    return (
+        f"the coordinator's Python, timed apart: write plan {planned * 1e3:.1f} ms; {len(docs)} zarr.json documents "
+        f"with json.dumps(indent=1) (the pure-Python encoder) {indented * 1e3:.1f} ms, without indent (the C "
+        f"encoder) {compact * 1e3:.1f} ms"
+    )
+
+
 def arrays_part(out: common.Output, args: argparse.Namespace, base: str) -> dict[str, Any]:
     """The GPU setup's structure (24 encoder layers: 1152 arrays with AdamW) at width 64, so the
     bytes are negligible and what is left is per-array work. Each repetition persists once with
@@ -595,6 +643,7 @@ def arrays_part(out: common.Output, args: argparse.Namespace, base: str) -> dict
     ]
     for line in common.markdown_table(["per save_async (median)", "seconds", "us per array"], rows):
         out(line)
+    out("\n" + coordinator_parts(trainer))
     common.settle(0.3)
     with counting() as counter:
         counted = moai_ckpt.Checkpointer(os.path.join(base, "arrays-counted"), capture_rng=False)
@@ -614,8 +663,8 @@ def arrays_part(out: common.Output, args: argparse.Namespace, base: str) -> dict
     out("\ncProfile (thread CPU time) of one save_async of these arrays, every thread, by own time:")
     for line in top_functions(profiles, 25):
         out("    " + line)
-    out("\nthe same, moai-ckpt's functions by cumulative CPU time:")
-    for line in top_functions(profiles, 25, sort="cumulative", only="moai_ckpt"):
+    out("\nthe coordinating thread (moai-save) alone, by cumulative CPU time:")
+    for line in top_functions(profiles, 30, sort="cumulative", thread="moai-save"):
         out("    " + line)
     return {"arrays": arrays, "alone": alone, "probed": probed}
 
