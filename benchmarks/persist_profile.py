@@ -136,6 +136,7 @@ class Counters:
             setattr(owner, attr, staticmethod(counted))
         else:
             setattr(owner, attr, counted)
+
         def undo() -> None:
             if own is not None:  # the class's own descriptor (function, staticmethod, classmethod)
                 setattr(owner, attr, own)
