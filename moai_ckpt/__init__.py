@@ -35,9 +35,14 @@ from moai_ckpt.storage import RetryPolicy, Storage, open_storage
 from moai_ckpt.trackable import NotResumableError
 
 if TYPE_CHECKING:
-    from moai_ckpt.run import ReplayDivergenceError, Run, fault_tolerant
+    from moai_ckpt.run import ReplayDivergenceError, Run, RunOptions, fault_tolerant
 
-_LAZY = {"Run": "moai_ckpt.run", "fault_tolerant": "moai_ckpt.run", "ReplayDivergenceError": "replay.recorder"}
+_LAZY = {
+    "Run": "moai_ckpt.run",
+    "RunOptions": "moai_ckpt.run",
+    "fault_tolerant": "moai_ckpt.run",
+    "ReplayDivergenceError": "replay.recorder",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -70,6 +75,7 @@ __all__ = [
     "ReplayDivergenceError",
     "RetryPolicy",
     "Run",
+    "RunOptions",
     "SaveHandle",
     "SnapshotEntry",
     "SnapshotExistsError",
