@@ -41,7 +41,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt import GPT, SIZES, loss_fn
 
 import moai_ckpt
-import moai_ckpt.run
 from replay.statedigest import capture_state
 from replay.stepstate import Hyperparameters, StepValues, parameters_of
 
@@ -160,11 +159,7 @@ def digest_cost(args: argparse.Namespace) -> dict[str, float]:
 
 def without_state_digest(args: argparse.Namespace, directory: str) -> dict[str, float]:
     """The default policy with the exact state digest left out (records carry none)."""
-    moai_ckpt.run.capture_state = lambda state: None  # type: ignore[assignment,return-value]
-    try:
-        return logged(args, directory)
-    finally:
-        moai_ckpt.run.capture_state = capture_state
+    return logged(args, directory, state_digests=False)
 
 
 def logged(args: argparse.Namespace, directory: str, **policy: Any) -> dict[str, float]:

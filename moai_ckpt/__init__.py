@@ -35,9 +35,9 @@ from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage
 
 if TYPE_CHECKING:
-    from moai_ckpt.run import Run, fault_tolerant
+    from moai_ckpt.run import Run, RunOptions, fault_tolerant
 
-_LAZY = {"Run": "moai_ckpt.run", "fault_tolerant": "moai_ckpt.run"}
+_LAZY = {"Run": "moai_ckpt.run", "RunOptions": "moai_ckpt.run", "fault_tolerant": "moai_ckpt.run"}
 
 
 def __getattr__(name: str) -> Any:
@@ -70,6 +70,7 @@ __all__ = [
     "ReplayDivergenceError",
     "RetryPolicy",
     "Run",
+    "RunOptions",
     "SaveHandle",
     "SnapshotEntry",
     "SnapshotExistsError",

@@ -271,4 +271,4 @@ class ChaosError(MoaiCkptError, RuntimeError):
 
 
 class DemoError(MoaiCkptError, RuntimeError):
-    """The demo could not run (no example to run, or a torchrun launch failed)."""
+    """The demo could not run (a torchrun launch failed or timed out)."""

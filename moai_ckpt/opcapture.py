@@ -30,17 +30,10 @@ from replay.ops import OpRecorder
 from replay.opstore import new_label, write_capture
 
 if TYPE_CHECKING:
-    from moai_ckpt.run import Run
+    from moai_ckpt.run.hooks import RunView
 
 log = logging.getLogger("moai_ckpt.ops")
-POLICIES = ("never", "on_divergence", "after_snapshot")
 SOURCE_ENV = "MOAI_CKPT_CAPTURE_SOURCE"  # what a capture session's label says it was for
-
-
-def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise ValueError(f"capture_ops must be one of {', '.join(POLICIES)}, got {policy!r}")
-    return policy
 
 
 class OpCaptureHooks:
@@ -51,16 +44,16 @@ class OpCaptureHooks:
         self.requested: set[int] = set(steps)
         self.source = source
         self.labels: dict[int, str] = {}  # step -> label of the capture written
-        self._seen_snapshot: float | None = None
+        self._seen_snapshot: int | None = None
         self._recorder: OpRecorder | None = None
         self._handles: list[Any] = []
 
     def request(self, step: int) -> None:
         self.requested.add(step)
 
-    def begin(self, run: Run, step: int) -> None:
+    def begin(self, run: RunView, step: int) -> None:
         """Start capturing if ``step`` is due (called at the end of the run's step start)."""
-        snapshot_mark = run._last_snapshot  # moves whenever the run restores or takes a snapshot
+        snapshot_mark = run.snapshot_mark  # moves whenever the run restores or takes a snapshot
         due = step in self.requested or (self.after_snapshot and snapshot_mark != self._seen_snapshot)
         self._seen_snapshot = snapshot_mark
         if not due:
@@ -74,21 +67,23 @@ class OpCaptureHooks:
         recorder.__enter__()
         self._recorder = recorder
 
-    def end(self, run: Run, step: int, state: dict[str, Any]) -> None:
+    def end(self, run: RunView, step: int, loss: Any, grad_norm: Any) -> None:
         """Stop the capture of ``step`` and store it (called first thing at the run's step end)."""
         recorder = self._recorder
         if recorder is None:
             return
         self._release()
         stream = recorder.finish(
-            results={"loss": state.get("loss"), "grad_norm": state.get("grad_norm")},
+            results={"loss": loss, "grad_norm": grad_norm},
             world_size=run.world_size,
             meta={"replaying": run.replaying, "source": self.source},
         )
         label = new_label("replay" if run.replaying and self.source == "live" else self.source)
         if run.world_size > 1:
             label = run.world.broadcast_json(label, "naming the op capture")
-        index = write_capture(run.ckpt.storage, stream, label, run._placement)
+        placement = run.log_placement
+        assert placement is not None  # a step ends only after the run opened its log
+        index = write_capture(run.storage, stream, label, placement)
         self.labels[step] = label
         log.info(
             "captured the op stream of step %d: %d ops, %d values (%s); %.2f s",
@@ -126,7 +121,7 @@ def hooks_for(policy: str, session_steps: Iterable[int] = ()) -> OpCaptureHooks 
 
 
 def capture_divergence(
-    run: Run,
+    run: RunView,
     step: int,
     function: str | None,
     args: tuple[Any, ...],
@@ -149,7 +144,7 @@ def capture_divergence(
     except (TypeError, ValueError) as exc:
         log.warning("cannot capture the diverged step %d: its arguments are not JSON (%s)", step, exc)
         return None
-    command = [sys.executable, "-m", "moai_ckpt.cli", "capture", run.ckpt.url, "--step", str(step)]
+    command = [sys.executable, "-m", "moai_ckpt.cli", "capture", run.url, "--step", str(step)]
     command += ["--device", run.device.type, "--source", "divergence", "--entrypoint", function]
     shown = redact_url(" ".join(command))
     if run.world_size > 1:
@@ -175,6 +170,6 @@ def capture_divergence(
     from replay.opstore import latest_label
 
     try:
-        return latest_label(run.ckpt.storage, step)
+        return latest_label(run.storage, step)
     except MoaiCkptError:
         return None

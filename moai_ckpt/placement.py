@@ -40,7 +40,7 @@ from parallel.replan import RecordedPlan, Replan, compare, compare_text, recorde
 from parallel.state import StageModelState, StageOptimizerState
 
 if TYPE_CHECKING:
-    from moai_ckpt.run import Run
+    from moai_ckpt.run.hooks import RunView
 
 log = logging.getLogger("moai_ckpt.placement")
 
@@ -109,7 +109,7 @@ class RunPlacement:
 
 
 def place(
-    run: Run,
+    run: RunView,
     model: nn.Module,
     loss_fn: LossFn,
     sample: torch.Tensor | Sequence[torch.Tensor],
@@ -121,10 +121,11 @@ def place(
     profile: ModelProfile | None = None,
     profile_options: ProfileOptions | None = None,
     force_replan: bool = False,
-) -> Placed:
-    """Plan and apply the placement of ``model`` on the run's ranks (see `moai_ckpt.Run.place`)."""
-    if run._recorder is not None:
-        raise RuntimeError("call run.place(...) before run.steps(): the restore needs the placement")
+) -> RunPlacement:
+    """Plan and apply the placement of ``model`` on the run's ranks (see `moai_ckpt.Run.place`).
+
+    The run has not started yet: it restores its snapshot onto the placement returned here.
+    """
     options = (options or PlanOptions()).model_copy(update={"use_all_devices": True})
     found = _devices(run, devices)
     if profile is None:
@@ -133,15 +134,14 @@ def place(
     if run.rank == 0:
         _announce(decision)
     placed = apply_plan(decision.plan, model, loss_fn, sample, layers=layers, device=run.device)
-    run._placed_run = RunPlacement(
+    return RunPlacement(
         placed=placed, decision=decision, options=options, param_names=[n for n, _ in model.named_parameters()]
     )
-    return placed
 
 
-def _devices(run: Run, devices: str | Sequence[Device] | None) -> list[Device]:
+def _devices(run: RunView, devices: str | Sequence[Device] | None) -> list[Device]:
     if devices is None:
-        return job_devices(run.device, timeout_s=run.ckpt.options.collective_timeout_s)
+        return job_devices(run.device, timeout_s=run.collective_timeout_s)
     found = parse_devices(devices) if isinstance(devices, str) else list(devices)
     if len(found) != run.world_size:
         raise PlacementError(f"devices: {len(found)} declared, the job has {run.world_size} ranks")
@@ -149,7 +149,7 @@ def _devices(run: Run, devices: str | Sequence[Device] | None) -> list[Device]:
 
 
 def _profile(
-    run: Run,
+    run: RunView,
     model: nn.Module,
     sample: torch.Tensor | Sequence[torch.Tensor],
     layers: Sequence[nn.Module] | None,
@@ -164,7 +164,7 @@ def _profile(
             model.to(device)
         try:
             inputs = tuple(t.to(device) for t in as_inputs(sample))
-            measured = cached_or_measured(run.ckpt.storage, model, inputs, layers=layers, options=options)
+            measured = cached_or_measured(run.storage, model, inputs, layers=layers, options=options)
         finally:
             if moved:
                 model.to("cpu")
@@ -173,7 +173,7 @@ def _profile(
 
 
 def _decide(
-    run: Run,
+    run: RunView,
     devices: list[Device],
     profile: ModelProfile,
     global_batch: int,
@@ -183,10 +183,8 @@ def _decide(
     """Rank 0 decides; every rank gets its decision (or its refusal)."""
     raw: Any = None
     if run.rank == 0:
-        bound = run._target_step_bound()
-        steps = [s for s in run.ckpt.steps() if bound is None or s <= bound]
         try:
-            previous = recorded_plan(run.ckpt.storage, steps)
+            previous = recorded_plan(run.storage, run.restorable_steps())
             raw = replan(devices, profile, global_batch, options, previous, force=force).model_dump(mode="json")
         except NoFeasiblePlanError as exc:
             raw = {"refused": str(exc)}

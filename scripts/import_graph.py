@@ -85,7 +85,6 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "fault_tolerant, Run, integrations, interop",
         (
             "moai_ckpt.run",
-            "moai_ckpt.session",
             "moai_ckpt.placement",
             "moai_ckpt.opcapture",
             "moai_ckpt.entry",
@@ -96,18 +95,11 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("api", "moai_ckpt/__init__.py: the public names", ("moai_ckpt",)),
     ("kit", "testing/: fault injection, conformance suites", ("moai_ckpt.testing",)),
-    ("tools", "chaos harness, demo", ("moai_ckpt.chaos", "moai_ckpt.demo", "moai_ckpt.tools")),
+    ("tools", "tools/: chaos harness, demo", ("moai_ckpt.tools",)),
     (
         "cli",
-        "the moai-ckpt command line",
-        (
-            "moai_ckpt.cli",
-            "moai_ckpt.cli_chaos",
-            "moai_ckpt.cli_interop",
-            "moai_ckpt.cli_ops",
-            "moai_ckpt.cli_plan",
-            "moai_ckpt.cli_replay",
-        ),
+        "cli/: the moai-ckpt command line",
+        ("moai_ckpt.cli", "moai_ckpt.tools.cli"),
     ),
 )
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from moai_ckpt.chaos import BUILTIN, Fault, Scenario
 from moai_ckpt.testing.chaos import ChaosHarness
+from moai_ckpt.tools.chaos import BUILTIN, Fault, Scenario
 
 
 def test_a_scenario_refuses_faults_it_cannot_place() -> None:
@@ -80,7 +80,7 @@ def test_a_lost_node_is_recovered_bitwise(chaos: ChaosHarness) -> None:
 @pytest.mark.slow
 def test_a_run_handed_off_midway_is_continued_by_the_same_command(tmp_path: Path) -> None:
     """A ``handoff`` stops the run; the same command continues it (on another machine, in real use)."""
-    from moai_ckpt.chaos import run_trials
+    from moai_ckpt.tools.chaos import run_trials
 
     scenario = Scenario(name="handoff", kwargs={"steps": 16, "batch_size": 16}, faults=[Fault(kind="handoff", step=7)])
     first = run_trials(scenario, tmp_path, trials=1)
@@ -113,7 +113,7 @@ ZOO = Path(__file__).resolve().parent / "workloads"
 @pytest.mark.parametrize(("script", "ranks", "seed"), [("fsdp2.py", 2, 11), ("hf_causal_lm.py", 1, 12)])
 def test_zoo_workloads_survive_seeded_random_faults_bitwise(script: str, ranks: int, seed: int, tmp_path: Path) -> None:
     """Users' scripts of the workload zoo (tests/workloads/) under 3 faults of random kinds, drawn from the seed."""
-    from moai_ckpt.chaos import run_trial
+    from moai_ckpt.tools.chaos import run_trial
 
     job = Scenario(
         name=f"zoo-{script.removesuffix('.py')}",

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 import moai_ckpt
-from moai_ckpt.chaos import Scenario
-from moai_ckpt.chaos.diff import diff_final, first_step, unused_generators
-from moai_ckpt.chaos.oracle import judge
-from moai_ckpt.chaos.runner import RunOutcome
+from moai_ckpt.tools.chaos import Scenario
+from moai_ckpt.tools.chaos.diff import diff_final, first_step, unused_generators
+from moai_ckpt.tools.chaos.oracle import judge
+from moai_ckpt.tools.chaos.runner import RunOutcome
 
 STEPS = 4
 

@@ -19,6 +19,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from moai_ckpt import Checkpointer, __version__, cli
+from moai_ckpt.cli import base as cli_base
+from moai_ckpt.cli import snapshots as cli_snapshots
 from moai_ckpt.layout import COMMIT, snapshot_dir
 
 STEPS = (10, 20, 30)
@@ -172,9 +174,9 @@ def test_inspect_table_names_every_array_and_the_total(run: Run) -> None:
         manifest = ckpt.manifest(STEPS[-1])
     for path, record in manifest.arrays.items():
         row = next(line for line in out.splitlines() if line.split()[:1] == [path])
-        assert record.dtype in row and cli._shape(record.shape) in row
-    total = sum(cli._array_bytes(r) or 0 for r in manifest.arrays.values())
-    assert f"{len(manifest.arrays)} arrays" in out and cli.human_bytes(total) in out
+        assert record.dtype in row and cli_snapshots._shape(record.shape) in row
+    total = sum(cli_snapshots._array_bytes(r) or 0 for r in manifest.arrays.values())
+    assert f"{len(manifest.arrays)} arrays" in out and cli_base.human_bytes(total) in out
 
 
 def test_inspect_shows_the_entries_and_the_json_extras(run: Run) -> None:
@@ -212,7 +214,7 @@ def test_verify_passes_a_sound_snapshot_with_exit_code_0(run: Run) -> None:
     out = invoke("verify", run.url).stdout
     with Checkpointer(run.url) as ckpt:
         report = ckpt.verify(STEPS[-1])
-    assert f"step {STEPS[-1]}: OK, {report.arrays} arrays, {cli.human_bytes(report.bytes_checked)} checked" in out
+    assert f"step {STEPS[-1]}: OK, {report.arrays} arrays, {cli_base.human_bytes(report.bytes_checked)} checked" in out
     assert len(out.strip().splitlines()) == 1
 
 
@@ -277,11 +279,11 @@ def test_verify_refuses_a_step_and_all_together(run: Run) -> None:
 
 def test_verify_progress_bar_counts_every_byte(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "err", Console(file=screen, force_terminal=True, width=120))
+    monkeypatch.setattr(cli_snapshots, "err", Console(file=screen, force_terminal=True, width=120))
     invoke("verify", run.url)
     with Checkpointer(run.url) as ckpt:
         total = ckpt.verify().bytes_checked
-    done = cli.human_bytes(total).split()[0]
+    done = cli_base.human_bytes(total).split()[0]
     assert f"{done}/{done} KiB" in screen.getvalue()
 
 
@@ -323,7 +325,7 @@ def test_prune_needs_keep_of_at_least_one(run: Run) -> None:
 
 def test_storage_options_are_parsed_as_json_when_they_can_be() -> None:
     pairs = ["endpoint_url=http://127.0.0.1:5000", "anon=true", "retries=3", 'kw={"a": 1}', "empty="]
-    assert cli._storage_options(pairs) == {
+    assert cli_base.parse_pairs(pairs) == {
         "endpoint_url": "http://127.0.0.1:5000",
         "anon": True,
         "retries": 3,
@@ -338,7 +340,7 @@ def test_a_storage_option_without_equals_sign_is_a_usage_error(run: Run) -> None
 
 
 def test_human_bytes_uses_binary_units() -> None:
-    assert [cli.human_bytes(n) for n in (0, 1023, 1024, 10184, 3 << 30)] == [
+    assert [cli_base.human_bytes(n) for n in (0, 1023, 1024, 10184, 3 << 30)] == [
         "0 B",
         "1023 B",
         "1.0 KiB",

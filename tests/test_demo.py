@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,19 +15,15 @@ import pytest
 import torch
 
 import moai_ckpt
-from moai_ckpt.demo import EXAMPLE, Comparison, DemoOptions, KillPlan, Launch, compare
+from moai_ckpt.tools import gpt
+from moai_ckpt.tools.demo import Comparison, DemoOptions, KillPlan, Launch, compare
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def gpt_demo() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpt_demo", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return gpt
 
 
 def test_the_corpus_is_a_function_of_its_seed(gpt_demo: ModuleType) -> None:

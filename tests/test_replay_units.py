@@ -123,7 +123,7 @@ def test_a_check_names_the_inputs_before_the_outputs() -> None:
 def test_time_based_snapshots_and_extra_scalars_reach_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    import moai_ckpt.run
+    import moai_ckpt.run.snapshots
 
     class Clock:
         """The run's clock, moved by the training loop: 0.05 s a step, whatever the machine's load."""
@@ -137,7 +137,7 @@ def test_time_based_snapshots_and_extra_scalars_reach_storage(tmp_path: Path, mo
             return getattr(time, name)
 
     clock = Clock()
-    monkeypatch.setattr(moai_ckpt.run, "time", clock)
+    monkeypatch.setattr(moai_ckpt.run.snapshots, "time", clock)
 
     @moai_ckpt.fault_tolerant(
         storage=str(tmp_path / "run"), snapshot_every=None, snapshot_every_s=0.2, snapshot_at_end=False

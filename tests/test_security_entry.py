@@ -151,7 +151,7 @@ def test_a_training_function_run_json_names_runs_only_when_the_user_allows_it(
 
 
 @pytest.mark.parametrize(
-    "function", ["os:system", "subprocess:run", "builtins:eval", "shutil:rmtree", "moai_ckpt.session:os.system"]
+    "function", ["os:system", "subprocess:run", "builtins:eval", "shutil:rmtree", "moai_ckpt.run.worker:os.system"]
 )
 def test_the_standard_library_is_refused_even_when_run_json_is_trusted(
     base_run: Path, tmp_path: Path, function: str
@@ -187,14 +187,14 @@ def test_entrypoints_in_the_standard_library_are_refused_before_anything_is_impo
     with pytest.raises(EntrypointError, match="refused"):
         check_entrypoint(f"{os.__file__}:system")  # the standard library's own file
     for spec in (
-        "moai_ckpt.session:os.system",
+        "moai_ckpt.run.worker:os.system",
         "moai_ckpt.entry:importlib.import_module",
-        "moai_ckpt.cli_replay:subprocess.run",
+        "moai_ckpt.cli.sessions:subprocess.run",
     ):
         with pytest.raises(EntrypointError, match="refused"):
             load_function(spec)  # reached through another module's attributes
     with pytest.raises(EntrypointError, match="not a function name"):
-        load_function("moai_ckpt.session:__builtins__")
+        load_function("moai_ckpt.run.worker:__builtins__")
     with pytest.raises(EntrypointError, match=r"not a moai_ckpt\.fault_tolerant function"):
         load_function("tests.helpers:TinyNet", recorded=True)
     assert load_function("tests.entry_scenario:marked", recorded=True) is marked

@@ -27,7 +27,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.errors import MoaiCkptError
 from moai_ckpt.integrations.data import ResumableDataset
-from moai_ckpt.integrations.driver import StepDriver
+from moai_ckpt.integrations.driver import integration_options, open_run
+from moai_ckpt.run import Run, RunOptions
 from replay.check import ReplayReport
 
 log = logging.getLogger("moai_ckpt.integrations.hf")
@@ -124,41 +125,19 @@ class MoaiTrainerCallback(TrainerCallback):
 
     Args:
         url: the run directory (any fsspec URL).
-        snapshot_every: optimizer steps between snapshots (None: only ``snapshot_every_s``).
-        snapshot_every_s: also snapshot once this many seconds have passed (rank 0's clock).
-        async_snapshots: write snapshots in the background.
-        snapshot_at_end: snapshot the last step when training ends.
-        log_flush_every, log_flush_seconds, log_lag: as in `moai_ckpt.fault_tolerant`.
-        **options: `Checkpointer` options and storage options.
+        options: every option at once, as a `moai_ckpt.RunOptions` (then no other keyword argument).
+        **kwargs: `RunOptions` fields (``snapshot_every`` counts optimizer steps; ``snapshot_every_s``,
+            ``async_snapshots``, ``snapshot_at_end``, ``log_flush_every``, ``log_flush_seconds``,
+            ``log_lag``... as in `moai_ckpt.fault_tolerant`), `Checkpointer` options and storage
+            options; the exact state digests are off unless asked for
+            (`moai_ckpt.integrations.driver.integration_options`).
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        snapshot_every: int | None = 100,
-        snapshot_every_s: float | None = None,
-        async_snapshots: bool = True,
-        snapshot_at_end: bool = True,
-        log_flush_every: int = 1,
-        log_flush_seconds: float | None = None,
-        log_lag: int = 1,
-        **options: Any,
-    ) -> None:
+    def __init__(self, url: str, *, options: RunOptions | None = None, **kwargs: Any) -> None:
         self.url = url
-        self._settings = {
-            "snapshot_every": snapshot_every,
-            "snapshot_every_s": snapshot_every_s,
-            "async_snapshots": async_snapshots,
-            "snapshot_at_end": snapshot_at_end,
-            "log_flush_every": log_flush_every,
-            "log_flush_seconds": log_flush_seconds,
-            "log_lag": log_lag,
-            **options,
-        }
-        StepDriver(url, **self._settings)  # validates the settings now, not when training starts
+        self._options = integration_options(url, options, **kwargs)  # validated now, not when training starts
         self._data: ResumableDataset[Any] | None = None
-        self._driver: StepDriver | None = None
+        self._run: Run | None = None
         self._tap: _LossTap | None = None
         self._grad_norm: torch.Tensor | None = None
         #: the step training resumed from (None: a new run)
@@ -179,12 +158,12 @@ class MoaiTrainerCallback(TrainerCallback):
     @property
     def replaying(self) -> bool:
         """Whether the step in progress re-runs a logged step (a replay after a restart)."""
-        return self._driver is not None and self._driver.replaying
+        return self._run is not None and self._run.replaying
 
     @property
     def report(self) -> ReplayReport | None:
         """What the replay after the last restart checked (None before training starts)."""
-        return self._driver.report if self._driver is not None else None
+        return self._run.report if self._run is not None else None
 
     # -- Trainer events -------------------------------------------------------------------------
 
@@ -213,9 +192,7 @@ class MoaiTrainerCallback(TrainerCallback):
         if scheduler is not None:
             tracked["scheduler"] = getattr(scheduler, "scheduler", scheduler)
         self._tap = _LossTap(model, args.world_size if getattr(args, "average_tokens_across_devices", False) else 1)
-        self._driver = StepDriver(self.url, **self._settings)
-        device = next(model.parameters()).device
-        self.resumed_from = self._driver.open(tracked, device)
+        self._run, self.resumed_from = open_run(self._options, tracked, next(model.parameters()).device)
         if 0 < state.max_steps <= state.global_step:
             # the Trainer would run one more step before it looks at max_steps
             self.close()
@@ -227,8 +204,8 @@ class MoaiTrainerCallback(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        assert self._driver is not None and self._data is not None
-        self._driver.begin(state.global_step + 1, self._data.global_batch())
+        assert self._run is not None and self._data is not None
+        self._run.begin_step(state.global_step + 1, self._data.global_batch())
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -238,19 +215,19 @@ class MoaiTrainerCallback(TrainerCallback):
         self._grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        assert self._driver is not None and self._data is not None and self._tap is not None
+        assert self._run is not None and self._data is not None and self._tap is not None
         self._data.advance()
         position = self._data.position
         # the epoch the data is in, as an uninterrupted run counts it (a resumed Trainer restarts its count)
         state.epoch = position.epoch + position.step_in_epoch / position.steps_per_epoch
-        self._driver.end(state.global_step, self._tap.take(), self._grad_norm)
+        self._run.end_step(state.global_step, self._tap.take(), self._grad_norm)
         self._grad_norm = None
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self._driver is not None:
-            self._driver.finish()
+        if self._run is not None:
+            self._run.finish()
             self.close()
 
     def close(self) -> None:
@@ -259,8 +236,8 @@ class MoaiTrainerCallback(TrainerCallback):
         if self._tap is not None:
             self._tap.handle.remove()
             self._tap = None
-        if self._driver is not None:
-            self._driver.close(failing=True)
+        if self._run is not None:
+            self._run.close(failing=True)
 
 
 # -- Accelerate ---------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from lightning.fabric.utilities.warnings import PossibleUserWarning
 
 from moai_ckpt.errors import MoaiCkptError
 from moai_ckpt.integrations.data import ResumableBatchSampler
-from moai_ckpt.integrations.driver import StepDriver
+from moai_ckpt.integrations.driver import integration_options, open_run
 from moai_ckpt.integrations.lightning_io import CheckpointPointer, MoaiCheckpointIO
+from moai_ckpt.run import Run, RunOptions
 from replay.check import ReplayReport
 
 __all__ = ["CheckpointPointer", "MoaiCheckpointIO", "MoaiFaultTolerance", "ResumableBatchSampler"]
@@ -120,41 +121,18 @@ class MoaiFaultTolerance(pl.Callback):
 
     Args:
         url: the run directory (any fsspec URL).
-        snapshot_every: steps between snapshots (None: only ``snapshot_every_s``).
-        snapshot_every_s: also snapshot once this many seconds have passed (rank 0's clock).
-        async_snapshots: write snapshots in the background.
-        snapshot_at_end: snapshot the last step when the fit ends.
-        log_flush_every, log_flush_seconds, log_lag: as in `moai_ckpt.fault_tolerant`.
-        **options: `Checkpointer` options and storage options.
+        options: every option at once, as a `moai_ckpt.RunOptions` (then no other keyword argument).
+        **kwargs: `RunOptions` fields (``snapshot_every``, ``snapshot_every_s``, ``async_snapshots``,
+            ``snapshot_at_end``, ``log_flush_every``, ``log_flush_seconds``, ``log_lag``... as in
+            `moai_ckpt.fault_tolerant`), `Checkpointer` options and storage options; the exact
+            state digests are off unless asked for (`moai_ckpt.integrations.driver.integration_options`).
     """
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        snapshot_every: int | None = 100,
-        snapshot_every_s: float | None = None,
-        async_snapshots: bool = True,
-        snapshot_at_end: bool = True,
-        log_flush_every: int = 1,
-        log_flush_seconds: float | None = None,
-        log_lag: int = 1,
-        **options: Any,
-    ) -> None:
+    def __init__(self, url: str, *, options: RunOptions | None = None, **kwargs: Any) -> None:
         self.url = url
-        self._settings = {
-            "snapshot_every": snapshot_every,
-            "snapshot_every_s": snapshot_every_s,
-            "async_snapshots": async_snapshots,
-            "snapshot_at_end": snapshot_at_end,
-            "log_flush_every": log_flush_every,
-            "log_flush_seconds": log_flush_seconds,
-            "log_lag": log_lag,
-            **options,
-        }
-        StepDriver(url, **self._settings)  # validates the settings now, not when the fit starts
+        self._options = integration_options(url, options, **kwargs)  # validated now, not when the fit starts
         self._data = _DataPosition()
-        self._driver: StepDriver | None = None
+        self._run: Run | None = None
         self._loops: _LoopProgress | None = None
         #: the step the fit resumed from (None: a new run)
         self.resumed_from: int | None = None
@@ -174,12 +152,12 @@ class MoaiFaultTolerance(pl.Callback):
     @property
     def replaying(self) -> bool:
         """Whether the step in progress re-runs a logged step (a replay after a restart)."""
-        return self._driver is not None and self._driver.replaying
+        return self._run is not None and self._run.replaying
 
     @property
     def report(self) -> ReplayReport | None:
         """What the replay after the last restart checked (None before the fit starts)."""
-        return self._driver.report if self._driver is not None else None
+        return self._run.report if self._run is not None else None
 
     @property
     def state_key(self) -> str:
@@ -205,8 +183,7 @@ class MoaiFaultTolerance(pl.Callback):
             "ignore", message="You're resuming from a checkpoint that ended before", category=PossibleUserWarning
         )
         self._loops = _LoopProgress(trainer)
-        self._driver = StepDriver(self.url, **self._settings)
-        self.resumed_from = self._driver.open(self._tracked(trainer, pl_module), pl_module.device)
+        self._run, self.resumed_from = open_run(self._options, self._tracked(trainer, pl_module), pl_module.device)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sampler = self._data.sampler
@@ -221,32 +198,32 @@ class MoaiFaultTolerance(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        assert self._driver is not None and self._data.sampler is not None
+        assert self._run is not None and self._data.sampler is not None
         step = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        self._driver.begin(step, self._data.sampler.global_batch())
+        self._run.begin_step(step, self._data.sampler.global_batch())
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        assert self._driver is not None and self._loops is not None and self._data.sampler is not None
+        assert self._run is not None and self._loops is not None and self._data.sampler is not None
         self._data.sampler.advance()
         self._loops.capture()
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        self._driver.end(self._driver.step + 1, _loss_of(outputs), grad_norm)
+        self._run.end_step(self._run.step + 1, _loss_of(outputs), grad_norm)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._driver is not None:
-            self._driver.finish()
-            self._driver.close()
+        if self._run is not None:
+            self._run.finish()
+            self._run.close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._driver is not None:
-            self._driver.close(failing=True)
+        if self._run is not None:
+            self._run.close(failing=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._driver is not None:
-            self._driver.close(failing=True)
+        if self._run is not None:
+            self._run.close(failing=True)
 
     # -- helpers --------------------------------------------------------------------------------
 

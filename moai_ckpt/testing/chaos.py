@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from moai_ckpt.chaos import TrialReport
+    from moai_ckpt.tools.chaos import TrialReport
 
 
 class ChaosHarness:
@@ -41,7 +41,7 @@ class ChaosHarness:
         seed: int = 0,
         **fields: Any,
     ) -> TrialReport:
-        """One trial: ``faults`` (kinds, or dicts of `moai_ckpt.chaos.Fault` fields) on a seeded schedule.
+        """One trial: ``faults`` (kinds, or dicts of `moai_ckpt.tools.chaos.Fault` fields) on a seeded schedule.
 
         Args:
             entrypoint: ``module:function`` or ``file.py:function``; the bundled demo by default.
@@ -50,9 +50,9 @@ class ChaosHarness:
             ranks: torchrun worker processes.
             steps: the steps the job trains (default: ``kwargs["steps"]``, else 30).
             seed: the trial's seed.
-            **fields: any other `moai_ckpt.chaos.Scenario` field (``tolerance``, ``hang_timeout_s``...).
+            **fields: any other `moai_ckpt.tools.chaos.Scenario` field (``tolerance``, ``hang_timeout_s``...).
         """
-        from moai_ckpt.chaos import Fault, Scenario, run_trial
+        from moai_ckpt.tools.chaos import Fault, Scenario, run_trial
 
         call = dict(kwargs or {})
         total = steps or int(call.get("steps", 30))

@@ -10,7 +10,7 @@ that is not installed has no entry point, so the kit registers the protocol itse
   `ENTRY_POINTS` on the child's ``PYTHONPATH``, a folder holding only a distribution record
   with the kit's entry point, where ``importlib.metadata``, and so fsspec, finds it at import.
   Subprocesses and torchrun workers of the test suite (``tests/conftest.py`` sets it for the
-  whole session) and the jobs the chaos harness starts (`moai_ckpt.chaos.runner`) get it.
+  whole session) and the jobs the chaos harness starts (`moai_ckpt.tools.chaos.runner`) get it.
 
 Both name the same class as the installed entry point, so where both are present nothing
 changes. ``tests/test_storage.py`` checks that the folder's entry point and ``pyproject.toml``'s

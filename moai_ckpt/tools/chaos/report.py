@@ -12,9 +12,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from moai_ckpt.chaos.oracle import Verdict
-from moai_ckpt.chaos.runner import RunOutcome
-from moai_ckpt.chaos.scenario import Scenario
+from moai_ckpt.tools.chaos.oracle import Verdict
+from moai_ckpt.tools.chaos.runner import RunOutcome
+from moai_ckpt.tools.chaos.scenario import Scenario
 
 
 @dataclass

@@ -50,7 +50,7 @@ PROCESS_KINDS = frozenset({"kill", "kill_all", "hang", "node_loss"})
 STORAGE_KINDS = frozenset({"storage_transient", "storage_latency", "storage_outage", "storage_torn"})
 AT_REST_KINDS = frozenset({"corrupt_chunk", "corrupt_log", "corrupt_marker", "resize", "device_change", "handoff"})
 PLACEMENT_KINDS = frozenset({"resize", "device_change", "handoff"})  # the run may end elsewhere: tolerance
-DEMO_ENTRYPOINT = str(Path(__file__).resolve().parents[2] / "examples" / "gpt_demo.py") + ":train"
+DEMO_ENTRYPOINT = "moai_ckpt.tools.gpt:train"  # the demo's GPT, shipped in the package
 
 
 class Fault(BaseModel):

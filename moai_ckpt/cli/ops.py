@@ -16,36 +16,25 @@ import torch
 import typer
 from rich.markup import escape
 
-from moai_ckpt.cli import (
+from moai_ckpt.cli.base import (
     MAX_STEP,
     JsonOpt,
     StorageOpt,
     UrlArg,
-    _command,
-    _echo_json,
-    _open,
-    _table,
+    command,
+    echo_json,
     err,
+    new_table,
+    open_run,
     out,
     shown_url,
 )
-from moai_ckpt.cli_replay import (
-    Code,
-    CodeChoice,
-    DeviceOpt,
-    EntryOpt,
-    KwargEnvOpt,
-    KwargOpt,
-    ReplayPlan,
-    TrustOpt,
-    WorldOpt,
-    _announce,
-    _run_session,
-    choose_code,
-)
+from moai_ckpt.cli.code import CodeChoice, EntryOpt, KwargEnvOpt, KwargOpt, TrustOpt, choose_code
+from moai_ckpt.cli.sessions import Code, DeviceOpt, ReplayPlan, WorldOpt, announce, run_session
 from moai_ckpt.errors import MoaiCkptError, SnapshotNotFoundError
 from moai_ckpt.opcapture import SOURCE_ENV
-from moai_ckpt.session import Session
+from moai_ckpt.run.resume import current_placement
+from moai_ckpt.run.session import Session
 from replay.check import ReplayReport
 from replay.opdiff import DiffReport, diff_streams
 from replay.opreplay import OpReplayReport, replay_captures
@@ -61,7 +50,7 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
 # -- capture ---------------------------------------------------------------------------------------
 
 
-@_command("capture")
+@command("capture")
 def capture_command(
     url: UrlArg,
     step: Annotated[
@@ -93,7 +82,7 @@ def capture_command(
     label, index, report, diff = capture_step(url, step, world_size, device, choice, source, storage_option)
     check = report.steps[-1] if report.steps else None
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "step": step,
                 "label": label,
@@ -108,7 +97,7 @@ def capture_command(
         out.print(f"log check of step {step}: {check.describe()}")
     if diff is not None:
         out.print(f"against the earlier capture {diff.label_a}:")
-        _print_diff(diff)
+        print_diff(diff)
 
 
 def capture_step(
@@ -130,16 +119,16 @@ def capture_step(
     plan.target = step
     if isinstance(code, CodeChoice):
         code = choose_code(plan, code)
-    with _open(url, storage_option) as ckpt:
+    with open_run(url, storage_option) as ckpt:
         before = {r.label for r in list_captures(ckpt.storage, step)}
-    _announce(plan, code, f"capturing step {step} of")
+    announce(plan, code, f"capturing step {step} of")
     session = Session(mode="verify", storage=url, step=step, capture_ops=[step], progress=True)
     os.environ[SOURCE_ENV] = check_label(source)
     try:
-        report: ReplayReport = _run_session(plan, code, session, world_size, device)
+        report: ReplayReport = run_session(plan, code, session, world_size, device)
     finally:
         os.environ.pop(SOURCE_ENV, None)
-    with _open(url, storage_option) as ckpt:
+    with open_run(url, storage_option) as ckpt:
         refs = list_captures(ckpt.storage, step)
         new = [r for r in refs if r.label not in before and r.ranks]
         if not new:
@@ -175,7 +164,7 @@ def _stream(ckpt: Any, step: int, label: str) -> Any:
 
 
 def _list(url: str, storage_option: list[str] | None, as_json: bool) -> None:
-    with _open(url, storage_option) as ckpt:
+    with open_run(url, storage_option) as ckpt:
         rows = []
         for ref in list_captures(ckpt.storage):
             info: dict[str, Any] = {
@@ -189,9 +178,9 @@ def _list(url: str, storage_option: list[str] | None, as_json: bool) -> None:
                 info.update(ops=index.ops, device=index.placement.device_name or index.placement.device_type)
             rows.append(info)
     if as_json:
-        _echo_json(rows)
+        echo_json(rows)
         return
-    table = _table(f"op captures in {escape(shown_url(url))}")
+    table = new_table(f"op captures in {escape(shown_url(url))}")
     for name in ("step", "label", "ranks", "ops", "device"):
         table.add_column(name)
     for r in rows:
@@ -218,7 +207,7 @@ def _pick(storage: Any, step: int | None, label: str | None, other: str | None, 
     return ref.step, ref.label
 
 
-@_command("diff-ops")
+@command("diff-ops")
 def diff_ops_command(
     a: Annotated[str, typer.Argument(help="Run directory of the first capture (the reference).")],
     b: Annotated[str, typer.Argument(help="Run directory of the second capture (may be the same run).")],
@@ -234,7 +223,7 @@ def diff_ops_command(
 
     Exit code 0 when the two streams are identical, 1 when they differ.
     """
-    with _open(a, storage_option) as ca, _open(b, storage_option) as cb:
+    with open_run(a, storage_option) as ca, open_run(b, storage_option) as cb:
         step_a, la = _pick(ca.storage, step, label_a, None, newest=False)
         same_run = ca.url == cb.url
         step_b, lb = _pick(cb.storage, step_a, label_b, la if same_run and label_b is None else None, newest=True)
@@ -242,15 +231,15 @@ def diff_ops_command(
             read_capture(ca.storage, step_a, la, blobs=False), read_capture(cb.storage, step_b, lb, blobs=False)
         )
     if as_json:
-        _echo_json(json.loads(report.model_dump_json()))
+        echo_json(json.loads(report.model_dump_json()))
     else:
-        _print_diff(report)
+        print_diff(report)
     if not report.identical:
         raise typer.Exit(1)
 
 
-def _print_diff(report: DiffReport) -> None:
-    table = _table(
+def print_diff(report: DiffReport) -> None:
+    table = new_table(
         f"step {report.step_a}: A {report.label_a} ({report.device_a}) vs B {report.label_b} ({report.device_b})",
         show_header=False,
     )
@@ -306,7 +295,7 @@ def replay_ops(
 ) -> None:
     """``moai-ckpt replay URL --ops``: re-execute every captured step (up to ``step``) from its op stream."""
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with _open(url, storage_option) as ckpt:
+    with open_run(url, storage_option) as ckpt:
         captures: dict[int, str] = {}
         for ref in list_captures(ckpt.storage):
             if 0 in ref.ranks and (step is None or ref.step <= step) and (label is None or ref.label == label):
@@ -317,12 +306,10 @@ def replay_ops(
             )
         placement = None
         if save:
-            from moai_ckpt.run import current_placement
-
             placement = current_placement(1, target)
         report = replay_captures(ckpt, target, captures, save=placement)
     if as_json:
-        _echo_json(json.loads(report.model_dump_json()))
+        echo_json(json.loads(report.model_dump_json()))
     else:
         _print_replay(report)
     if report.failed:
@@ -330,7 +317,7 @@ def replay_ops(
 
 
 def _print_replay(report: OpReplayReport) -> None:
-    table = _table(f"replay --ops on {report.device}: captured steps re-executed without the training code")
+    table = new_table(f"replay --ops on {report.device}: captured steps re-executed without the training code")
     for name in ("step", "ops", "captured on", "replayed on", "ops differing", "loss rel", "param norm rel", "check"):
         table.add_column(name, justify="left" if name in ("captured on", "replayed on", "check") else "right")
     for s in report.steps:

@@ -1,7 +1,7 @@
 """Running a chaos trial: a fault-free reference, then the same job with faults, under torchrun.
 
 The harness is the job's supervisor: it starts ``torchrun --max-restarts 0`` on a
-`moai_ckpt.session` worker per rank, and whenever torchrun exits because a rank died (torchrun
+`moai_ckpt.run.worker` process per rank, and whenever torchrun exits because a rank died (torchrun
 tears the others down, as it does before an elastic restart) it applies what is due between
 attempts (a bit flip at rest, a new world size) and starts the job again, until the job finishes.
 A watchdog notices a stalled job (no new log record for ``hang_timeout_s``: a rank stopped) and
@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from moai_ckpt import faults as fault_points
-from moai_ckpt.chaos.scenario import AT_REST_KINDS, PROCESS_KINDS, STORAGE_KINDS, Fault, Scenario
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.layout import LOG, commit_key, is_chunk_key, log_dir, parse_log_segment, parse_step_name, snapshot_dir
-from moai_ckpt.session import DEVICE_ENV
+from moai_ckpt.run.session import DEVICE_ENV
 from moai_ckpt.testing import protocols
 from moai_ckpt.testing.faulty import EVENT_LOG_ENV, PLAN_ENV
+from moai_ckpt.tools.chaos.scenario import AT_REST_KINDS, PROCESS_KINDS, STORAGE_KINDS, Fault, Scenario
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Trial:
     def _commands(self, world_size: int, storage: str) -> list[list[str]]:
         """One torchrun agent per node: ``--standalone`` for one node, a c10d rendezvous for more."""
         kwargs = {**self.scenario.kwargs, self.scenario.storage_kwarg: storage}
-        worker = ["-m", "moai_ckpt.session", self.scenario.entrypoint, json.dumps({"args": [], "kwargs": kwargs})]
+        worker = ["-m", "moai_ckpt.run.worker", self.scenario.entrypoint, json.dumps({"args": [], "kwargs": kwargs})]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--max-restarts=0"]
         nodes = self.scenario.nodes if world_size % self.scenario.nodes == 0 else 1
         if nodes == 1:

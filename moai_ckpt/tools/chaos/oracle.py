@@ -2,7 +2,7 @@
 
 - The final state (the snapshot of the last step) is bitwise equal to the reference's when the
   placement never changed, and within the scenario's tolerance otherwise (the difference is
-  reported either way, naming every array and JSON entry that differs: `moai_ckpt.chaos.diff`).
+  reported either way, naming every array and JSON entry that differs: `moai_ckpt.tools.chaos.diff`).
 - The job is reproducible from its start: both runs logged the same inputs for step 1 (else the
   report says which generator or input differs and what to seed).
 - Every step was logged, and every sample was consumed exactly once per epoch.
@@ -21,12 +21,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from moai_ckpt.chaos.diff import diff_final, first_step, unused_generators
-from moai_ckpt.chaos.runner import RunOutcome
-from moai_ckpt.chaos.scenario import PLACEMENT_KINDS, Scenario
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.errors import MoaiCkptError
 from moai_ckpt.layout import REPORTS, is_replay_report, parse_log_segment, quarantine_key, snapshot_step_of
+from moai_ckpt.tools.chaos.diff import diff_final, first_step, unused_generators
+from moai_ckpt.tools.chaos.runner import RunOutcome
+from moai_ckpt.tools.chaos.scenario import PLACEMENT_KINDS, Scenario
 from replay.log import history
 
 

@@ -1,7 +1,7 @@
 """The chaos harness: run a training job with faults injected on a seeded schedule and prove that
 it ends as the fault-free run does.
 
-    from moai_ckpt.chaos import Scenario, run_trials
+    from moai_ckpt.tools.chaos import Scenario, run_trials
     summary = run_trials(Scenario.load("smoke"), "chaos_out", seed=0, trials=3)
     assert all(t.ok for t in summary.trials)
 
@@ -18,11 +18,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from moai_ckpt.chaos.oracle import Verdict, judge
-from moai_ckpt.chaos.report import Summary, TrialReport, checks_table, draw_timeline, faults_table, write
-from moai_ckpt.chaos.runner import HANDOFF, RunOutcome, Trial
-from moai_ckpt.chaos.scenario import BUILTIN, DEMO_ENTRYPOINT, KINDS, PHASES, Fault, Scenario
 from moai_ckpt.errors import ChaosError
+from moai_ckpt.tools.chaos.oracle import Verdict, judge
+from moai_ckpt.tools.chaos.report import Summary, TrialReport, checks_table, draw_timeline, faults_table, write
+from moai_ckpt.tools.chaos.runner import HANDOFF, RunOutcome, Trial
+from moai_ckpt.tools.chaos.scenario import BUILTIN, DEMO_ENTRYPOINT, KINDS, PHASES, Fault, Scenario
 
 __all__ = [
     "BUILTIN",
@@ -41,7 +41,7 @@ __all__ = [
 
 
 def _identity(scenario: Scenario) -> dict[str, object]:
-    """The scenario, as two machines compare it (the bundled demo lives at a different path on each)."""
+    """The scenario, as two machines compare it (the bundled demo by its role, as earlier releases named it)."""
     fields = scenario.model_dump(mode="json")
     if fields["entrypoint"] == DEMO_ENTRYPOINT:
         fields["entrypoint"] = "demo"

@@ -1,4 +1,6 @@
-"""``moai-ckpt chaos``: run a training job with faults on a seeded schedule and check the result.
+"""``moai-ckpt chaos`` and ``moai-ckpt demo``: the tools' commands.
+
+``chaos`` runs a training job with faults on a seeded schedule and checks the result:
 
     moai-ckpt chaos list
     moai-ckpt chaos run smoke --trials 3 --seed 0 --out runs/chaos
@@ -6,7 +8,8 @@
     moai-ckpt chaos run smoke --random-faults 4 --trials 50      # each trial draws 4 faults
     moai-ckpt chaos run smoke --entrypoint train.py:train --storage-kwarg run_dir   # your job, smoke's faults
 
-Exit code 0 when every trial passes every check, 1 otherwise.
+Exit code 0 when every trial passes every check, 1 otherwise. ``demo`` trains a small GPT under
+torchrun, SIGKILLs a rank mid-step and compares the recovered run bitwise (`moai_ckpt.tools.demo`).
 """
 
 from __future__ import annotations
@@ -15,24 +18,24 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from moai_ckpt.cli import _command, _table, app, err, out
+from moai_ckpt.cli.base import command, err, new_table, out, register
 
 chaos_app = typer.Typer(
     name="chaos",
     help="Chaos testing: inject faults into a training job and prove it ends as the fault-free run does.",
     no_args_is_help=True,
 )
-app.add_typer(chaos_app)
 
 
-@_command("list", on=chaos_app)
+@command("list")
 def list_scenarios() -> None:
     """The built-in scenarios and the fault kinds a scenario can name."""
-    from moai_ckpt.chaos import BUILTIN, KINDS
+    from moai_ckpt.tools.chaos import BUILTIN, KINDS
 
-    table: Table = _table("built-in scenarios")
+    table: Table = new_table("built-in scenarios")
     for name in ("scenario", "ranks", "steps", "faults", "what it shows"):
         table.add_column(name)
     for s in BUILTIN.values():
@@ -41,7 +44,7 @@ def list_scenarios() -> None:
     out.print("fault kinds: " + ", ".join(KINDS), soft_wrap=True)
 
 
-@_command("run", on=chaos_app)
+@command("run")
 def run_scenario(
     scenario: Annotated[str, typer.Argument(help="A built-in scenario's name, or a scenario file (JSON).")],
     trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="Trials, with seeds seed, seed+1, ...")] = 1,
@@ -74,7 +77,7 @@ def run_scenario(
     Exit status: 0 every trial passed, 1 a check failed, 2 the harness could not run, 3 handed off
     (a ``handoff`` fault: continue on the other machine with the same command).
     """
-    from moai_ckpt.chaos import ChaosError, Scenario, run_trials
+    from moai_ckpt.tools.chaos import ChaosError, Scenario, run_trials
 
     try:
         chosen = Scenario.load(scenario)
@@ -128,4 +131,34 @@ def _job_update(steps: int, entrypoint: str | None, kwargs: str | None, storage_
     return update
 
 
-__all__ = ["_command", "chaos_app", "list_scenarios", "run_scenario"]
+register(chaos_app, list_scenarios, run_scenario)
+
+
+@command("demo")
+def demo_command(
+    directory: Annotated[str, typer.Option("--dir", help="Where the demo's run directories go.")] = "runs/demo",
+    steps: Annotated[int, typer.Option("--steps", min=8, help="Training steps of each run.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the training and picks the killed rank, step, phase.")] = 0,
+    ranks: Annotated[int, typer.Option("--ranks", min=1, help="Worker processes under torchrun.")] = 2,
+    keep: Annotated[bool, typer.Option("--keep", help="Keep earlier demos' run directories.")] = False,
+) -> None:
+    """Train a small GPT under torchrun, SIGKILL a rank mid-step, and compare the recovered run bitwise.
+
+    Exit code 0 when the recovered run ends bitwise equal to the uninterrupted one, 1 when it does
+    not, 2 when the demo could not run.
+    """
+    from moai_ckpt.tools import demo  # loaded only when the command runs
+
+    try:
+        options = demo.DemoOptions(dir=directory, steps=steps, seed=seed, ranks=ranks, keep=keep)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    try:
+        comparison = demo.run_demo(options, out)
+    except demo.DemoError as exc:  # it could not run; the message ends with the tail of a log, kept as lines
+        err.print(f"error: {escape(str(exc))}", style="bold red", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    raise typer.Exit(0 if comparison.bitwise_equal else 1)
+
+
+__all__ = ["chaos_app", "demo_command", "list_scenarios", "run_scenario"]

@@ -13,16 +13,16 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from moai_ckpt.cli import (
+from moai_ckpt.cli.base import (
     JsonOpt,
     StepOpt,
     StorageOpt,
     UrlArg,
-    _command,
-    _echo_json,
-    _storage_options,
+    command,
+    echo_json,
     human_bytes,
     out,
+    parse_pairs,
 )
 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what the destination already holds.")]
@@ -35,7 +35,7 @@ class ExportFormat(str, Enum):
     safetensors = "safetensors"
 
 
-@_command("export")
+@command("export")
 def export_weights(
     url: UrlArg,
     to: Annotated[str, typer.Option("--to", help="Output directory (local; created if needed).")],
@@ -67,10 +67,10 @@ def export_weights(
         key=key,
         max_shard_size=size,
         overwrite=overwrite,
-        **_storage_options(storage_option),
+        **parse_pairs(storage_option),
     )
     if as_json:
-        _echo_json({"format": fmt.value, **vars(result)})
+        echo_json({"format": fmt.value, **vars(result)})
         return
     out.print(
         f"exported {result.tensors} tensors ({human_bytes(result.total_size)}) of entry "
@@ -82,7 +82,7 @@ def export_weights(
         out.print(f"[yellow]not tensors, not exported:[/] {escape(', '.join(result.skipped))}", soft_wrap=True)
 
 
-@_command("import-dcp")
+@command("import-dcp")
 def import_dcp_command(
     dcp_dir: DcpDirArg,
     url: UrlArg,
@@ -119,10 +119,10 @@ def import_dcp_command(
         top_level_key=top_level_key,
         module_keys=module_key or None,
         overwrite=overwrite,
-        **_storage_options(storage_option),
+        **parse_pairs(storage_option),
     )
     if as_json:
-        _echo_json(vars(result))
+        echo_json(vars(result))
         return
     out.print(
         f"imported {result.tensors} tensors from {escape(dcp_dir)} as step {result.step} of "
@@ -138,7 +138,7 @@ def import_dcp_command(
         )
 
 
-@_command("export-dcp")
+@command("export-dcp")
 def export_dcp_command(
     url: UrlArg,
     dcp_dir: DcpDirArg,
@@ -168,10 +168,10 @@ def export_dcp_command(
         keys=key or None,
         overwrite=overwrite,
         trust_payloads=trust_payloads,
-        **_storage_options(storage_option),
+        **parse_pairs(storage_option),
     )
     if as_json:
-        _echo_json(vars(result))
+        echo_json(vars(result))
         return
     out.print(
         f"exported step {result.step} ({result.tensors} tensors; entries {escape(', '.join(result.entries))}) "

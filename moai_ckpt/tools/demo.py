@@ -1,6 +1,6 @@
 """`moai-ckpt demo`: kill a rank of a torchrun job mid-step and show the recovered run is the same run.
 
-The demo trains the small GPT of ``examples/gpt_demo.py`` twice under torchrun, each time into a
+The demo trains the small GPT of `moai_ckpt.tools.gpt` twice under torchrun, each time into a
 fresh run directory:
 
 1. the *uninterrupted* reference run;
@@ -14,8 +14,7 @@ the completed steps lost, the wall times and the recovery time. Rank 0 of each l
 JSON line per event to ``progress.jsonl`` (which the demo tails for its status line) and writes
 ``result.json`` at the end; the workers' output goes to ``workers.log``.
 
-The example ships with the source tree, not inside the wheel: the demo needs a checkout
-(``pip install -e .``).
+The GPT ships inside the package, so an installed wheel runs the demo from any directory.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ from rich.table import Table
 from moai_ckpt import faults
 from moai_ckpt.errors import DemoError
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gpt_demo.py"
+GPT_MODULE = "moai_ckpt.tools.gpt"  # run by torchrun as a module: it ships in the package
 PHASES = ("forward", "backward", "optimizer")
 MARKER = "demo.json"
 
@@ -222,13 +221,8 @@ def run_demo(options: DemoOptions, console: Console) -> Comparison:
     """Run the uninterrupted and the recovered training, compare them and print the comparison.
 
     Raises:
-        DemoError: the example is missing, or a torchrun launch failed or timed out.
+        DemoError: a torchrun launch failed or timed out.
     """
-    if not EXAMPLE.is_file():
-        raise DemoError(
-            f"{EXAMPLE} not found: the demo runs examples/gpt_demo.py from a source checkout "
-            "(install one with `pip install -e .`)"
-        )
     root = _demo_dir(options)
     kill = KillPlan.draw(options)
     (root / MARKER).write_text(json.dumps({"options": asdict(options), "kill": asdict(kill)}, indent=1) + "\n")
@@ -304,7 +298,7 @@ def _launch(launch: Launch, options: DemoOptions, kill: tuple[KillPlan, Path] | 
 def _torchrun_command(launch: Launch, options: DemoOptions, kill: tuple[KillPlan, Path] | None) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={options.ranks}",
-        f"--max-restarts={3 if kill else 0}", str(EXAMPLE),
+        f"--max-restarts={3 if kill else 0}", "-m", GPT_MODULE,
         "--steps", str(options.steps), "--seed", str(options.seed),
         "--storage", str(launch.storage),
         "--result", str(launch.scratch / "result.json"), "--progress", str(launch.scratch / "progress.jsonl"),

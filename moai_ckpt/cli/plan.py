@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from moai_ckpt.cli import JsonOpt, StorageOpt, _command, _storage_options, _table, err, out
+from moai_ckpt.cli.base import JsonOpt, StorageOpt, command, err, new_table, out, parse_pairs
 from moai_ckpt.errors import ModelFunctionError, ProfileError
 from moai_ckpt.layout import PLANS, SNAPSHOTS, parse_snapshot_dir
 from moai_ckpt.storage import Storage, open_storage
@@ -115,7 +115,7 @@ def _local_devices() -> list[Device]:
 
 
 def _stages_table(plan: Plan) -> Any:
-    table = _table(f"chosen: {escape(plan.summary())}")
+    table = new_table(f"chosen: {escape(plan.summary())}")
     for name in ("stage", "layers", "first .. last", "devices", "per micro-batch", "memory / usable"):
         table.add_column(name)
     for s in plan.stages:
@@ -130,7 +130,7 @@ def _stages_table(plan: Plan) -> Any:
     return table
 
 
-@_command("plan")
+@command("plan")
 def plan_command(
     global_batch: Annotated[
         int | None,
@@ -172,7 +172,7 @@ def plan_command(
     With a run directory whose snapshot records a plan: the plan a restore onto --devices would
     use, against the recorded one.
     """
-    options = _storage_options(storage_option)
+    options = parse_pairs(storage_option)
     storage, recorded = _recorded(url, options) if url is not None else (None, None)
     if model is not None:
         profile = _model_profile(model, url, options, analytic)

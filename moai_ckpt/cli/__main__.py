@@ -1,0 +1,5 @@
+"""``python -m moai_ckpt.cli``: the ``moai-ckpt`` command line."""
+
+from moai_ckpt.cli import main
+
+main()
