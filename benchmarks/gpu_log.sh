@@ -18,6 +18,6 @@ if [ "$steps" -gt 0 ]; then
         --warmup 10 --reps "${REPS:-5}" --variants default,log_sync,group16,lag4 --replay --deterministic \
         --dir /tmp/moai-bench-log --json "$out/log_overhead_gpu.json" 2>&1 | tee "$out/log_overhead_gpu.txt"
 fi
-timeout 280 python3 -m pytest -q -rA -x --timeout 150 -p no:cacheprovider tests/test_cuda.py ${select:+-k "$select"} \
+timeout 280 python3 -m pytest -q -rA -x --timeout 150 -p no:cacheprovider tests/snapshots/test_cuda.py ${select:+-k "$select"} \
     >"$out/gpu_tests.txt" 2>&1
 tail -40 "$out/gpu_tests.txt"

@@ -5,7 +5,7 @@
 #                                          NCCL); rank-local state found by device digests over NCCL
 #   bash benchmarks/gpu_zoo.sh zoo OUT     the DDP+BatchNorm and FSDP2 workloads of the zoo killed
 #                                          three times from outside, over NCCL, ending bitwise equal
-#                                          (tests/test_workloads.py: the scripts take run.device);
+#                                          (tests/workloads/test_workloads.py: the scripts take run.device);
 #                                          then the per-step cost of the exact full-state digest on a
 #                                          GPT-2-small bf16 step
 set -uo pipefail
@@ -17,12 +17,12 @@ export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 TORC
   python3 -c 'import torch; print("torch", torch.__version__, "gpus", torch.cuda.device_count())'; } | tee "$out/machine.txt"
 pytest=(python3 -m pytest -q -rA -p no:cacheprovider --timeout 280)
 if [ "$phase" = tests ]; then
-    timeout 540 "${pytest[@]}" tests/test_cuda_digests.py tests/test_rank_local.py tests/test_cuda.py \
+    timeout 540 "${pytest[@]}" tests/replay/test_cuda_digests.py tests/distributed/test_rank_local.py tests/snapshots/test_cuda.py \
         -k "test_cuda or nccl" >"$out/gpu_tests.txt" 2>&1
     echo "gpu tests rc=$?" | tee -a "$out/machine.txt"
     grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$out/gpu_tests.txt" | tail -30
 else
-    timeout 400 "${pytest[@]}" tests/test_workloads.py -k "cnn_ddp or fsdp2" >"$out/zoo_nccl.txt" 2>&1
+    timeout 400 "${pytest[@]}" tests/workloads/test_workloads.py -k "cnn_ddp or fsdp2" >"$out/zoo_nccl.txt" 2>&1
     echo "zoo rc=$?" | tee -a "$out/machine.txt"
     tail -25 "$out/zoo_nccl.txt"
     timeout 150 python3 benchmarks/log_overhead.py --size gpt2-small --batch 8 --device cuda --digest-only \

@@ -2,7 +2,7 @@
 
 Read from the source alone (nothing is imported): every ``import`` and ``from ... import`` of
 every module, function-local ones and those under ``if TYPE_CHECKING:`` included (a type named
-is a dependency too). ``tests/test_architecture.py`` checks the graph; this script prints it::
+is a dependency too). ``tests/tools/test_architecture.py`` checks the graph; this script prints it::
 
     python scripts/import_graph.py            # the layers, as a mermaid diagram (docs/architecture.md)
     python scripts/import_graph.py --modules  # every module and what it imports

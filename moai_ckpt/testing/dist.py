@@ -4,7 +4,7 @@ Each rank is a fresh ``python -m moai_ckpt.testing.dist`` process (no fork, no p
 arguments): it joins the group through ``env://`` on a free loopback port, calls
 ``module:function(**kwargs)`` with JSON keyword arguments, and writes the JSON result to a file.
 
-    results = launch("tests.dist_scenarios:save_fsdp", 4, run_dir=str(tmp_path), step=2)
+    results = launch("tests.scenarios.dist_scenarios:save_fsdp", 4, run_dir=str(tmp_path), step=2)
 """
 
 from __future__ import annotations

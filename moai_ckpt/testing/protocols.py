@@ -13,7 +13,7 @@ that is not installed has no entry point, so the kit registers the protocol itse
   whole session) and the jobs the chaos harness starts (`moai_ckpt.tools.chaos.runner`) get it.
 
 Both name the same class as the installed entry point, so where both are present nothing
-changes. ``tests/test_storage.py`` checks that the folder's entry point and ``pyproject.toml``'s
+changes. ``tests/storage/test_storage.py`` checks that the folder's entry point and ``pyproject.toml``'s
 agree, and that a child process resolves ``faulty://`` through it.
 """
 

@@ -3,7 +3,7 @@
 Each step a workload prints one progress line, ``zoo step N rank R pid P loss HEX``, the loss as
 ``float.hex`` (exact). At its end it writes ``<out>.rank<R>.json``: a sha256 digest of every entry
 of its full final state (each tensor's dtype, shape and bytes; each other leaf's JSON text) and
-the losses of the steps this process ran. The tests (tests/test_workloads.py) and the chaos
+the losses of the steps this process ran. The tests (tests/workloads/test_workloads.py) and the chaos
 oracle compare these between an uninterrupted run and one killed and restarted.
 
 This file is the tests' instrument, not part of the workloads' training logic: the workloads use

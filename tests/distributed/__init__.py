@@ -1,0 +1,1 @@
+"""Distributed saves and restores over real gloo (and NCCL) process groups."""

@@ -1,0 +1,1 @@
+"""Op capture and op-level replay of a diverging step."""

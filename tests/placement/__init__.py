@@ -1,0 +1,1 @@
+"""Placement: profiling, planning and restoring onto another parallel layout."""

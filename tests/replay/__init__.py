@@ -1,0 +1,1 @@
+"""The step log, replay and resumption, fault_tolerant runs killed from outside."""

@@ -1,0 +1,1 @@
+"""Snapshots: capture, save and save_async, commit, restore into live objects."""

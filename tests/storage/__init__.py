@@ -1,0 +1,1 @@
+"""Format and storage: the zarr layout, back ends, integrity, fencing, untrusted input."""

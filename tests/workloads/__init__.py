@@ -1,0 +1,1 @@
+"""Users' workloads and the integrations: the zoo, Lightning, Hugging Face, DCP, safetensors, readers."""
