@@ -605,6 +605,10 @@ def main() -> None:
         f"(median step {step_s * 1e3:.1f} ms); {common.load_average()}"
     )
     report(out, summaries, step_s)
+    out("")
+    out("blocking time of every call, in call order (s; * = the process's first call of the method):")
+    for m in ran:
+        out(f"  {m.label}: " + " ".join(f"{c.blocked:.4f}{'*' if c.first else ''}" for c in m.calls))
     for key, reason in skipped.items():
         out(f"not measured: {key}: {reason}")
     result = {

@@ -90,6 +90,25 @@ def test_a_background_error_surfaces_in_result_and_at_the_next_save(run_dir: str
     assert again.steps() == [3]
 
 
+def test_the_host_pool_allocates_in_the_background_one_buffer_per_name() -> None:
+    from moai_ckpt.staging import HostPool
+
+    pool = HostPool(pin=False)
+    t = torch.arange(1000, dtype=torch.float32)
+    assert pool.ready("a", t) is None  # not allocated yet: started in the background, no wait
+    buf = pool.buffer("a", t)  # waits for that allocation
+    assert buf.shape == t.shape and buf.dtype == t.dtype
+    assert pool.ready("a", t) is buf and pool.buffer("a", t) is buf  # reused
+    assert pool.ready("a", t.double()) is None and pool.buffer("a", t.double()).dtype == torch.float64
+    pool.buffer("b", t)
+    pool.release_unused()  # a round used a and b: both stay
+    pool.buffer("b", t)
+    pool.release_unused()  # this round used b only: a goes
+    assert set(pool._buffers) == {"b"} and pool.nbytes == t.numel() * 4
+    pool.clear()
+    assert pool.nbytes == 0
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
