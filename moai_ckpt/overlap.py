@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from moai_ckpt.errors import StagingRaceError
 from moai_ckpt.sharding import is_dtensor
@@ -217,8 +218,10 @@ class OverlapStager:
         queued, self._queued = self._queued, []
         devices = {t.device for _, t, _ in queued}
         for device in devices:
-            stream = self._streams.get(device) or torch.cuda.Stream(device)
-            self._streams[device] = pending.streams[device] = stream
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device)
+            pending.streams[device] = stream
             stream.wait_stream(torch.cuda.current_stream(device))  # what the capture computed
         clones_fit = self._clones_fit([t for _, t, buf in queued if buf is None])
         for name, tensor, buf in queued:
@@ -266,7 +269,7 @@ class OverlapStager:
             if stager is not None:
                 stager.guard()
 
-        self._hook = torch.optim.optimizer.register_optimizer_step_pre_hook(before_optimizer_step)
+        self._hook = register_optimizer_step_pre_hook(before_optimizer_step)
 
     def guard(self) -> None:
         """Make the current streams wait for the copies in flight (a no-op once they are complete)."""

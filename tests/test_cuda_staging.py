@@ -129,7 +129,9 @@ def test_the_first_save_async_clones_on_the_device_instead_of_waiting_for_the_pi
     handle = ckpt.save_async(1, {"model": model, "optim": opt})
     assert handle is not None
     pending = ckpt._stager.pending
-    assert pending is not None and len(pending.deferred) == len(expected), "the first call waited for pinned memory"
+    on_device = sum(t.is_cuda for t in model.state_dict().values())
+    on_device += sum(t.is_cuda for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    assert pending is not None and len(pending.deferred) == on_device, "the first call waited for pinned memory"
     _step(model, opt)
     handle.result(timeout=120)
     assert_bitwise_equal(_restored(ckpt, 1), expected)
@@ -137,7 +139,7 @@ def test_the_first_save_async_clones_on_the_device_instead_of_waiting_for_the_pi
     second = ckpt.save_async(2, {"model": model, "optim": opt})  # the pool is ready now: pinned, no clones
     assert second is not None and ckpt._stager.pending is not None and not ckpt._stager.pending.deferred
     second.result(timeout=120)
-    assert all(b.is_pinned() for b in ckpt._pool._buffers.values())
+    assert all(b.is_pinned() for b in ckpt._pool._buffers.values() if b.numel() > 1)  # AdamW's steps: CPU
     ckpt.close()
 
 
