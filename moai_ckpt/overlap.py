@@ -77,6 +77,25 @@ def optimizer_written(state: Mapping[str, Any]) -> set[StorageKey]:
     return keys  # type: ignore[return-value]
 
 
+def pack(tensors: list[torch.Tensor], align: int = 256) -> list[torch.Tensor]:
+    """Copies of ``tensors`` (contiguous, same shapes and dtypes) in one allocation per device:
+    one allocator call, not one per tensor, for a first save that clones a whole state."""
+    clones: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+    for device in {t.device for t in tensors}:
+        mine = [(i, t) for i, t in enumerate(tensors) if t.device == device]
+        offsets, total = [], 0
+        for _, t in mine:
+            offsets.append(total)
+            total += -(-t.numel() * t.element_size() // align) * align
+        flat = torch.empty(total, dtype=torch.uint8, device=device)
+        for (i, t), start in zip(mine, offsets, strict=True):
+            nbytes = t.numel() * t.element_size()
+            clone = flat[start : start + nbytes].view(t.dtype).view(t.shape)
+            clone.copy_(t)
+            clones[i] = clone
+    return clones
+
+
 @dataclass
 class _Copy:
     name: str
@@ -207,7 +226,9 @@ class OverlapStager:
         tensor = tensor.detach()
         if tensor.device.type != "cuda":
             return self.pool(name, tensor)
-        buf = self.pool.ready(name, tensor)
+        # a missing buffer is allocated only once every copy is queued (`wait`): pinning in the
+        # background while this thread allocates device memory slows both
+        buf = self.pool.ready(name, tensor, start=False)
         self._queued.append((name, tensor, buf))
         return buf if buf is not None else tensor  # a deferred one's host tensor is set by `finish`
 
@@ -223,10 +244,11 @@ class OverlapStager:
                 stream = self._streams[device] = torch.cuda.Stream(device)
             pending.streams[device] = stream
             stream.wait_stream(torch.cuda.current_stream(device))  # what the capture computed
-        clones_fit = self._clones_fit([t for _, t, buf in queued if buf is None])
+        missing = [(name, t) for name, t, buf in queued if buf is None]
+        if self._clones_fit([t for _, t in missing]):
+            pending.deferred = dict(zip([name for name, _ in missing], pack([t for _, t in missing]), strict=True))
         for name, tensor, buf in queued:
-            if buf is None and clones_fit:
-                pending.deferred[name] = tensor.clone(memory_format=torch.contiguous_format)
+            if name in pending.deferred:
                 continue
             if buf is None:
                 log.info("save_async of step %d waits for the pinned buffer of %s", pending.step, name)
@@ -245,6 +267,8 @@ class OverlapStager:
         if pending.overlapped:
             self._arm()
         self.pool.release_unused()
+        for name, tensor in missing:
+            self.pool.reserve(name, tensor)  # no-op for those allocated above
 
     def _clones_fit(self, tensors: list[torch.Tensor]) -> bool:
         """Whether the device has the memory to clone ``tensors`` (those without a pinned buffer yet)."""

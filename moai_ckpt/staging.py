@@ -96,16 +96,17 @@ class HostPool:
             shape, dtype, pinned = tensor.shape, tensor.dtype, self._pinned(tensor)
             self._pending[name] = self._allocator.submit(self._allocate, name, shape, dtype, pinned)
 
-    def ready(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    def ready(self, name: str, tensor: torch.Tensor, *, start: bool = True) -> torch.Tensor | None:
         """The buffer for ``name`` if it is allocated and fits ``tensor`` (marked used); else None,
-        and its allocation is started in the background. Never blocks."""
+        and (with ``start``) its allocation is started in the background. Never blocks."""
         with self._lock:
             self._collect(name)
             buf = self._buffers.get(name)
             if self._fits(buf, tensor):
                 self._used.add(name)
                 return buf
-        self.reserve(name, tensor)
+        if start:
+            self.reserve(name, tensor)
         return None
 
     def buffer(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,25 @@ def test_the_host_pool_allocates_in_the_background_one_buffer_per_name() -> None
     assert pool.nbytes == 0
 
 
+def test_pack_copies_tensors_of_any_dtype_and_shape_into_one_allocation() -> None:
+    from moai_ckpt.overlap import pack
+
+    tensors = [
+        torch.arange(7, dtype=torch.float32),
+        torch.tensor(3, dtype=torch.int64),  # 0-d
+        torch.zeros(0, 4),  # empty
+        torch.arange(12, dtype=torch.bfloat16).reshape(3, 4).t(),  # not contiguous
+        torch.tensor([True, False, True]),
+        torch.randn(5, dtype=torch.complex64),
+    ]
+    clones = pack(tensors)
+    assert_bitwise_equal(dict(enumerate(clones)), dict(enumerate(tensors)))  # type: ignore[arg-type]
+    assert all(c.is_contiguous() for c in clones)
+    assert len({c.untyped_storage().data_ptr() for c in clones}) == 1  # one allocation
+    tensors[0].add_(1.0)
+    assert clones[0][0].item() == 0.0  # copies, not views
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
