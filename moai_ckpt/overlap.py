@@ -89,11 +89,22 @@ def pack(tensors: list[torch.Tensor], align: int = 256) -> list[torch.Tensor]:
             total += -(-t.numel() * t.element_size() // align) * align
         flat = torch.empty(total, dtype=torch.uint8, device=device)
         for (i, t), start in zip(mine, offsets, strict=True):
-            nbytes = t.numel() * t.element_size()
-            clone = flat[start : start + nbytes].view(t.dtype).view(t.shape)
-            clone.copy_(t)
-            clones[i] = clone
+            clones[i] = flat[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        copy_all([(clones[i], t) for i, t in mine])
     return clones
+
+
+def copy_all(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Queue ``buffer.copy_(source, non_blocking=True)`` for every pair on the current stream, in
+    one call where torch allows (no Python work per tensor on the training thread)."""
+    if not pairs:
+        return
+    buffers, sources = [b for b, _ in pairs], [s for _, s in pairs]
+    try:
+        torch._foreach_copy_(buffers, sources, non_blocking=True)
+    except (RuntimeError, TypeError, NotImplementedError):  # a torch without it for these devices
+        for buf, source in pairs:
+            buf.copy_(source, non_blocking=True)
 
 
 @dataclass
@@ -247,6 +258,7 @@ class OverlapStager:
         missing = [(name, t) for name, t, buf in queued if buf is None]
         if self._clones_fit([t for _, t in missing]):
             pending.deferred = dict(zip([name for name, _ in missing], pack([t for _, t in missing]), strict=True))
+        ordered: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, source) on the current stream
         for name, tensor, buf in queued:
             if name in pending.deferred:
                 continue
@@ -254,12 +266,14 @@ class OverlapStager:
                 log.info("save_async of step %d waits for the pinned buffer of %s", pending.step, name)
                 buf = self.pool.buffer(name, tensor)
             if _storage_key(tensor) in self._guarded_keys:
-                with torch.cuda.stream(pending.streams[tensor.device]):
-                    buf.copy_(tensor, non_blocking=True)
                 pending.overlapped.append(_Copy(name, tensor, buf))
                 pending.versions.append(tensor._version)
             else:
-                buf.copy_(tensor, non_blocking=True)
+                ordered.append((buf, tensor))
+        copy_all(ordered)
+        for device in devices:
+            with torch.cuda.stream(pending.streams[device]):
+                copy_all([(c.buffer, c.source) for c in pending.overlapped if c.source.device == device])
         for device in devices:
             pending.current_done[device] = torch.cuda.current_stream(device).record_event()
             if pending.overlapped:

@@ -128,6 +128,15 @@ def test_pack_copies_tensors_of_any_dtype_and_shape_into_one_allocation() -> Non
     assert clones[0][0].item() == 0.0  # copies, not views
 
 
+def test_copy_all_copies_every_pair() -> None:
+    from moai_ckpt.overlap import copy_all
+
+    sources = [torch.arange(5, dtype=torch.float32), torch.arange(6).reshape(2, 3).t(), torch.tensor(2.5)]
+    buffers = [torch.empty(s.shape, dtype=s.dtype) for s in sources]
+    copy_all(list(zip(buffers, sources, strict=True)))
+    assert_bitwise_equal(dict(zip("abc", buffers, strict=True)), dict(zip("abc", sources, strict=True)))
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
