@@ -7,12 +7,14 @@ and puts each piece in host memory: CPU tensors as they are, device tensors thro
 the tensors taken as replicated (`moai_ckpt.ranklocal` checks them). The result, `Staged`, is all
 the later phases need.
 
-`save_async` stages with a copy of every tensor (its `Stager`): it blocks only while the rank's
-tensors are copied into the pool; encoding, checksums, writes and the commit run in the
-background from the pool's buffers. The pool keeps one buffer per array name and reuses it while
-the name's shape and dtype stay the same, so host memory stays at one copy of the rank's state,
-however many saves run. Buffers for CUDA tensors are pinned, so the device-to-host copies run at
-full bandwidth and can all be queued before a single wait.
+`save_async` stages with a copy of every tensor (its `Stager`, `moai_ckpt.overlap.OverlapStager`):
+CPU tensors are copied into the pool at once, the copies of CUDA tensors are only queued (they
+overlap the next steps); encoding, checksums, writes and the commit run in the background from
+the pool's buffers. The pool keeps one buffer per array name and reuses it while the name's shape
+and dtype stay the same, so host memory stays at one copy of the rank's state, however many saves
+run. Buffers for CUDA tensors are pinned, so the device-to-host copies run at full bandwidth
+without the host waiting; pinning gigabytes takes seconds, so `HostPool.reserve` does it in a
+background thread (`HostPool._allocate` is the one place that decides what a buffer is).
 """
 
 from __future__ import annotations
