@@ -170,7 +170,7 @@ class HostPool:
     def clear(self) -> None:
         """Drop every buffer (background allocations finish first)."""
         if self._allocator is not None:
-            self._allocator.shutdown(wait=True)
+            self._allocator.shutdown(wait=True, cancel_futures=True)
             self._allocator = None
         with self._lock:
             self._buffers.clear()
