@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -132,6 +133,8 @@ class PendingCopies:
     #: the versions were compared at a moment the copies were complete or ordered before any write
     checked: bool = False
     races: list[str] = field(default_factory=list)
+    #: seconds the call spent queueing the device copies (clones included)
+    queue_s: float = 0.0
     done: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -247,6 +250,7 @@ class OverlapStager:
         """Queue every device copy (returns without waiting for them), and arm the guard."""
         pending = self.pending
         assert pending is not None
+        started = time.perf_counter()
         queued, self._queued = self._queued, []
         devices = {t.device for _, t, _ in queued}
         for device in devices:
@@ -283,6 +287,7 @@ class OverlapStager:
         self.pool.release_unused()
         for name, tensor in missing:
             self.pool.reserve(name, tensor)  # no-op for those allocated above
+        pending.queue_s = time.perf_counter() - started
 
     def _clones_fit(self, tensors: list[torch.Tensor]) -> bool:
         """Whether the device has the memory to clone ``tensors`` (those without a pinned buffer yet)."""
