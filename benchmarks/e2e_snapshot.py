@@ -107,6 +107,7 @@ class Call:
     first: bool  # the process's first call of this method
     waited_previous: float  # waiting for the previous snapshot's persist, before the call
     blocked: float  # the call (and, for overlapped staging, the wait before the optimizer step)
+    parts: dict[str, float] = field(default_factory=dict)  # where a moai-ckpt call's time went
 
 
 class Method:
@@ -138,8 +139,9 @@ class Method:
         if self.loop_persists:
             self.loop_persists[-1].wait()
         called = time.perf_counter()
+        self.parts: dict[str, float] = {}
         persist = self._snapshot(step, called)
-        self.calls.append(Call(step, not self.calls, called - started, time.perf_counter() - called))
+        self.calls.append(Call(step, not self.calls, called - started, time.perf_counter() - called, self.parts))
         self.persists.append(persist)
         self.loop_persists.append(persist)
 
@@ -201,6 +203,8 @@ class MoaiAsync(Method):
         persist = Persist(called)
         assert handle is not None
         watch(persist, handle.result)
+        copies = getattr(getattr(self.ckpt, "_stager", None), "pending", None)
+        self.parts = {"stage": handle.stall_s, "queue copies": getattr(copies, "queue_s", float("nan"))}
         return persist
 
     def end_loop(self) -> None:
@@ -605,6 +609,13 @@ def main() -> None:
         f"(median step {step_s * 1e3:.1f} ms); {common.load_average()}"
     )
     report(out, summaries, step_s)
+    out("")
+    out("blocking time of every call, in call order (s; * = the process's first call of the method):")
+    for m in ran:
+        out(f"  {m.label}: " + " ".join(f"{c.blocked:.4f}{'*' if c.first else ''}" for c in m.calls))
+        if any(c.parts for c in m.calls):
+            for part in m.calls[0].parts:
+                out(f"    of which {part}: " + " ".join(f"{c.parts.get(part, float('nan')):.4f}" for c in m.calls))
     for key, reason in skipped.items():
         out(f"not measured: {key}: {reason}")
     result = {

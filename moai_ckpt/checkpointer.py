@@ -23,11 +23,12 @@ from moai_ckpt.distributed import World, agree, current_world
 from moai_ckpt.errors import InvalidArgumentError, MoaiCkptError, redact_url
 from moai_ckpt.format import CommitMarker, Manifest
 from moai_ckpt.options import CheckpointerOptions, valid_info, valid_step
+from moai_ckpt.overlap import OverlapStager
 from moai_ckpt.restore import SnapshotRestore
 from moai_ckpt.results import RestoreInfo, SaveHandle, SnapshotEntry, VerifyReport
 from moai_ckpt.retention import KeepLatest, Pruner
 from moai_ckpt.snapshot import Progress, SnapshotReader
-from moai_ckpt.staging import HostPool, Staged, Stager, stage
+from moai_ckpt.staging import HostPool, Staged, Stager, reserve, stage
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage
 from moai_ckpt.verify import verify as verify_snapshot
 from moai_ckpt.writer import RunWriter
@@ -83,6 +84,7 @@ class Checkpointer:
         self._executor = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="moai-io")
         self._background = ThreadPoolExecutor(1, thread_name_prefix="moai-save")
         self._pool = HostPool()
+        self._stager = OverlapStager(self._pool)
         self._inflight: SaveHandle | None = None
         #: the snapshots of this run directory
         self.catalog = SnapshotCatalog(self.storage, self._executor, max_array_bytes=self.options.max_array_bytes)
@@ -174,11 +176,17 @@ class Checkpointer:
         info: Mapping[str, Any] | None = None,
         progress: Progress | None = None,
     ) -> SaveHandle | None:
-        """Snapshot ``state`` at ``step``, blocking only while its tensors are copied to host memory.
+        """Snapshot ``state`` at ``step``, blocking only while its copies to host memory are queued.
 
-        Encoding, checksums, writes and the commit run in a background thread; the returned handle
-        gives the commit marker (`SaveHandle.result`) or the error. Changes made to the state after
-        this returns do not reach the snapshot. At most one save is in flight per Checkpointer.
+        CPU tensors are copied before this returns. The copies of CUDA tensors are queued and run
+        while training goes on (`moai_ckpt.overlap`): those of the parameters and optimizer state
+        on a side stream that any optimizer's next step waits for (on the device), the others on
+        the current stream. Encoding, checksums, writes and the commit run in a background
+        thread; the returned handle gives the commit marker (`SaveHandle.result`) or the error.
+        Changes made to the state after this returns do not reach the snapshot; a tracked CUDA
+        tensor written in place outside an optimizer step before `wait_staged` fails the snapshot
+        with `StagingRaceError` rather than let a torn copy through. At most one save is in
+        flight per Checkpointer.
 
         Args:
             if_busy: when the previous save is still writing, ``"wait"`` for it or ``"skip"`` this
@@ -199,7 +207,10 @@ class Checkpointer:
             return None
         self._settle_inflight()
         started = time.perf_counter()
-        staged = self._located(step, lambda: self._stage(step, state, info, copy=self._pool))
+        self._stager.begin(step, state)
+        staged = self._located(step, lambda: self._stage(step, state, info, copy=self._stager))
+        copies = self._stager.pending
+        assert copies is not None
         stall = time.perf_counter() - started
         writing = self.writer.writing(step)
         writing.__enter__()
@@ -207,6 +218,7 @@ class Checkpointer:
 
         def persist() -> CommitMarker:
             try:
+                copies.finish(staged, self._pool, self.url)
                 return commit.run(staged, overwrite=overwrite, progress=progress)
             except Exception as exc:
                 self.writer.failed(step, exc)
@@ -217,6 +229,28 @@ class Checkpointer:
         handle = SaveHandle(step, self._background.submit(persist), stall)
         self._inflight = handle
         return handle
+
+    def wait_staged(self) -> None:
+        """Block until the copies of the save in flight reached host memory.
+
+        Call it before writing a tracked CUDA tensor in place outside an optimizer step (a manual
+        update, a tensor of a plain dict), right after `save_async`; optimizer steps wait by
+        themselves, on the device.
+        """
+        copies = self._stager.pending
+        if copies is not None and not copies.done:
+            copies.wait()
+
+    def guard_staged(self) -> None:
+        """The training thread reached a point where tracked tensors may be written (a step
+        boundary of a `Run`): the current streams wait for the copies in flight, on the device,
+        and a tracked tensor already changed under them fails that snapshot."""
+        self._stager.guard()
+
+    def prepare(self, state: Mapping[str, Any]) -> None:
+        """Start allocating the pinned host buffers ``state``'s CUDA tensors will be staged in,
+        in the background (a first `save_async` would otherwise clone them on the device, or wait)."""
+        reserve(state, pool=self._pool, rank=self.world.rank)
 
     def _stage(self, step: int, state: Mapping[str, Any], info: dict[str, Any], copy: Stager | None = None) -> Staged:
         """Phase 1 of a save (`moai_ckpt.staging.stage`), on the caller's thread."""
@@ -342,6 +376,7 @@ class Checkpointer:
         """
         if not isinstance(state, MutableMapping):
             raise InvalidArgumentError(f"state must be a dict of named objects, got {type(state).__name__}")
+        self.wait_staged()  # the restore writes into the objects a save in flight may still be copying
         info = self._restore.run(state, step, fallback=fallback, restore_rng=restore_rng, progress=progress)
         self.last_restore = info
         return info.step
@@ -381,6 +416,7 @@ class Checkpointer:
         finally:
             self._background.shutdown(wait=True)
             self._executor.shutdown(wait=True)
+            self._stager.close()
             self._pool.clear()
             self.world.close()
             self.writer.close()  # the last Checkpointer of the run in this process releases its lease

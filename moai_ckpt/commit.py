@@ -6,7 +6,8 @@ everywhere, and no rank goes on alone.
 
 1. **stage** (`moai_ckpt.staging.stage`, on the caller's thread): capture the state and put this
    rank's piece of every tensor in host memory. `Checkpointer.save_async` returns after this
-   phase; the others run in the background.
+   phase, its device copies only queued (`moai_ckpt.overlap`); the others run in the background,
+   after the copies are complete and checked.
 2. **plan** (`SnapshotCommit.plan`): every rank sends its pieces, devices and replica digests
    (one all-gather); from them every rank computes the same `moai_ckpt.sharding.WritePlan`:
    which tensors differ between ranks and are stored per rank (`moai_ckpt.ranklocal`), the chunk

@@ -202,6 +202,11 @@ class OpCaptureError(MoaiCkptError, RuntimeError):
     """An op stream cannot be captured or replayed as asked."""
 
 
+class StagingRaceError(MoaiCkptError, RuntimeError):
+    """A tracked tensor was written in place while `save_async` was still copying it to host
+    memory, by something no guard waits for (not an optimizer step): the snapshot is not written."""
+
+
 # -- coordination between ranks --------------------------------------------------------------------
 
 

@@ -7,18 +7,21 @@ and puts each piece in host memory: CPU tensors as they are, device tensors thro
 the tensors taken as replicated (`moai_ckpt.ranklocal` checks them). The result, `Staged`, is all
 the later phases need.
 
-`save_async` stages with a copy of every tensor (its `Stager`): it blocks only while the rank's
-tensors are copied into the pool; encoding, checksums, writes and the commit run in the
-background from the pool's buffers. The pool keeps one buffer per array name and reuses it while
-the name's shape and dtype stay the same, so host memory stays at one copy of the rank's state,
-however many saves run. Buffers for CUDA tensors are pinned, so the device-to-host copies run at
-full bandwidth and can all be queued before a single wait.
+`save_async` stages with a copy of every tensor (its `Stager`, `moai_ckpt.overlap.OverlapStager`):
+CPU tensors are copied into the pool at once, the copies of CUDA tensors are only queued (they
+overlap the next steps); encoding, checksums, writes and the commit run in the background from
+the pool's buffers. The pool keeps one buffer per array name and reuses it while the name's shape
+and dtype stay the same, so host memory stays at one copy of the rank's state, however many saves
+run. Buffers for CUDA tensors are pinned, so the device-to-host copies run at full bandwidth
+without the host waiting; pinning gigabytes takes seconds, so `HostPool.reserve` does it in a
+background thread (`HostPool._allocate` is the one place that decides what a buffer is).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +64,10 @@ class Staged:
 class HostPool:
     """Reusable host buffers keyed by array name.
 
+    A buffer is allocated by `_allocate` (the one place that decides what host memory is) either
+    on the caller's thread, when a save needs it now, or in the background (`reserve`): pinning
+    gigabytes takes seconds, and `save_async` must not block for it.
+
     Args:
         pin: pin buffers for CUDA tensors (default: when CUDA is available).
     """
@@ -68,20 +75,73 @@ class HostPool:
     def __init__(self, pin: bool | None = None) -> None:
         self.pin = torch.cuda.is_available() if pin is None else pin
         self._buffers: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, Future[torch.Tensor]] = {}
         self._used: set[str] = set()
         self._devices: set[torch.device] = set()
         self._lock = threading.Lock()
+        self._allocator: ThreadPoolExecutor | None = None
+
+    def _allocate(self, name: str, shape: torch.Size, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+        """A new host buffer for array ``name`` (pinned for a device tensor's copies)."""
+        return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+
+    def _pinned(self, tensor: torch.Tensor) -> bool:
+        return self.pin and tensor.device.type == "cuda"
+
+    def reserve(self, name: str, tensor: torch.Tensor) -> None:
+        """Allocate the buffer for ``name`` in a background thread, unless one that fits exists or is coming."""
+        with self._lock:
+            if self._fits(self._buffers.get(name), tensor) or name in self._pending:
+                return
+            if self._allocator is None:
+                self._allocator = ThreadPoolExecutor(1, thread_name_prefix="moai-pin")
+            shape, dtype, pinned = tensor.shape, tensor.dtype, self._pinned(tensor)
+            self._pending[name] = self._allocator.submit(self._allocate, name, shape, dtype, pinned)
+
+    def ready(self, name: str, tensor: torch.Tensor, *, start: bool = True) -> torch.Tensor | None:
+        """The buffer for ``name`` if it is allocated and fits ``tensor`` (marked used); else None,
+        and (with ``start``) its allocation is started in the background. Never blocks."""
+        with self._lock:
+            self._collect(name)
+            buf = self._buffers.get(name)
+            if self._fits(buf, tensor):
+                self._used.add(name)
+                return buf
+        if start:
+            self.reserve(name, tensor)
+        return None
+
+    def buffer(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The buffer for ``name`` that fits ``tensor`` (marked used): waits for its background
+        allocation, or allocates it now."""
+        with self._lock:
+            pending = self._pending.get(name)
+        if pending is not None:
+            pending.result()
+        with self._lock:
+            self._collect(name)
+            buf = self._buffers.get(name)
+            if buf is None or not self._fits(buf, tensor):
+                buf = self._allocate(name, tensor.shape, tensor.dtype, self._pinned(tensor))
+                self._buffers[name] = buf
+            self._used.add(name)
+            return buf
+
+    def _collect(self, name: str) -> None:
+        """Move a finished background allocation into the buffers (under the lock)."""
+        pending = self._pending.get(name)
+        if pending is not None and pending.done():
+            del self._pending[name]
+            self._buffers[name] = pending.result()
+
+    @staticmethod
+    def _fits(buf: torch.Tensor | None, tensor: torch.Tensor) -> bool:
+        return buf is not None and buf.shape == tensor.shape and buf.dtype == tensor.dtype
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Queue a copy of ``tensor`` into the buffer for ``name``; `wait` makes it complete."""
         tensor = tensor.detach()
-        with self._lock:
-            buf = self._buffers.get(name)
-            if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
-                pinned = self.pin and tensor.device.type == "cuda"
-                buf = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
-                self._buffers[name] = buf
-            self._used.add(name)
+        buf = self.buffer(name, tensor)
         if tensor.device.type == "cuda":
             buf.copy_(tensor, non_blocking=buf.is_pinned())
             self._devices.add(tensor.device)
@@ -94,6 +154,10 @@ class HostPool:
         for device in self._devices:
             torch.cuda.current_stream(device).synchronize()
         self._devices.clear()
+        self.release_unused()
+
+    def release_unused(self) -> None:
+        """Free the buffers this round did not use (the state lost an array or changed its shape)."""
         with self._lock:
             for name in set(self._buffers) - self._used:
                 del self._buffers[name]
@@ -104,8 +168,13 @@ class HostPool:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
     def clear(self) -> None:
+        """Drop every buffer (background allocations finish first)."""
+        if self._allocator is not None:
+            self._allocator.shutdown(wait=True, cancel_futures=True)
+            self._allocator = None
         with self._lock:
             self._buffers.clear()
+            self._pending.clear()
             self._used.clear()
 
 
@@ -163,6 +232,15 @@ def stage(
     elif pooled:
         pool.wait()
     return staged
+
+
+def reserve(state: Mapping[str, Any], *, pool: HostPool, rank: int) -> None:
+    """Start allocating, in the background, the pool's buffers for ``state``'s device tensors."""
+    captured = capture(state, rng=None, rng_key=rng_key(rank))
+    for name, tensor in captured.tensors.items():
+        local = local_piece(tensor)[3]
+        if local.device.type == "cuda":
+            pool.reserve(name, local)
 
 
 def _start_digests(captured: Captured, staged: Staged) -> None:

@@ -24,6 +24,8 @@ from enum import Enum
 from types import FrameType
 from typing import Any, Protocol
 
+import torch
+
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.distributed import CoordinationError, RankLostError
 from moai_ckpt.errors import CorruptSnapshotError, StorageError
@@ -184,6 +186,9 @@ class SnapshotScheduler:
         self._last_time = time.monotonic()
         self._last_step = step
         self.mark += 1
+        if self.async_snapshots and self.writes and torch.cuda.is_available():
+            # the pinned buffers of the first save_async, allocated while the steps run
+            self.ckpt.prepare(self.tracked.snapshot_state())
 
     def clock_due(self) -> bool:
         """This rank's clock's verdict on a timed snapshot, handed to the recorder with the step."""
@@ -193,6 +198,7 @@ class SnapshotScheduler:
         self, step: int, decision: Decision | None, *, replaying: bool, strict: bool, world_size: int
     ) -> int | None:
         """Take (or defer) the snapshot the policies find due after ``step``; returns a signal to stop on."""
+        self.ckpt.guard_staged()  # the copies of the last snapshot are complete or ordered by now
         self.poll()
         outcome = StepOutcome(step, self.lag, decision, self._last_step)
         if any(policy.due(outcome) for policy in self.policies):

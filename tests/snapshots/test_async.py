@@ -90,6 +90,53 @@ def test_a_background_error_surfaces_in_result_and_at_the_next_save(run_dir: str
     assert again.steps() == [3]
 
 
+def test_the_host_pool_allocates_in_the_background_one_buffer_per_name() -> None:
+    from moai_ckpt.staging import HostPool
+
+    pool = HostPool(pin=False)
+    t = torch.arange(1000, dtype=torch.float32)
+    assert pool.ready("a", t) is None  # not allocated yet: started in the background, no wait
+    buf = pool.buffer("a", t)  # waits for that allocation
+    assert buf.shape == t.shape and buf.dtype == t.dtype
+    assert pool.ready("a", t) is buf and pool.buffer("a", t) is buf  # reused
+    assert pool.ready("a", t.double()) is None and pool.buffer("a", t.double()).dtype == torch.float64
+    pool.buffer("b", t)
+    pool.release_unused()  # a round used a and b: both stay
+    pool.buffer("b", t)
+    pool.release_unused()  # this round used b only: a goes
+    assert set(pool._buffers) == {"b"} and pool.nbytes == t.numel() * 4
+    pool.clear()
+    assert pool.nbytes == 0
+
+
+def test_pack_copies_tensors_of_any_dtype_and_shape_into_one_allocation() -> None:
+    from moai_ckpt.overlap import pack
+
+    tensors = [
+        torch.arange(7, dtype=torch.float32),
+        torch.tensor(3, dtype=torch.int64),  # 0-d
+        torch.zeros(0, 4),  # empty
+        torch.arange(12, dtype=torch.bfloat16).reshape(3, 4).t(),  # not contiguous
+        torch.tensor([True, False, True]),
+        torch.randn(5, dtype=torch.complex64),
+    ]
+    clones = pack(tensors)
+    assert_bitwise_equal(dict(enumerate(clones)), dict(enumerate(tensors)))  # type: ignore[arg-type]
+    assert all(c.is_contiguous() for c in clones)
+    assert len({c.untyped_storage().data_ptr() for c in clones}) == 1  # one allocation
+    tensors[0].add_(1.0)
+    assert clones[0][0].item() == 0.0  # copies, not views
+
+
+def test_copy_all_copies_every_pair() -> None:
+    from moai_ckpt.overlap import copy_all
+
+    sources = [torch.arange(5, dtype=torch.float32), torch.arange(6).reshape(2, 3).t(), torch.tensor(2.5)]
+    buffers = [torch.empty(s.shape, dtype=s.dtype) for s in sources]
+    copy_all(list(zip(buffers, sources, strict=True)))
+    assert_bitwise_equal(dict(zip("abc", buffers, strict=True)), dict(zip("abc", sources, strict=True)))
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:

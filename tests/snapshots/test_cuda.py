@@ -71,9 +71,10 @@ def test_save_async_stages_cuda_tensors_in_pinned_memory_and_leaks_nothing(run_d
     ckpt = moai_ckpt.Checkpointer(run_dir)
     handle = ckpt.save_async(2, {"model": model, "optim": opt})
     assert handle is not None
+    ckpt.wait_staged()  # a manual write (not an optimizer step) waits for the copies first
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(1.0)  # queued on the same stream, after the staging copies
+            p.add_(1.0)
     handle.result(timeout=120)
     staged_from_gpu = [b for name, b in ckpt._pool._buffers.items() if name.startswith(("model/", "optim/"))]
     assert staged_from_gpu and all(b.is_pinned() for b in staged_from_gpu if b.numel() > 1)
