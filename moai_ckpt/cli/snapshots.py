@@ -542,4 +542,7 @@ def prune_snapshots(
         return
     out.print(_prune_table(url, plan))
     kept = plan.kept
-    out.print(f"kept {len(kept)} committed snapshot{'s' if len(kept) != 1 else ''}: {', '.join(map(str, kept)) or '-'}")
+    verb = "would keep" if dry_run else "kept"
+    out.print(
+        f"{verb} {len(kept)} committed snapshot{'s' if len(kept) != 1 else ''}: {', '.join(map(str, kept)) or '-'}"
+    )
