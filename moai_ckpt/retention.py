@@ -71,7 +71,17 @@ def parse_duration(text: str | float) -> float:
 
 
 class _Policy(BaseModel):
+    """What every retention policy answers (frozen; unknown fields are refused)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def keep(self, view: RetentionView) -> set[int]:
+        """The steps of ``view.committed`` this policy keeps."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The policy in a few words, as prune's reasons show it (``last 3``)."""
+        raise NotImplementedError
 
 
 class KeepLast(_Policy):
