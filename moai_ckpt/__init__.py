@@ -30,6 +30,7 @@ from moai_ckpt.errors import (
 )
 from moai_ckpt.format import FORMAT_VERSION
 from moai_ckpt.results import SaveHandle, SnapshotEntry, VerifyReport
+from moai_ckpt.retention import KeepBest, KeepEvery, KeepInterval, KeepLast
 from moai_ckpt.rng import register_generator, unregister_generator
 from moai_ckpt.sampler import GlobalSampler
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage
@@ -61,6 +62,10 @@ __all__ = [
     "CorruptSnapshotError",
     "GlobalSampler",
     "InvalidArgumentError",
+    "KeepBest",
+    "KeepEvery",
+    "KeepInterval",
+    "KeepLast",
     "LimitExceededError",
     "ManifestMismatchError",
     "MissingDataError",

@@ -3,7 +3,7 @@
 It checks arguments, coordinates saves in flight, and hands each operation to the collaborator
 that owns it: `moai_ckpt.catalog` lists and opens snapshots, `moai_ckpt.staging` and
 `moai_ckpt.commit` save one (the commit protocol, phase by phase), `moai_ckpt.restore` loads one,
-`moai_ckpt.verify` checks one, `moai_ckpt.retention` prunes, and `moai_ckpt.writer` holds the run
+`moai_ckpt.verify` checks one, `moai_ckpt.pruner` prunes (by `moai_ckpt.retention` policies), and `moai_ckpt.writer` holds the run
 for this process.
 """
 
@@ -24,9 +24,10 @@ from moai_ckpt.errors import InvalidArgumentError, MoaiCkptError, redact_url
 from moai_ckpt.format import CommitMarker, Manifest
 from moai_ckpt.options import CheckpointerOptions, valid_info, valid_step
 from moai_ckpt.overlap import OverlapStager
+from moai_ckpt.pruner import PrunePlan, Pruner
 from moai_ckpt.restore import SnapshotRestore
 from moai_ckpt.results import RestoreInfo, SaveHandle, SnapshotEntry, VerifyReport
-from moai_ckpt.retention import KeepLatest, Pruner
+from moai_ckpt.retention import MetricSource, policies_of
 from moai_ckpt.snapshot import Progress, SnapshotReader
 from moai_ckpt.staging import HostPool, Staged, Stager, reserve, stage
 from moai_ckpt.storage import RetryPolicy, Storage, open_storage
@@ -49,6 +50,8 @@ class Checkpointer:
             over (by default one is created; every rank must build its Checkpointer together).
         local: this process alone, even under torch.distributed: no collectives (for tools that
             list, inspect or verify a run from one rank).
+        keep: retention policies applied after each commit (`moai_ckpt.retention`): an int N
+            keeps the last N, or a policy, or a list of them (any keeps); None keeps everything.
         **storage_options: any `CheckpointerOptions` field (``collective_timeout_s=60``);
             everything else goes to the fsspec file system (e.g. ``endpoint_url``), or
             ``fsync=False`` for a local path on a scratch disk.
@@ -69,11 +72,18 @@ class Checkpointer:
         io_threads: int | None = None,
         capture_rng: bool | None = None,
         retry: RetryPolicy | None = None,
+        keep: Any = None,
         process_group: Any | None = None,
         local: bool = False,
         **storage_options: Any,
     ) -> None:
-        named = {"chunk_bytes": chunk_bytes, "io_threads": io_threads, "capture_rng": capture_rng, "retry": retry}
+        named = {
+            "chunk_bytes": chunk_bytes,
+            "io_threads": io_threads,
+            "capture_rng": capture_rng,
+            "retry": retry,
+            "keep": keep,
+        }
         self.options, storage_options = CheckpointerOptions.merged(options, named, storage_options)
         self.storage: Storage = open_storage(url, self.options.retry, **storage_options)
         self.storage.record_limit = self.options.max_record_bytes
@@ -156,6 +166,7 @@ class Checkpointer:
         staged = self._located(step, lambda: self._stage(step, state, info))
         with self.writer.writing(step):
             marker = self._commit().run(staged, overwrite=overwrite, progress=progress)
+        self._retain()
         log.info(
             "saved step %d to %s: %d arrays, %.1f MB in %.2f s",
             step,
@@ -219,12 +230,14 @@ class Checkpointer:
         def persist() -> CommitMarker:
             try:
                 copies.finish(staged, self._pool, self.url)
-                return commit.run(staged, overwrite=overwrite, progress=progress)
+                marker = commit.run(staged, overwrite=overwrite, progress=progress)
             except Exception as exc:
                 self.writer.failed(step, exc)
                 raise
             finally:
                 writing.__exit__(None, None, None)
+            self._retain()
+            return marker
 
         handle = SaveHandle(step, self._background.submit(persist), stall)
         self._inflight = handle
@@ -393,16 +406,49 @@ class Checkpointer:
         """
         return verify_snapshot(self.catalog, step, progress)
 
-    def prune(self, keep: int = 1, *, dry_run: bool = False) -> list[int]:
-        """Delete all but the newest ``keep`` committed snapshots, and leftovers of failed saves.
+    def prune(self, keep: Any = 1, *, dry_run: bool = False) -> list[int]:
+        """Delete the committed snapshots no retention policy keeps, and leftovers of failed saves.
 
-        Never deletes the newest committed snapshot, nor one this process is writing, nor an
-        uncommitted one newer than the latest commit that changed within ``leftover_grace_s``
-        (it may be a save in progress elsewhere). Returns the steps deleted. Snapshots only: the
-        op-stream logs of a `fault_tolerant` run go with them through
-        `moai_ckpt.pruning.prune_run` (what ``moai-ckpt prune`` runs).
+        ``keep`` is an int N (the newest N), a policy of `moai_ckpt.retention` or a list of them
+        (a snapshot any of them keeps is kept). Never deletes the newest committed snapshot, nor
+        one this process is writing, nor an uncommitted one newer than the latest commit that
+        changed within ``leftover_grace_s`` or that another live writer claimed (it may be a save
+        in progress elsewhere). Returns the steps deleted. Snapshots only: the op-stream logs of a
+        `fault_tolerant` run go with them through `moai_ckpt.pruning.prune_run` (what
+        ``moai-ckpt prune`` runs).
+
+        Raises:
+            InvalidArgumentError: ``keep`` is no policy, or a `KeepBest` metric no snapshot has.
         """
-        return self._pruner.prune(KeepLatest(keep), dry_run=dry_run)
+        return self.prune_report(keep, dry_run=dry_run).deleted
+
+    def prune_report(
+        self,
+        keep: Any = 1,
+        *,
+        dry_run: bool = False,
+        protect: Mapping[int, str] | None = None,
+        metrics: MetricSource | None = None,
+    ) -> PrunePlan:
+        """`prune`, returning every snapshot folder with what happened to it and why.
+
+        Args:
+            protect: steps kept whatever the policies say, with the reason.
+            metrics: where `KeepBest` reads its values (default: the numbers in each manifest's info).
+        """
+        policies = self._located(None, lambda: policies_of(keep))
+        return self._located(
+            None, lambda: self._pruner.prune(policies, dry_run=dry_run, protect=protect, metrics=metrics)
+        )
+
+    def _retain(self) -> None:
+        """After a commit, the coordinator applies the ``keep`` policies; a failure only warns."""
+        if not self.options.keep or self.world.rank != 0:
+            return
+        try:
+            self._pruner.prune(self.options.keep)
+        except (MoaiCkptError, OSError) as exc:
+            log.warning("pruning %s after a commit failed (nothing else is affected): %s", redact_url(self.url), exc)
 
     def wait(self) -> CommitMarker | None:
         """Wait for the save in flight, if any; returns its marker (raises its error)."""

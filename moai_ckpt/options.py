@@ -10,10 +10,11 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moai_ckpt.errors import InvalidArgumentError, UnserializableStateError
 from moai_ckpt.layout import STEP_DIGITS
+from moai_ckpt.retention import RetentionPolicy, policies_of
 from moai_ckpt.snapshot import DEFAULT_MAX_ARRAY_BYTES
 from moai_ckpt.storage import RetryPolicy
 from moai_ckpt.tree import MAX_DEPTH, json_depth
@@ -54,6 +55,15 @@ class CheckpointerOptions(BaseModel):
         "a larger one is refused unread",
     )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    keep: tuple[RetentionPolicy, ...] | None = Field(
+        default=None,
+        description="retention policies applied after each commit (an int N: the last N; None: keep all)",
+    )
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _policies(cls, keep: Any) -> Any:
+        return policies_of(keep) if keep is not None else None
 
     @classmethod
     def merged(

@@ -1,102 +1,249 @@
-"""What prune keeps: a retention policy over committed snapshots, and the leftovers of failed saves.
+"""Retention policies: which committed snapshots a prune keeps.
 
-A `RetentionPolicy` is a small interface: shown every committed snapshot (oldest first, each with
-its commit marker), it names the steps to keep. `KeepLatest` keeps the newest N; other policies
-(every Mth step, the best by a metric in the manifest's info, by age) implement the same method.
-Whatever the policy says, `Pruner` never deletes the newest committed snapshot.
+A policy names the committed snapshots it keeps; policies combine (a snapshot any policy keeps is
+kept). Each is a pydantic model with a ``kind``, so a list of them loads from a configuration file
+(``keep = [{kind="last", n=3}, {kind="every", steps=1000}]``):
 
-Leftovers are the snapshot folders without a valid commit marker. One older than the newest
-commit is abandoned; a newer one may be a save in progress (here or in another process) and
-is deleted only once nothing in it has changed for ``leftover_grace_s`` and no live writer has
-claimed it. Deleting un-commits first (the marker goes before anything it vouches for), so a
-prune that stops half-way leaves leftovers, never a snapshot that is committed but incomplete.
+- `KeepLast`: the newest ``n``;
+- `KeepEvery`: every snapshot whose step is a multiple of ``steps``;
+- `KeepBest`: the ``k`` best by a metric (lowest or highest), from a `MetricSource`;
+- `KeepInterval`: the oldest, then each one committed at least ``every`` after the last one kept
+  (commit times from the commit markers).
+
+An int ``N`` is "the last N" (`policies_of`). `moai_ckpt.pruner` applies them.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
-from moai_ckpt.catalog import SnapshotCatalog
-from moai_ckpt.errors import redact_url
-from moai_ckpt.layout import commit_key, snapshot_dir
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from moai_ckpt.errors import InvalidArgumentError
 from moai_ckpt.results import SnapshotEntry
-from moai_ckpt.writer import RunWriter
 
-log = logging.getLogger("moai_ckpt")
+__all__ = [
+    "KeepBest",
+    "KeepEvery",
+    "KeepInterval",
+    "KeepLast",
+    "MetricSource",
+    "RetentionPolicy",
+    "RetentionView",
+    "parse_duration",
+    "policies_of",
+]
 
+#: step -> metric name -> value, for the steps asked about that have any
+MetricSource = Callable[[Sequence[int]], dict[int, dict[str, float]]]
 
-class RetentionPolicy(Protocol):
-    """Which committed snapshots a prune keeps."""
-
-    def keep(self, committed: Sequence[SnapshotEntry]) -> set[int]:
-        """The steps to keep, of ``committed`` (oldest first, each with its marker)."""
-        ...
-
-
-@dataclass(frozen=True)
-class KeepLatest:
-    """Keep the newest ``n`` committed snapshots (at least one)."""
-
-    n: int
-
-    def __post_init__(self) -> None:
-        if self.n < 1:
-            raise ValueError("prune keeps at least the newest committed snapshot (keep >= 1)")
-
-    def keep(self, committed: Sequence[SnapshotEntry]) -> set[int]:
-        return {e.step for e in committed[-self.n :]}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
-class Pruner:
-    """Deletes what a retention policy gives up, and the leftovers of failed saves.
+def parse_duration(text: str | float) -> float:
+    """Seconds in ``text``: a number of seconds, or units such as ``90s``, ``30m``, ``6h``, ``1d12h``, ``2w``.
 
-    Args:
-        catalog: the run's snapshots (and its storage).
-        writer: this process as the run's writer: the steps it is writing are never deleted.
-        leftover_grace_s: how long an uncommitted snapshot newer than the latest commit must
-            stay unchanged before it is taken for abandoned.
+    Raises:
+        ValueError: anything else, or a duration that is not positive.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"a duration is a number of seconds or a string such as '6h', got {text!r}")
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        spec = text.strip().lower().replace(" ", "")
+        try:
+            seconds = float(spec)
+        except ValueError:
+            parts = _DURATION.findall(spec)
+            if not parts or "".join(n + u for n, u in parts) != spec:
+                raise ValueError(f"a duration is a number of seconds or a string such as '6h', got {text!r}") from None
+            seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"a duration must be positive, got {text!r}")
+    return seconds
+
+
+class _Policy(BaseModel):
+    """What every retention policy answers (frozen; unknown fields are refused)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def keep(self, view: RetentionView) -> set[int]:
+        """The steps of ``view.committed`` this policy keeps."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The policy in a few words, as prune's reasons show it (``last 3``)."""
+        raise NotImplementedError
+
+
+class KeepLast(_Policy):
+    """Keep the newest ``n`` committed snapshots."""
+
+    kind: Literal["last"] = "last"
+    n: int = Field(ge=1, description="how many of the newest committed snapshots to keep")
+
+    def keep(self, view: RetentionView) -> set[int]:
+        return {e.step for e in view.committed[-self.n :]}
+
+    def describe(self) -> str:
+        return f"last {self.n}"
+
+
+class KeepEvery(_Policy):
+    """Keep every committed snapshot whose step is a multiple of ``steps``."""
+
+    kind: Literal["every"] = "every"
+    steps: int = Field(ge=1, description="keep the snapshots of the steps that are multiples of this")
+
+    def keep(self, view: RetentionView) -> set[int]:
+        return {e.step for e in view.committed if e.step % self.steps == 0}
+
+    def describe(self) -> str:
+        return f"every {self.steps} steps"
+
+
+class KeepBest(_Policy):
+    """Keep the ``k`` committed snapshots with the best value of a logged metric.
+
+    The value of a snapshot is the metric its step logged (``loss``, ``grad_norm``, a
+    hyperparameter such as ``lr``; see docs/storage.md). Snapshots without a value are not kept
+    by this policy; among equal values the newer wins.
     """
 
-    def __init__(self, catalog: SnapshotCatalog, writer: RunWriter, *, leftover_grace_s: float) -> None:
-        self.catalog = catalog
-        self.storage = catalog.storage
-        self.writer = writer
-        self.leftover_grace_s = leftover_grace_s
+    kind: Literal["best"] = "best"
+    metric: str = Field(min_length=1, description="the logged metric, by name (loss, grad_norm, lr, ...)")
+    mode: Literal["min", "max"] = Field(default="min", description="min: lowest is best; max: highest")
+    k: int = Field(default=1, ge=1, description="how many of the best to keep")
 
-    def prune(self, policy: RetentionPolicy, *, dry_run: bool = False) -> list[int]:
-        """Delete the committed snapshots ``policy`` does not keep, and leftovers; returns the steps deleted."""
-        entries = self.catalog.scan()
-        committed = [e for e in entries if e.status == "committed"]
-        latest = committed[-1].step if committed else -1
-        kept = policy.keep(committed) | {latest}
-        doomed = {e.step for e in committed if e.step not in kept} | self._leftovers(entries, latest)
-        doomed -= self.writer.busy()
-        doomed -= self.writer.claimed_elsewhere(doomed - {e.step for e in committed})
-        if not dry_run:
-            for step in sorted(doomed):
-                # everything below is listed and checked first, then un-committed, then deleted
-                self.storage.delete_tree(snapshot_dir(step), first=[commit_key(step)])
-                log.info("pruned step %d from %s", step, redact_url(self.storage.url))
-        return sorted(doomed)
+    def keep(self, view: RetentionView) -> set[int]:
+        values = view.metric(self.metric)
+        sign = 1.0 if self.mode == "min" else -1.0
+        ranked = sorted(values, key=lambda step: (sign * values[step], -step))
+        return set(ranked[: self.k])
 
-    def _leftovers(self, entries: Sequence[SnapshotEntry], latest: int) -> set[int]:
-        """Uncommitted snapshots older than the latest commit, or idle for the grace period."""
-        return {
-            e.step
-            for e in entries
-            if e.status in ("uncommitted", "invalid")
-            and (e.step < latest or self._idle_for(e.step) >= self.leftover_grace_s)
-        }
+    def describe(self) -> str:
+        return f"best {self.k} by {self.metric} ({self.mode})"
 
-    def _idle_for(self, step: int) -> float:
-        """Seconds since anything in an uncommitted snapshot changed.
 
-        0 where the storage cannot tell (`Storage.supports_modification_times`), so such a
-        directory is never taken for abandoned.
+class KeepInterval(_Policy):
+    """Keep the oldest committed snapshot, then each committed at least ``every`` after the last one kept.
+
+    ``every`` is seconds or a string such as ``"6h"``; times are those of the commit markers.
+    """
+
+    kind: Literal["interval"] = "interval"
+    every: float = Field(description="seconds, or a string such as '30m', '6h', '1d'")
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+    def keep(self, view: RetentionView) -> set[int]:
+        kept: set[int] = set()
+        last: float | None = None
+        for entry in view.committed:
+            at = view.committed_at(entry)
+            if at is None:
+                continue
+            if last is None or at - last >= self.every:
+                kept.add(entry.step)
+                last = at
+        return kept
+
+    def describe(self) -> str:
+        return f"one per {_human_duration(self.every)}"
+
+
+RetentionPolicy = Annotated[KeepLast | KeepEvery | KeepBest | KeepInterval, Field(discriminator="kind")]
+_POLICIES: TypeAdapter[list[RetentionPolicy]] = TypeAdapter(list[RetentionPolicy])
+
+
+def policies_of(keep: Any) -> tuple[RetentionPolicy, ...]:
+    """The policies ``keep`` names: an int N (the last N), a policy, a mapping, or a list of those.
+
+    Raises:
+        InvalidArgumentError: anything else, naming what is wrong and where.
+    """
+    if keep is None:
+        return ()
+    if isinstance(keep, bool):
+        raise InvalidArgumentError(f"keep must be an int, a retention policy or a list of them, got {keep!r}")
+    items = list(keep) if isinstance(keep, list | tuple) else [keep]
+    if not items:
+        raise InvalidArgumentError("keep: an empty list of retention policies keeps nothing; give at least one")
+    raw = [
+        {"kind": "last", "n": item} if isinstance(item, int) and not isinstance(item, bool) else item for item in items
+    ]
+    raw = [item.model_dump() if isinstance(item, _Policy) else item for item in raw]
+    try:
+        return tuple(_POLICIES.validate_python(raw))
+    except ValidationError as exc:
+        raise InvalidArgumentError(f"keep: {_first_problem(exc)}") from None
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """One line for a policy that does not validate: which one, which field, what is wrong."""
+    first = exc.errors()[0]
+    loc = first["loc"]
+    where = f"policy {loc[0]}" if loc else "policy"
+    if len(loc) > 1:
+        where += f" (kind {loc[1]!r})"
+    if len(loc) > 2:
+        where += f", {'.'.join(map(str, loc[2:]))}"
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return f"{where}: kind must be one of last, every, best, interval"
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+
+
+def _human_duration(seconds: float) -> str:
+    for unit, size in (("w", 604800.0), ("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+@dataclass
+class RetentionView:
+    """What the policies see: the committed snapshots, oldest first, and their metrics (read once, if asked)."""
+
+    committed: Sequence[SnapshotEntry]
+    source: MetricSource | None
+    _metrics: dict[int, dict[str, float]] | None = None
+
+    def metric(self, name: str) -> dict[int, float]:
+        """Step -> value of ``name`` for the committed snapshots that have one (NaN is no value).
+
+        Raises:
+            InvalidArgumentError: no committed snapshot has a value of ``name`` (a prune then deletes nothing).
         """
-        newest = self.storage.newest_change(snapshot_dir(step))
-        return 0.0 if newest is None else max(time.time() - newest, 0.0)
+        if not self.committed:
+            return {}
+        if self._metrics is None:
+            self._metrics = self.source([e.step for e in self.committed]) if self.source is not None else {}
+        values = {s: m[name] for s, m in self._metrics.items() if name in m and math.isfinite(m[name])}
+        if not values:
+            known = sorted({n for m in self._metrics.values() for n in m})
+            logged = f"logged: {', '.join(known)}" if known else "no snapshot's step logged any metric yet"
+            raise InvalidArgumentError(
+                f"keep best by {name!r}: no committed snapshot's step logged that metric ({logged}); nothing deleted"
+            )
+        return values
+
+    @staticmethod
+    def committed_at(entry: SnapshotEntry) -> float | None:
+        """The commit time of ``entry`` as a POSIX timestamp (None if its marker has none that parses)."""
+        if entry.marker is None:
+            return None
+        try:
+            return datetime.fromisoformat(entry.marker.body.created).timestamp()
+        except ValueError:
+            return None

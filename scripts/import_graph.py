@@ -75,6 +75,7 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.commit",
             "moai_ckpt.restore",
             "moai_ckpt.retention",
+            "moai_ckpt.pruner",
             "moai_ckpt.verify",
             "moai_ckpt.checkpointer",
         ),

@@ -1,7 +1,8 @@
 """``moai-ckpt list``, ``inspect``, ``verify`` and ``prune``: the snapshots of a run, read and maintained.
 
 None of them runs training code: they read the run directory (``verify`` re-reads every chunk and
-checks every checksum) and ``prune`` deletes old snapshots and leftovers of failed saves.
+checks every checksum) and ``prune`` deletes the snapshots no retention policy keeps, leftovers
+of failed saves, and the logs only they could replay.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ from moai_ckpt.dtypes import from_name
 from moai_ckpt.errors import MoaiCkptError, SnapshotNotFoundError, UnsupportedFormatError
 from moai_ckpt.format import ArrayRecord, Manifest
 from moai_ckpt.layout import snapshot_dir
+from moai_ckpt.pruner import PrunePlan
 from moai_ckpt.pruning import prune_run
 from moai_ckpt.results import SnapshotEntry, VerifyReport
+from moai_ckpt.retention import KeepBest, KeepEvery, KeepInterval, KeepLast, RetentionPolicy, parse_duration
 from moai_ckpt.tree import decode, tensor_refs
 
 __all__ = ["human_bytes", "inspect_snapshot", "list_snapshots", "prune_snapshots", "verify_snapshots"]
@@ -421,38 +424,125 @@ def verify_snapshots(
 # -- prune -------------------------------------------------------------------------------------
 
 
-def _prune_lines(entries: dict[int, SnapshotEntry], deleted: list[int], dry_run: bool) -> list[str]:
-    verb = "would delete" if dry_run else "deleted"
-    lines = []
-    for step in deleted:
-        entry = entries.get(step)
-        size = f", {human_bytes(entry.marker.body.total_bytes)}" if entry and entry.marker else ""
-        lines.append(f"[red]{verb}[/] step {step} ({entry.status if entry else 'gone'}{size})")
-    for entry in entries.values():
-        if entry.step not in deleted and entry.status in ("uncommitted", "invalid"):
-            why = "newer than the latest commit: may be a save still running"
-            lines.append(f"[yellow]left alone[/] step {entry.step} ({entry.status}, {why})")
-    return lines or ["nothing to delete"]
+def _best_policy(spec: str) -> KeepBest:
+    """``METRIC[:min|max][:K]`` as a `KeepBest` (a bad one is a usage error naming the option)."""
+    metric, *rest = spec.split(":")
+    fields: dict[str, Any] = {"metric": metric}
+    for part in rest:
+        if part in ("min", "max"):
+            fields["mode"] = part
+        elif part.isdigit():
+            fields["k"] = int(part)
+        else:
+            raise typer.BadParameter(
+                f"{spec!r}: expected METRIC[:min|max][:K], e.g. loss:min:3", param_hint="'--keep-best'"
+            )
+    if not metric or fields.get("k", 1) < 1:
+        raise typer.BadParameter(f"{spec!r}: expected METRIC[:min|max][:K] with K >= 1", param_hint="'--keep-best'")
+    return KeepBest(**fields)
+
+
+def _cli_policies(
+    last: int | None, every: int | None, best: list[str] | None, interval: str | None
+) -> list[RetentionPolicy]:
+    """The policies the ``--keep-*`` options name (at least one)."""
+    policies: list[RetentionPolicy] = []
+    if last is not None:
+        policies.append(KeepLast(n=last))
+    if every is not None:
+        policies.append(KeepEvery(steps=every))
+    policies.extend(_best_policy(spec) for spec in best or [])
+    if interval is not None:
+        try:
+            policies.append(KeepInterval(every=parse_duration(interval)))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--keep-interval'") from None
+    if not policies:
+        raise typer.BadParameter(
+            "give at least one of --keep-last, --keep-every, --keep-best, --keep-interval", param_hint="'--keep-last'"
+        )
+    return policies
+
+
+def _prune_table(url: str, plan: PrunePlan) -> Table:
+    zone = datetime.now().astimezone().tzname()
+    verb = "would delete" if plan.dry_run else "deleted"
+    table = new_table(f"prune {escape(shown_url(url))}: {verb} {len(plan.deleted)} (times in {zone})")
+    table.add_column("step", justify="right", style="bold", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("committed", no_wrap=True)
+    table.add_column("action", no_wrap=True)
+    table.add_column("why", overflow="fold", ratio=1)
+    for row in plan.rows:
+        action = f"[red]{'delete' if plan.dry_run else 'deleted'}[/]" if row.delete else "[green]keep[/]"
+        created = _local_time(row.created)[:16] if row.created else "-"
+        size = human_bytes(row.total_bytes) if row.total_bytes is not None else "-"
+        table.add_row(str(row.step), row.status, size, created, action, escape(row.reason))
+    return table
+
+
+def _prune_json(plan: PrunePlan, policies: list[RetentionPolicy]) -> dict[str, Any]:
+    return {
+        "dry_run": plan.dry_run,
+        "deleted": plan.deleted,
+        "kept": plan.kept,
+        "policies": [p.model_dump() for p in policies],
+        "snapshots": [
+            {
+                "step": r.step,
+                "status": r.status,
+                "delete": r.delete,
+                "reason": r.reason,
+                "bytes": r.total_bytes,
+                "created": r.created,
+            }
+            for r in plan.rows
+        ],
+    }
 
 
 @command("prune")
 def prune_snapshots(
     url: UrlArg,
-    keep: Annotated[int, typer.Option("--keep", "-k", min=1, help="How many newest committed snapshots to keep.")],
+    keep_last: Annotated[
+        int | None,
+        typer.Option("--keep-last", "--keep", "-k", min=1, help="Keep the newest N committed snapshots."),
+    ] = None,
+    keep_every: Annotated[
+        int | None, typer.Option("--keep-every", min=1, help="Keep the snapshots of every Mth step (step % M == 0).")
+    ] = None,
+    keep_best: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--keep-best",
+            help="Keep the K best by a logged metric: METRIC[:min|max][:K], e.g. loss:min:3 (repeatable).",
+        ),
+    ] = None,
+    keep_interval: Annotated[
+        str | None,
+        typer.Option("--keep-interval", help="Keep one snapshot per period of commit time, e.g. 6h, 30m, 1d."),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", "-n", help="Show what would be deleted; delete nothing.")
     ] = False,
     as_json: JsonOpt = False,
     storage_option: StorageOpt = None,
 ) -> None:
-    """Delete all but the newest KEEP committed snapshots, and leftovers of failed saves."""
+    """Delete the committed snapshots no --keep-* policy keeps, leftovers of failed saves, and their logs.
+
+    A snapshot any policy keeps stays; the newest committed one always stays. Asks nothing:
+    use --dry-run to see the plan first.
+    """
+    policies = _cli_policies(keep_last, keep_every, keep_best, keep_interval)
     with open_run(url, storage_option) as ckpt:
-        entries = {e.step: e for e in ckpt.scan()}
-        deleted = prune_run(ckpt, keep, dry_run=dry_run)
-        kept = [s for s in ckpt.steps() if s not in deleted]
+        plan = prune_run(ckpt, policies, dry_run=dry_run)
     if as_json:
-        echo_json({"dry_run": dry_run, "deleted": deleted, "kept": kept})
+        echo_json(_prune_json(plan, policies))
         return
-    for line in _prune_lines(entries, deleted, dry_run):
-        out.print(line, soft_wrap=True)
-    out.print(f"kept {len(kept)} committed snapshot{'s' if len(kept) != 1 else ''}: {', '.join(map(str, kept)) or '-'}")
+    out.print(_prune_table(url, plan))
+    kept = plan.kept
+    verb = "would keep" if dry_run else "kept"
+    out.print(
+        f"{verb} {len(kept)} committed snapshot{'s' if len(kept) != 1 else ''}: {', '.join(map(str, kept)) or '-'}"
+    )

@@ -34,6 +34,7 @@ from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.distributed import World, current_world
 from moai_ckpt.errors import MoaiCkptError
 from moai_ckpt.opcapture import OpCaptureHooks, hooks_for
+from moai_ckpt.pruning import RunRetention
 from moai_ckpt.run import report as replay_report
 from moai_ckpt.run.options import RunOptions
 from moai_ckpt.run.resume import RestorePoint, Resumption
@@ -90,6 +91,8 @@ class Run:
         self._tracked = Tracked()
         self._sampler: GlobalSampler | None = None
         self._snapshots = SnapshotScheduler(self.ckpt, self._tracked, options, writes=self._mode.writes)
+        if options.keep and self._mode.writes and self.world.rank == 0:
+            self._snapshots.retention = RunRetention(self.ckpt, options.keep)
         self._resumption = Resumption(
             self.ckpt, self.world, self._log_world, self._mode, self._tracked, options, self._snapshots.unusable
         )
@@ -504,6 +507,8 @@ class Run:
         finally:
             if recorder is not None:
                 recorder.close()
+            if self._snapshots.retention is not None:
+                self._snapshots.retention.close()
             self.ckpt.close()
             self.world.close()
             self._log_world.close()

@@ -29,6 +29,7 @@ from pydantic_settings import (
 )
 
 from moai_ckpt.checkpointer import CheckpointerOptions
+from moai_ckpt.retention import RetentionPolicy, policies_of
 
 __all__ = ["CONFIG_FILE_ENV", "ENV_PREFIX", "CapturePolicy", "RunOptions"]
 
@@ -90,6 +91,11 @@ class RunOptions(BaseSettings):
     record_args: frozenset[str] | None = Field(
         default=None, description="the only arguments run.json records (default: all but secret-looking ones)"
     )
+    keep: tuple[RetentionPolicy, ...] | None = Field(
+        default=None,
+        description="retention policies applied after each commit, snapshots and their logs "
+        "(an int N: the last N; a list: a snapshot any policy keeps stays; None: keep all)",
+    )
     checkpointer: CheckpointerOptions = Field(default_factory=CheckpointerOptions, description="Checkpointer options")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options of the run directory")
     config_file: str | None = Field(
@@ -142,6 +148,11 @@ class RunOptions(BaseSettings):
             raise ValueError(f"capture_ops must be one of {', '.join(CAPTURE_POLICIES)}, got {policy!r}")
         return policy
 
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _policies(cls, keep: Any) -> Any:
+        return policies_of(keep) if keep is not None else None
+
     @field_validator("record_args", mode="before")
     @classmethod
     def _argument_names(cls, names: Any) -> Any:
@@ -155,6 +166,8 @@ class RunOptions(BaseSettings):
     def _some_schedule(self) -> RunOptions:
         if self.snapshot_every is None and self.snapshot_every_s is None:
             raise ValueError("set snapshot_every, snapshot_every_s or both")
+        if self.checkpointer.keep is not None:
+            raise ValueError("a run's retention is the option keep (it prunes the logs too), not checkpointer.keep")
         return self
 
     @classmethod

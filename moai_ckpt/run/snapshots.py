@@ -29,6 +29,7 @@ import torch
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.distributed import CoordinationError, RankLostError
 from moai_ckpt.errors import CorruptSnapshotError, StorageError
+from moai_ckpt.pruning import RunRetention
 from moai_ckpt.results import SaveHandle
 from moai_ckpt.run.options import RunOptions
 from moai_ckpt.run.tracked import Tracked
@@ -172,6 +173,8 @@ class SnapshotScheduler:
         self.failures = 0
         self.mark = 0  # moves whenever a snapshot is restored or taken
         self.recorder: Recorder | None = None
+        #: prunes after each commit (set by `Run` on the coordinator when the run has ``keep``)
+        self.retention: RunRetention | None = None
         self._last_time = time.monotonic()
         self._last_step = 0  # the step of the last snapshot taken or restored
         self._pending: tuple[int, SaveHandle | None] | None = None  # a snapshot being written
@@ -305,6 +308,8 @@ class SnapshotScheduler:
         self.unusable.discard(step)
         assert self.recorder is not None
         self.recorder.rebase(step)
+        if self.retention is not None:
+            self.retention.committed(step, self.unusable)
 
     def _failed(self, step: int, exc: Exception) -> None:
         """A snapshot that could not be written is not fatal: the log goes on from the last one.

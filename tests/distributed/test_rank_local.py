@@ -146,7 +146,9 @@ def test_restoring_onto_one_rank_takes_rank_0s_copy_and_says_so(
 @pytest.mark.slow
 def test_a_replay_on_another_world_size_reports_that_it_took_rank_0s_copy(tmp_path: Path) -> None:
     run_dir = str(tmp_path / "run")
-    ok(launch("tests.scenarios.ranklocal_scenarios:train_once", 2, run_dir=run_dir, total=8))  # snapshots 0, 5; log 6..8
+    ok(
+        launch("tests.scenarios.ranklocal_scenarios:train_once", 2, run_dir=run_dir, total=8)
+    )  # snapshots 0, 5; log 6..8
     from tests.scenarios.ranklocal_scenarios import train_once
 
     out = train_once(run_dir, 10)  # one process: restores step 5, replays 6..8 on the changed placement
@@ -162,7 +164,8 @@ def test_a_replay_on_another_world_size_reports_that_it_took_rank_0s_copy(tmp_pa
 def test_on_two_gpus_over_nccl_device_digests_find_the_rank_local_state(tmp_path: Path) -> None:
     run_dir = str(tmp_path / "run")
     states = [
-        v["state"] for v in ok(launch("tests.scenarios.ranklocal_scenarios:save_rank_local", 2, run_dir=run_dir, backend="nccl"))
+        v["state"]
+        for v in ok(launch("tests.scenarios.ranklocal_scenarios:save_rank_local", 2, run_dir=run_dir, backend="nccl"))
     ]
     differ = {name for name in states[0] if states[0][name] != states[1][name]}
     manifest = moai_ckpt.Checkpointer(run_dir).manifest()

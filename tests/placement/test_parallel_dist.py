@@ -53,7 +53,9 @@ def test_a_2_stage_by_2_way_data_parallel_pipeline_and_4_accumulating_replicas_m
 
     cache = str(tmp_path / "cache")
     per_rank = ok(
-        launch("tests.scenarios.parallel_scenarios:train_plans", 4, plan_paths=paths, steps=STEPS, lr=LR, cache_dir=cache)
+        launch(
+            "tests.scenarios.parallel_scenarios:train_plans", 4, plan_paths=paths, steps=STEPS, lr=LR, cache_dir=cache
+        )
     )
     job = [Device.model_validate(d) for d in per_rank[0]["devices"]]
     assert len(job) == 4 and all(d.source == "measured" for d in job)

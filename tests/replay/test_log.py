@@ -199,7 +199,7 @@ def test_logs_older_than_the_oldest_kept_snapshot_are_pruned_with_it(tmp_path: P
     for base, steps in ((0, range(1, 4)), (3, range(4, 7)), (6, range(7, 8))):
         ckpt.save(base, {"extra": {"at": base}})
         write(ckpt.storage, base, steps).close()
-    assert prune_run(ckpt, keep=2) == [0]
+    assert prune_run(ckpt, keep=2).deleted == [0]
     assert segments(ckpt.storage, 0) == [] and len(segments(ckpt.storage, 3)) == 3
 
 
@@ -208,5 +208,5 @@ def test_prune_keeps_an_older_log_that_holds_the_only_records_after_the_kept_sna
     ckpt.save(0, {"extra": {}})
     write(ckpt.storage, 0, range(1, 7)).close()
     ckpt.save(4, {"extra": {}})  # committed, but the run died before its log moved over
-    assert prune_run(ckpt, keep=1) == [0]
+    assert prune_run(ckpt, keep=1).deleted == [0]
     assert [r.step for r in records_after(ckpt.storage, 4).records] == [5, 6]

@@ -97,7 +97,12 @@ def test_an_nccl_fsdp_snapshot_on_2_gpus_restores_on_1_gpu_and_on_cpu(tmp_path) 
         os.environ["MOAI_TEST_DEVICE"] = env_device
         try:
             restored = launch(
-                "tests.scenarios.dist_scenarios:restore", 1, backend=backend, run_dir=run_dir, ref_path=ref, mode="single"
+                "tests.scenarios.dist_scenarios:restore",
+                1,
+                backend=backend,
+                run_dir=run_dir,
+                ref_path=ref,
+                mode="single",
             )
         finally:
             del os.environ["MOAI_TEST_DEVICE"]
@@ -116,7 +121,10 @@ def _scenario(run_dir: str, total: int, faults: str | None = None) -> dict:
     if faults:
         env["MOAI_CKPT_FAULTS"] = faults
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.scenarios.ft_scenario", run_dir, str(total)], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "tests.scenarios.ft_scenario", run_dir, str(total)],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if faults:
         assert proc.returncode == -9, proc.stderr[-3000:]

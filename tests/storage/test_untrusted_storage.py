@@ -198,7 +198,7 @@ def test_names_that_only_look_like_steps_are_ignored_with_a_warning(
         assert ckpt.verify().ok
         assert restored_step(ckpt) == 30
         assert log_bases(ckpt.storage) == [10]
-        assert prune_run(ckpt, keep=1) == [10, 20]
+        assert prune_run(ckpt, keep=1).deleted == [10, 20]
     assert any(STRAY in r.getMessage() for r in caplog.records)
     assert (Path(run_dir) / "snapshots" / STRAY).exists()  # not ours: not deleted either
 

@@ -78,6 +78,17 @@ def table_steps(output: str) -> list[int]:
     return [int(line.split()[0]) for line in output.splitlines() if line.split() and line.split()[0].isdigit()]
 
 
+def prune_rows(output: str) -> dict[int, tuple[str, str]]:
+    """Step -> (action, why) from the table ``moai-ckpt prune`` prints (a wide terminal: one line a row)."""
+    rows = {}
+    for line in output.splitlines():
+        cells = line.split()
+        if cells and cells[0].isdigit():
+            action = next(c for c in cells if c in ("keep", "delete", "deleted"))
+            rows[int(cells[0])] = (action, " ".join(cells[cells.index(action) + 1 :]))
+    return rows
+
+
 def chunk_files(run_url: str, step: int) -> list[Path]:
     """Every chunk object of a snapshot (zarr v3 default keys: ``<array>/c`` or ``<array>/c/...``)."""
     root = Path(run_url) / snapshot_dir(step)
@@ -293,7 +304,11 @@ def test_verify_progress_bar_counts_every_byte(run: Run, monkeypatch: pytest.Mon
 def test_prune_removes_older_steps_and_says_which(run: Run, tmp_path: Path) -> None:
     url = run.copy(tmp_path / "run")
     out = invoke("prune", url, "--keep", "1").stdout
-    assert "deleted step 10 (committed" in out and "deleted step 20 (committed" in out
+    assert prune_rows(out) == {
+        10: ("deleted", "no policy keeps it"),
+        20: ("deleted", "no policy keeps it"),
+        30: ("keep", "last 1, the newest committed"),
+    }
     assert "kept 1 committed snapshot: 30" in out
     with Checkpointer(url) as ckpt:
         assert ckpt.steps() == [30]
@@ -303,7 +318,8 @@ def test_prune_removes_older_steps_and_says_which(run: Run, tmp_path: Path) -> N
 def test_prune_dry_run_deletes_nothing(run: Run, tmp_path: Path) -> None:
     url = run.copy(tmp_path / "run")
     report = invoke_json("prune", url, "--keep", "2", "--dry-run")
-    assert report == {"dry_run": True, "deleted": [10], "kept": [20, 30]}
+    assert (report["dry_run"], report["deleted"], report["kept"]) == (True, [10], [20, 30])
+    assert [(r["step"], r["delete"]) for r in report["snapshots"]] == [(10, True), (20, False), (30, False)]
     with Checkpointer(url) as ckpt:
         assert ckpt.steps() == list(STEPS)
 
@@ -312,7 +328,7 @@ def test_prune_removes_leftovers_older_than_the_latest_commit(run: Run, tmp_path
     url = run.copy(tmp_path / "run")
     (Path(url) / snapshot_dir(20) / COMMIT).unlink()
     out = invoke("prune", url, "--keep", "2").stdout
-    assert "deleted step 20 (uncommitted)" in out
+    assert prune_rows(out)[20] == ("deleted", "leftover of a failed save")
     assert not (Path(url) / snapshot_dir(20)).exists()
 
 

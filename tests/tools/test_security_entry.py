@@ -147,7 +147,11 @@ def test_a_training_function_run_json_names_runs_only_when_the_user_allows_it(
     assert not pwned.exists()
     # what run.json names, and the ways on
     assert '"tests.scenarios.entry_scenario:marked"' in line and '"mark":' in line
-    assert "--entrypoint tests.scenarios.entry_scenario:marked" in line and "--trust-run-json" in line and "terminal" in line
+    assert (
+        "--entrypoint tests.scenarios.entry_scenario:marked" in line
+        and "--trust-run-json" in line
+        and "terminal" in line
+    )
 
 
 @pytest.mark.parametrize(
@@ -467,7 +471,13 @@ def test_storage_options_and_the_command_line_are_never_recorded(
     for step, target in ((6, s3_server.url()), (4, s3_server.url())):  # replayed, and copied from the data
         command = ["restore", source, "--step", str(step), "--to", target, "-o", f"secret={secret}"]
         done = moai(
-            *command, "--entrypoint", "tests.scenarios.ft_scenario:train", "--kwarg", f"run_dir={source}", "--kwarg", "total=7"
+            *command,
+            "--entrypoint",
+            "tests.scenarios.ft_scenario:train",
+            "--kwarg",
+            f"run_dir={source}",
+            "--kwarg",
+            "total=7",
         )
         assert done.returncode == 0, done.stderr[-3000:]
         stored = open_storage(target, **s3_server.storage_options)
