@@ -37,6 +37,7 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.digest",
             "moai_ckpt.digest_cuda",
             "moai_ckpt.faults",
+            "moai_ckpt.events",
         ),
     ),
     (
@@ -75,6 +76,7 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.restore",
             "moai_ckpt.retention",
             "moai_ckpt.verify",
+            "moai_ckpt.eventlog",
             "moai_ckpt.checkpointer",
         ),
     ),
