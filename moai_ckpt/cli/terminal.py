@@ -12,8 +12,11 @@ stdout stays parseable. It shows on a terminal, or when ``--progress`` asks for 
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -34,9 +37,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.cli.base import err, out
+from moai_ckpt.dtypes import from_name
+from moai_ckpt.errors import MoaiCkptError
 
-__all__ = ["CUT", "ProgressOpt", "fit_table", "print_table", "progress"]
+__all__ = ["CUT", "ProgressOpt", "bytes_progress", "fit_table", "print_table", "progress", "snapshot_bytes"]
 
 #: what rich prints where it cuts a cell
 CUT = "…"
@@ -51,22 +57,48 @@ ProgressOpt = Annotated[
 ]
 
 
-def _cut_at(table: Table, width: int) -> bool:
-    """Whether rendering ``table`` ``width`` columns wide cuts a cell."""
+def _plain(cell: object) -> str:
+    if isinstance(cell, Text):
+        return cell.plain
+    return Text.from_markup(cell).plain if isinstance(cell, str) else ""
+
+
+def _render(table: Table, width: int) -> str:
     console = Console(file=io.StringIO(), width=width, color_system=None, highlight=False, legacy_windows=False)
     console.print(table)
-    return CUT in console.file.getvalue()  # type: ignore[attr-defined]
+    return console.file.getvalue()  # type: ignore[attr-defined]
 
 
-def _prepare(table: Table) -> None:
-    """Figures stay on one line (cut, so `fit_table` sees it); text wraps and folds long words."""
+def _cut_at(table: Table, width: int, folded: set[int]) -> bool:
+    """Whether ``table`` rendered ``width`` wide cuts a cell, or breaks a word of a cell.
+
+    ``folded``: ids of the columns whose words may break across lines (their caller chose ``fold``).
+    """
+    rendered = _render(table, width)
+    if CUT in rendered:
+        return True
     for column in table.columns:
-        if column.justify == "right":
-            column.no_wrap = True
-        if column.no_wrap:
-            column.overflow = "ellipsis"
-        else:
+        if id(column) in folded:
+            continue
+        words = (word for cell in column.cells for word in _plain(cell).split())
+        if any(word not in rendered for word in words):
+            return True
+    return False
+
+
+def _prepare(table: Table) -> set[int]:
+    """Figures (right-justified) stay on one line, cut with an ellipsis where they do not fit, so
+    `fit_table` sees it; other text wraps, and folds a long word (which `fit_table` sees too);
+    a column whose caller chose to fold keeps that. Returns the ids of those columns."""
+    folded = set()
+    for column in table.columns:
+        if column.overflow == "fold":
+            folded.add(id(column))
+        elif column.justify == "right":  # a figure
+            column.no_wrap, column.overflow = True, "ellipsis"
+        elif not column.no_wrap:
             column.overflow = "fold"
+    return folded
 
 
 def fit_table(table: Table, width: int, drop: Iterable[str] = ()) -> list[str]:
@@ -81,10 +113,10 @@ def fit_table(table: Table, width: int, drop: Iterable[str] = ()) -> list[str]:
     Returns:
         The headers of the columns left out, in the order they were.
     """
-    _prepare(table)
+    folded = _prepare(table)
     order = [str(name) for name in drop]
     dropped: list[str] = []
-    while len(table.columns) > 1 and _cut_at(table, width):
+    while len(table.columns) > 1 and _cut_at(table, width, folded):
         headers = [str(c.header) for c in table.columns]
         wanted = next((name for name in order if name in headers[1:]), None)
         index = headers.index(wanted) if wanted is not None else len(headers) - 1
@@ -129,3 +161,29 @@ class _StepRate(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         return Text(f"{task.speed:.1f} steps/s" if task.speed else "- steps/s", style="progress.data.speed")
+
+
+@contextmanager
+def bytes_progress(description: str, total: int | None, show: bool | None) -> Iterator[Callable[[int], None]]:
+    """A bytes `progress` bar with one task; yields the callable that advances it (a `moai_ckpt.snapshot.Progress`)."""
+    with progress("bytes", show=show) as bar:
+        task = bar.add_task(description, total=total)
+        yield functools.partial(bar.advance, task)
+
+
+def snapshot_bytes(ckpt: Checkpointer, step: int | None, keys: Iterable[str] | None = None) -> int | None:
+    """Tensor bytes of the snapshot at ``step`` (of its entries ``keys``), for a bar's total; None if unknown."""
+    try:
+        arrays = ckpt.manifest(step).arrays.values()
+    except MoaiCkptError:  # the command itself reports it
+        return None
+    chosen = None if keys is None else tuple(f"{key}/" for key in keys)
+    total = 0
+    for record in arrays:
+        if chosen is not None and not record.path.startswith(chosen):
+            continue
+        try:
+            total += math.prod(record.shape) * from_name(record.dtype).itemsize
+        except ValueError:  # a dtype this version does not know
+            return None
+    return total
