@@ -92,8 +92,9 @@ def _prepare(table: Table) -> set[int]:
     a column whose caller chose to fold keeps that. Returns the ids of those columns."""
     folded = set()
     for column in table.columns:
-        if column.overflow == "fold":
+        if column.overflow == "fold":  # the caller's choice: break anywhere, rather than leave it out
             folded.add(id(column))
+            column.no_wrap = False
         elif column.justify == "right":  # a figure
             column.no_wrap, column.overflow = True, "ellipsis"
         elif not column.no_wrap:
