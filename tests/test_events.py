@@ -64,7 +64,8 @@ def test_save_save_async_and_restore_emit_events_to_logging_hooks_and_the_histor
     assert [r.moai_kind for r in records] == ["save", "save_async", "restore"]  # type: ignore[attr-defined]
     assert records[0].moai_event == save and records[0].moai_bytes == save.bytes  # type: ignore[attr-defined]
     assert "save step 1" in records[0].getMessage()
-    kept = read_events(Checkpointer(url, local=True).storage)
+    with Checkpointer(url, local=True) as reader:
+        kept = read_events(reader.storage)
     assert [(e.kind, e.step, e.bytes) for e in kept] == [(e.kind, e.step, e.bytes) for e in mine]
 
 
@@ -215,7 +216,8 @@ def test_stats_shows_the_restore_and_the_replay_of_a_run_killed_from_outside(tmp
     summary = json.loads(stats(str(run_dir), "--json").stdout)
     assert [(r["step"], r["tier"], r["ok"]) for r in summary["restores"]] == [(restored, "storage", True)]
     assert [(r["step"], r["steps"]) for r in summary["replays"]] == [(replayed_to, result["replayed"])]
-    assert summary["snapshots"]["count"] >= len(Checkpointer(str(run_dir), local=True).steps()) >= 3
+    with Checkpointer(str(run_dir), local=True) as reader:
+        assert summary["snapshots"]["count"] >= len(reader.steps()) >= 3
     table = stats(str(run_dir)).stdout
     assert "…" not in table
     restore_row = next(line for line in table.splitlines() if line.split()[:2] == [str(restored), "storage"])

@@ -151,6 +151,7 @@ def demo_command(
     seed: Annotated[int, typer.Option("--seed", help="Seeds the training and picks the killed rank, step, phase.")] = 0,
     ranks: Annotated[int, typer.Option("--ranks", min=1, help="Worker processes under torchrun.")] = 2,
     keep: Annotated[bool, typer.Option("--keep", help="Keep earlier demos' run directories.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train a small GPT under torchrun, SIGKILL a rank mid-step, and compare the recovered run bitwise.
 
@@ -164,10 +165,12 @@ def demo_command(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     try:
-        comparison = demo.run_demo(options, out)
+        comparison = demo.run_demo(options, err if as_json else out)  # with --json the story goes to stderr
     except demo.DemoError as exc:  # it could not run; the message ends with the tail of a log, kept as lines
         err.print(f"error: {escape(str(exc))}", style="bold red", soft_wrap=True)
         raise typer.Exit(2) from exc
+    if as_json:
+        echo_json(comparison.as_json())
     raise typer.Exit(0 if comparison.bitwise_equal else 1)
 
 
