@@ -224,3 +224,28 @@ def test_stats_shows_the_restore_and_the_replay_of_a_run_killed_from_outside(tmp
     assert f"{summary['restores'][0]['duration_s']:.3f} s" in restore_row
     replay_row = next(line for line in table.splitlines() if line.split()[:2] == ["9", str(result["replayed"])])
     assert f"{summary['replays'][0]['duration_s']:.3f} s" in replay_row
+
+
+def test_a_run_emits_its_snapshots_and_each_log_flush(tmp_path: Path) -> None:
+    from moai_ckpt.run import Run
+
+    got: list[Event] = []
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = Run(str(tmp_path / "run"), snapshot_every=4, log_sync=True, on_event=got.append)
+    try:
+        run.track(model=model, optim=opt)
+        for _ in run.steps(6):
+            opt.zero_grad()
+            loss = model(torch.ones(2, 8)).square().mean()
+            loss.backward()
+            opt.step()
+            run.record(loss=loss)
+    finally:
+        run.close()
+    flushes = [e for e in got if e.kind == "log_flush"]
+    assert {e.step for e in flushes} == {1, 2, 3, 4, 5, 6}  # log_sync: a segment per step
+    assert all(e.bytes > 0 and e.stall_s == 0 and e.ok for e in flushes)
+    saves = [e.step for e in got if e.kind in ("save", "save_async")]
+    assert 0 in saves and 4 in saves  # the base of the log, then every 4 steps
