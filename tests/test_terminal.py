@@ -114,6 +114,7 @@ def test_stats_at_80_columns_and_its_json(run: str) -> None:
     for field in ("blocking_mean_s", "blocking_max_s", "persist_mean_s", "persist_max_s"):
         assert f"{snapshots[field]:.3f} s" in text
     assert binary(snapshots["bytes"]) in text
+    assert f"{snapshots['gb_per_s']:.3g} GB/s" in text  # three significant figures, however slow the disk
     (restore,) = summary["restores"]
     assert restore["step"] == 20 and binary(restore["bytes"]) in text and f"{restore['duration_s']:.3f} s" in text
 

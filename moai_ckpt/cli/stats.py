@@ -102,7 +102,7 @@ def stats_command(url: UrlArg, as_json: JsonOpt = False, storage_option: Storage
         return
     out.print(f"history of {escape(shown_url(url))}: {summary['events']} events", style="bold")
     snapshots = summary["snapshots"]
-    rate = "-" if snapshots["gb_per_s"] is None else f"{snapshots['gb_per_s']:.3f}"
+    rate = "-" if snapshots["gb_per_s"] is None else f"{snapshots['gb_per_s']:.3g}"
     out.print(
         f"snapshots: {snapshots['count']} ({snapshots['async']} async, {snapshots['failed']} failed), "
         f"{human_bytes(snapshots['bytes'])} written at {rate} GB/s"
