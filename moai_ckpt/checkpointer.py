@@ -3,8 +3,9 @@
 It checks arguments, coordinates saves in flight, and hands each operation to the collaborator
 that owns it: `moai_ckpt.catalog` lists and opens snapshots, `moai_ckpt.staging` and
 `moai_ckpt.commit` save one (the commit protocol, phase by phase), `moai_ckpt.restore` loads one,
-`moai_ckpt.verify` checks one, `moai_ckpt.pruner` prunes (by `moai_ckpt.retention` policies), and `moai_ckpt.writer` holds the run
-for this process.
+`moai_ckpt.verify` checks one, `moai_ckpt.pruner` prunes (by `moai_ckpt.retention` policies), and
+`moai_ckpt.writer` holds the run for this process. Each save and restore emits an event
+(`moai_ckpt.events`), which the run's writer also keeps in the run's history (`moai_ckpt.eventlog`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -21,6 +22,8 @@ from moai_ckpt.catalog import SnapshotCatalog
 from moai_ckpt.commit import SnapshotCommit, copy_snapshot
 from moai_ckpt.distributed import World, agree, current_world
 from moai_ckpt.errors import InvalidArgumentError, MoaiCkptError, redact_url
+from moai_ckpt.eventlog import EventHistory
+from moai_ckpt.events import Event, EventHook, EventSink
 from moai_ckpt.format import CommitMarker, Manifest
 from moai_ckpt.options import CheckpointerOptions, valid_info, valid_step
 from moai_ckpt.overlap import OverlapStager
@@ -52,6 +55,8 @@ class Checkpointer:
             list, inspect or verify a run from one rank).
         keep: retention policies applied after each commit (`moai_ckpt.retention`): an int N
             keeps the last N, or a policy, or a list of them (any keeps); None keeps everything.
+        on_event: a hook (or several) called with the `moai_ckpt.events.Event` of each save,
+            save_async and restore of this Checkpointer (after those of `moai_ckpt.events.add_hook`).
         **storage_options: any `CheckpointerOptions` field (``collective_timeout_s=60``);
             everything else goes to the fsspec file system (e.g. ``endpoint_url``), or
             ``fsync=False`` for a local path on a scratch disk.
@@ -75,6 +80,7 @@ class Checkpointer:
         keep: Any = None,
         process_group: Any | None = None,
         local: bool = False,
+        on_event: EventHook | Iterable[EventHook] | None = None,
         **storage_options: Any,
     ) -> None:
         named = {
@@ -106,6 +112,9 @@ class Checkpointer:
         self.run_entry: dict[str, Any] | None = None
         #: what the last `restore` loaded: its step, and which rank's copy of rank-local state
         self.last_restore: RestoreInfo | None = None
+        self._history = EventHistory(self.storage, self.world.rank)
+        #: where this run directory's events go: logging, hooks, the run's history
+        self.events = EventSink(self.url, self.world.rank, on_event, store=self._keep_event)
 
     # -- listing -------------------------------------------------------------------------------
 
@@ -163,9 +172,15 @@ class Checkpointer:
         step, info = self._save_arguments(step, info)
         self._settle_inflight()
         started = time.perf_counter()
-        staged = self._located(step, lambda: self._stage(step, state, info))
-        with self.writer.writing(step):
-            marker = self._commit().run(staged, overwrite=overwrite, progress=progress)
+        try:
+            staged = self._located(step, lambda: self._stage(step, state, info))
+            with self.writer.writing(step):
+                marker = self._commit().run(staged, overwrite=overwrite, progress=progress)
+        except Exception as exc:
+            self.events.failed("save", step, started, exc, stall_s=time.perf_counter() - started)
+            raise
+        took = time.perf_counter() - started
+        self.events.emit("save", step, took, bytes=marker.body.total_bytes, stall_s=took)
         self._retain()
         log.info(
             "saved step %d to %s: %d arrays, %.1f MB in %.2f s",
@@ -216,26 +231,43 @@ class Checkpointer:
         if if_busy == "skip" and previous is not None and not previous.done():
             warnings.warn(f"save of step {step} skipped: step {previous.step} is still being written", stacklevel=2)
             return None
+        called = time.perf_counter()  # the event's stall counts the wait for the previous save too
         self._settle_inflight()
         started = time.perf_counter()
-        self._stager.begin(step, state)
-        staged = self._located(step, lambda: self._stage(step, state, info, copy=self._stager))
+        try:
+            self._stager.begin(step, state)
+            staged = self._located(step, lambda: self._stage(step, state, info, copy=self._stager))
+        except Exception as exc:
+            self.events.failed("save_async", step, called, exc, stall_s=time.perf_counter() - called)
+            raise
         copies = self._stager.pending
         assert copies is not None
         stall = time.perf_counter() - started
+        blocked = time.perf_counter() - called
         writing = self.writer.writing(step)
         writing.__enter__()
         commit = self._commit()
 
         def persist() -> CommitMarker:
+            persisting = time.perf_counter()
             try:
                 copies.finish(staged, self._pool, self.url)
                 marker = commit.run(staged, overwrite=overwrite, progress=progress)
             except Exception as exc:
                 self.writer.failed(step, exc)
+                self.events.failed("save_async", step, called, exc, stall_s=blocked)
                 raise
             finally:
                 writing.__exit__(None, None, None)
+            done = time.perf_counter()
+            self.events.emit(
+                "save_async",
+                step,
+                done - called,
+                bytes=marker.body.total_bytes,
+                stall_s=blocked,
+                persist_s=done - persisting,
+            )
             self._retain()
             return marker
 
@@ -390,9 +422,28 @@ class Checkpointer:
         if not isinstance(state, MutableMapping):
             raise InvalidArgumentError(f"state must be a dict of named objects, got {type(state).__name__}")
         self.wait_staged()  # the restore writes into the objects a save in flight may still be copying
-        info = self._restore.run(state, step, fallback=fallback, restore_rng=restore_rng, progress=progress)
+        started, moved = time.perf_counter(), list[int]()
+
+        def counted(nbytes: int) -> None:
+            moved.append(nbytes)  # atomic: the I/O threads report concurrently
+            if progress is not None:
+                progress(nbytes)
+
+        try:
+            info = self._restore.run(state, step, fallback=fallback, restore_rng=restore_rng, progress=counted)
+        except Exception as exc:
+            took = time.perf_counter() - started
+            self.events.failed("restore", step or 0, started, exc, stall_s=took, bytes=sum(moved))
+            raise
         self.last_restore = info
+        took = time.perf_counter() - started
+        self.events.emit("restore", info.step, took, bytes=sum(moved), stall_s=took, tier="storage")
         return info.step
+
+    def _keep_event(self, event: Event) -> None:
+        """Keep ``event`` in the run's history if this process is the run's writer (holds its lease)."""
+        if self.world.rank == 0 and self.writer.lease is not None:
+            self._history.append(event)
 
     # -- integrity and housekeeping ------------------------------------------------------------
 

@@ -17,6 +17,7 @@
     lease/<epoch:012d>.json                         lease_key: the writer lease, one per epoch
     reports/replay-<stamp>-from-<base:012d>.json    replay_report_key: what each replay checked
     plans/profile-<device>-<hash>[-analytic].json   profile_key: cached model profiles
+    events/<time_ns:020d>-<rank:05d>-<token>.json   event_key: one event of the run's history
 
 Names are strict: a step or log directory is exactly twelve ASCII digits, a log segment
 ``<12 digits>-<12 digits>.seg``, a lease ``<12 digits>.json``; anything else below ``snapshots/``,
@@ -39,6 +40,7 @@ LOG = "log"
 LEASE = "lease"
 REPORTS = "reports"
 PLANS = "plans"
+EVENTS = "events"
 MANIFEST = "manifest.json"
 COMMIT = "commit.json"
 CLAIM = "claim.json"
@@ -54,6 +56,7 @@ _SEGMENT_NAME = re.compile(r"([0-9]{12})-([0-9]{12})\.seg", re.ASCII)
 _LEASE_NAME = re.compile(r"([0-9]{12})\.json", re.ASCII)
 _LABEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
 _CAPTURE_RANK = re.compile(r"^rank-(\d{5})$")
+_EVENT_NAME = re.compile(r"([0-9]{20})-([0-9]{5})-([0-9a-f]{8})\.json", re.ASCII)
 _REPLAY_REPORT = re.compile(r"replay-.+-from-[0-9]{12}\.json", re.ASCII)
 #: names below ``log/`` that are ours but not a log
 _LOG_NON_STEPS = frozenset({QUARANTINE.rsplit("/", 1)[1], OPS.rsplit("/", 1)[1]})
@@ -267,3 +270,19 @@ def profile_key(device_type: str, model_hash: str, *, analytic: bool = False) ->
 
 def is_profile_key(key: str) -> bool:
     return key.startswith(f"{PLANS}/profile-") and key.endswith(".json")
+
+
+# -- the run's history of events -----------------------------------------------------------------
+
+
+def event_key(time_ns: int, rank: int, token: str) -> str:
+    """``events/<time_ns:020d>-<rank:05d>-<token>.json``: names sort by time; ``token`` is 8 hex digits."""
+    if not 0 <= time_ns < 10**20 or not 0 <= rank < 10**5 or not re.fullmatch(r"[0-9a-f]{8}", token):
+        raise ValueError(f"no event key for time {time_ns}, rank {rank}, token {token!r}")
+    return f"{EVENTS}/{time_ns:020d}-{rank:05d}-{token}.json"
+
+
+def parse_event_name(name: str) -> int | None:
+    """The time (ns since the epoch) an ``events/`` entry's name spells, or None for anything else."""
+    m = _EVENT_NAME.fullmatch(name)
+    return int(m.group(1)) if m is not None else None

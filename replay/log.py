@@ -436,10 +436,13 @@ class LogWriter:
         flush_every: int = 1,
         flush_seconds: float | None = None,
         fence: Callable[[], None] | None = None,
+        on_flush: Callable[[int, int, float], None] | None = None,
     ) -> None:
         if flush_every < 1:
             raise ValueError("flush_every must be at least 1")
         self.storage = storage
+        #: called after every segment write with its last step, its size and the seconds it took
+        self.on_flush = on_flush
         #: called before every segment write: raises when this writer no longer holds the run
         #: (a zombie after a takeover writes no further segment)
         self.fence = fence
@@ -550,9 +553,13 @@ class LogWriter:
         if fault is not None:
             self.storage.write(key, data)  # written, not yet durable
             faults.fire(fault)
+        started = time.perf_counter()
         self.storage.write_durable(key, data)
+        last = self._steps[-1]
         self._frames, self._steps = [], []
         self.segments_written += 1
+        if self.on_flush is not None:
+            self.on_flush(last, len(data), time.perf_counter() - started)
 
     def close(self) -> None:
         self.flush()

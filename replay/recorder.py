@@ -407,6 +407,7 @@ class Recorder:
             flush_every=old.flush_every,
             flush_seconds=old.flush_seconds,
             fence=old.fence,
+            on_flush=old.on_flush,
         )
         self.writer.copy(carried, self._tail)  # one segment per header, each all or nothing
         self.writer.set_header(old.header)  # live records go on under the header of now

@@ -37,6 +37,7 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.digest",
             "moai_ckpt.digest_cuda",
             "moai_ckpt.faults",
+            "moai_ckpt.events",
         ),
     ),
     (
@@ -77,6 +78,7 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.retention",
             "moai_ckpt.pruner",
             "moai_ckpt.verify",
+            "moai_ckpt.eventlog",
             "moai_ckpt.checkpointer",
         ),
     ),

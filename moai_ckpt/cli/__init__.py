@@ -6,6 +6,8 @@
 - `restore`: ``restore``, ``replay`` (with `sessions` and `code`: running a training function offline);
 - `ops`: ``capture``, ``diff-ops`` (and ``replay --ops``);
 - `plan`: ``plan``;
+- `stats`: ``stats`` (a run's history of events);
+- `terminal`: tables fitted to the terminal's width, progress bars;
 - `moai_ckpt.tools.cli`: ``demo`` and the ``chaos`` group.
 
 ``moai-ckpt`` (the console script) and ``python -m moai_ckpt.cli`` run `main`.
@@ -13,7 +15,7 @@
 
 from __future__ import annotations
 
-from moai_ckpt.cli import interop, ops, plan, restore, snapshots
+from moai_ckpt.cli import interop, ops, plan, restore, snapshots, stats
 from moai_ckpt.cli.base import app, register
 from moai_ckpt.tools import cli as tools
 
@@ -32,6 +34,7 @@ register(
     ops.capture_command,
     ops.diff_ops_command,
     plan.plan_command,
+    stats.stats_command,
 )
 app.add_typer(tools.chaos_app)
 

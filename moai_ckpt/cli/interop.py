@@ -8,6 +8,7 @@ moai-ckpt export-dcp s3://bucket/run outputs/checkpoint/step-1000
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -21,9 +22,11 @@ from moai_ckpt.cli.base import (
     command,
     echo_json,
     human_bytes,
+    open_run,
     out,
     parse_pairs,
 )
+from moai_ckpt.cli.terminal import ProgressOpt, bytes_progress, snapshot_bytes
 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace what the destination already holds.")]
 DcpDirArg = Annotated[str, typer.Argument(help="DCP checkpoint directory: a local path or an fsspec URL.")]
@@ -50,6 +53,7 @@ def export_weights(
     ] = "5GB",
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    show_progress: ProgressOpt = None,
     storage_option: StorageOpt = None,
 ) -> None:
     """Export a snapshot's model weights as safetensors files that transformers' from_pretrained loads.
@@ -60,15 +64,17 @@ def export_weights(
     from moai_ckpt.interop.safetensors import export_safetensors
 
     size: int | str = int(max_shard_size) if max_shard_size.isdigit() else max_shard_size
-    result = export_safetensors(
-        url,
-        to,
-        step=step,
-        key=key,
-        max_shard_size=size,
-        overwrite=overwrite,
-        **parse_pairs(storage_option),
-    )
+    with bytes_progress("export", _snapshot_total(url, storage_option, step, [key]), show_progress) as advance:
+        result = export_safetensors(
+            url,
+            to,
+            step=step,
+            key=key,
+            max_shard_size=size,
+            overwrite=overwrite,
+            progress=advance,
+            **parse_pairs(storage_option),
+        )
     if as_json:
         echo_json({"format": fmt.value, **vars(result)})
         return
@@ -106,21 +112,24 @@ def import_dcp_command(
     ] = None,
     overwrite: OverwriteOpt = False,
     as_json: JsonOpt = False,
+    show_progress: ProgressOpt = None,
     storage_option: StorageOpt = None,
 ) -> None:
     """Save a DCP checkpoint (torch.distributed.checkpoint, e.g. torchtitan's) as a snapshot of URL."""
     from moai_ckpt.interop.dcp import import_dcp
 
-    result = import_dcp(
-        dcp_dir,
-        url,
-        step=step,
-        trust_metadata=trust,
-        top_level_key=top_level_key,
-        module_keys=module_key or None,
-        overwrite=overwrite,
-        **parse_pairs(storage_option),
-    )
+    with bytes_progress("import", _dcp_total(dcp_dir), show_progress) as advance:
+        result = import_dcp(
+            dcp_dir,
+            url,
+            step=step,
+            trust_metadata=trust,
+            top_level_key=top_level_key,
+            module_keys=module_key or None,
+            overwrite=overwrite,
+            progress=advance,
+            **parse_pairs(storage_option),
+        )
     if as_json:
         echo_json(vars(result))
         return
@@ -156,20 +165,24 @@ def export_dcp_command(
         ),
     ] = False,
     as_json: JsonOpt = False,
+    show_progress: ProgressOpt = None,
     storage_option: StorageOpt = None,
 ) -> None:
     """Write a snapshot as a DCP checkpoint that torch.distributed.checkpoint.load reads."""
     from moai_ckpt.interop.dcp import export_dcp
 
-    result = export_dcp(
-        url,
-        dcp_dir,
-        step=step,
-        keys=key or None,
-        overwrite=overwrite,
-        trust_payloads=trust_payloads,
-        **parse_pairs(storage_option),
-    )
+    total = _snapshot_total(url, storage_option, step, key or None)
+    with bytes_progress("export", total, show_progress) as advance:
+        result = export_dcp(
+            url,
+            dcp_dir,
+            step=step,
+            keys=key or None,
+            overwrite=overwrite,
+            trust_payloads=trust_payloads,
+            progress=advance,
+            **parse_pairs(storage_option),
+        )
     if as_json:
         echo_json(vars(result))
         return
@@ -178,6 +191,18 @@ def export_dcp_command(
         f"to {escape(result.dcp_dir)}",
         soft_wrap=True,
     )
+
+
+def _snapshot_total(url: str, pairs: list[str] | None, step: int | None, keys: list[str] | None) -> int | None:
+    """The tensor bytes an export reads, for its progress bar (every entry's when ``keys`` is None)."""
+    with open_run(url, pairs) as ckpt:
+        return snapshot_bytes(ckpt, step, keys)
+
+
+def _dcp_total(dcp_dir: str) -> int | None:
+    """The bytes of a local DCP checkpoint's data files (None for a URL), for the import's progress bar."""
+    folder = Path(dcp_dir)
+    return sum(f.stat().st_size for f in folder.glob("*.distcp")) if folder.is_dir() else None
 
 
 __all__ = ["ExportFormat", "export_dcp_command", "export_weights", "import_dcp_command"]

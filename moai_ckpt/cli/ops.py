@@ -31,6 +31,7 @@ from moai_ckpt.cli.base import (
 )
 from moai_ckpt.cli.code import CodeChoice, EntryOpt, KwargEnvOpt, KwargOpt, TrustOpt, choose_code
 from moai_ckpt.cli.sessions import Code, DeviceOpt, ReplayPlan, WorldOpt, announce, run_session
+from moai_ckpt.cli.terminal import print_table
 from moai_ckpt.errors import MoaiCkptError, SnapshotNotFoundError
 from moai_ckpt.opcapture import SOURCE_ENV
 from moai_ckpt.run.resume import current_placement
@@ -186,7 +187,7 @@ def _list(url: str, storage_option: list[str] | None, as_json: bool) -> None:
     for r in rows:
         ranks = ",".join(map(str, r["ranks"])) + (f" (torn: {r['torn']})" if r["torn"] else "")
         table.add_row(str(r["step"]), r["label"], ranks, str(r.get("ops", "-")), str(r.get("device", "-")))
-    out.print(table)
+    print_table(table)
 
 
 # -- diff-ops --------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def print_diff(report: DiffReport) -> None:
                 "",
                 "(ops only one stream has changed no aligned op's inputs or outputs: e.g. a sampler's permutation drawn again after a restore)",
             )
-        out.print(table)
+        print_table(table)
         return
     first = report.first
     if first is not None:
@@ -278,7 +279,7 @@ def print_diff(report: DiffReport) -> None:
         table.add_row(name, f"A {_fmt(x, '.9g')}, B {_fmt(y, '.9g')} (rel {_fmt(r)})")
     if report.params_worst:
         table.add_row("parameters", f"most moved {report.params_worst} (norm rel {_fmt(report.params_max_norm_rel)})")
-    out.print(table)
+    print_table(table)
 
 
 # -- replay --ops ----------------------------------------------------------------------------------
@@ -333,7 +334,7 @@ def _print_replay(report: OpReplayReport) -> None:
             _fmt(c.state_rel if c else None, ".2e"),
             verdict,
         )
-    out.print(table)
+    print_table(table)
     for s in report.steps:
         if s.first is not None:
             out.print(f"step {s.step}: first divergent op {s.first.describe()}", soft_wrap=True)

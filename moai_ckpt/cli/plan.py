@@ -24,6 +24,7 @@ import typer
 from rich.markup import escape
 
 from moai_ckpt.cli.base import JsonOpt, StorageOpt, command, err, new_table, out, parse_pairs
+from moai_ckpt.cli.terminal import print_table
 from moai_ckpt.errors import ModelFunctionError, ProfileError
 from moai_ckpt.layout import PLANS, SNAPSHOTS, parse_snapshot_dir
 from moai_ckpt.storage import Storage, open_storage
@@ -192,7 +193,7 @@ def plan_command(
         if not as_json:
             err.print(f"the snapshot of step {recorded.step} records: {escape(recorded.plan.summary())}", style="dim")
             if decision.changed:
-                out.print(compare(recorded.plan, plan, decision.reason))
+                print_table(compare(recorded.plan, plan, decision.reason))
             else:
                 out.print(f"a restore on these devices keeps it ({escape(decision.reason)})")
             out.print()
@@ -209,6 +210,6 @@ def plan_command(
         else f"measured on {profile.device.label} at micro-batch {profile.micro_batch}"
     )
     err.print(f"profile: {profile.num_layers} layers, {profile.params:,} parameters, {how}", style="dim")
-    out.print(plan.explain(top))
+    print_table(plan.explain(top), drop=("note", "bubble", "comm", "compute", "stages", "micro"))
     out.print()
-    out.print(_stages_table(plan))
+    print_table(_stages_table(plan), drop=("first .. last",))

@@ -22,6 +22,7 @@ from moai_ckpt.cli.base import JsonOpt, StorageOpt, UrlArg, command, echo_json, 
 from moai_ckpt.cli.code import CodeChoice, EntryOpt, KwargEnvOpt, KwargOpt, TrustOpt, choose_code
 from moai_ckpt.cli.ops import capture_after_divergence, print_diff, replay_ops
 from moai_ckpt.cli.sessions import DeviceOpt, ReplayPlan, TargetOpt, WorldOpt, announce, run_session
+from moai_ckpt.cli.terminal import ProgressOpt, bytes_progress, print_table, snapshot_bytes
 from moai_ckpt.errors import ChecksumError
 from moai_ckpt.layout import RUN_INFO
 from moai_ckpt.run.session import Session
@@ -33,11 +34,11 @@ __all__ = ["replay_run", "restore_run"]
 # -- nothing to replay: from the data alone --------------------------------------------------------
 
 
-def _restore_from_data(plan: ReplayPlan, to: str | None) -> ReplayReport:
+def _restore_from_data(plan: ReplayPlan, to: str | None, show: bool | None = None) -> ReplayReport:
     """The target is a snapshot: verify it and, with ``to``, copy it there (marker last). No code runs."""
     started = time.perf_counter()
     with open_run(plan.url, plan.storage_option) as source:
-        _verified(source, plan.base)
+        _verified(source, plan.base, show)
         checked = time.perf_counter() - started
         copied = time.perf_counter()
         if to is not None:
@@ -59,8 +60,9 @@ def _restore_from_data(plan: ReplayPlan, to: str | None) -> ReplayReport:
     )
 
 
-def _verified(ckpt: Checkpointer, step: int) -> None:
-    report = ckpt.verify(step)
+def _verified(ckpt: Checkpointer, step: int, show: bool | None = None) -> None:
+    with bytes_progress(f"verify step {step}", snapshot_bytes(ckpt, step), show) as advance:
+        report = ckpt.verify(step, progress=advance)
     if not report.ok:
         first = report.faults[0]
         raise ChecksumError(
@@ -153,6 +155,7 @@ def restore_run(
     kwarg: KwargOpt = None,
     kwarg_env: KwargEnvOpt = None,
     as_json: JsonOpt = False,
+    show_progress: ProgressOpt = None,
     storage_option: StorageOpt = None,
 ) -> None:
     """Materialize the state at the last logged step: snapshot + replay, committed as a snapshot.
@@ -168,18 +171,18 @@ def restore_run(
         code = choose_code(plan, choice)
         announce(plan, code, "restoring")
         session = Session(mode="restore", storage=url, step=plan.target, to=to, progress=True)
-        report = run_session(plan, code, session, world_size, device)
+        report = run_session(plan, code, session, world_size, device, show_progress)
     else:
         err.print(f"step {plan.target} is a snapshot: nothing to replay, no training code runs", style="dim")
-        report = _restore_from_data(plan, to)
+        report = _restore_from_data(plan, to, show_progress)
     elapsed = time.perf_counter() - started
     where = shown_url(to or plan.url)
     if as_json:
         echo_json({"report": json.loads(report.model_dump_json()), "elapsed_s": elapsed, "to": where})
         return
-    out.print(_summary_table(report, plan, to or plan.url, "restore"))
+    print_table(_summary_table(report, plan, to or plan.url, "restore"))
     if report.steps and (not report.bitwise or report.replayed <= 12):
-        out.print(_steps_table(report, report.strict))
+        print_table(_steps_table(report, report.strict))
     out.print(f"done in {elapsed:.2f} s; a relaunch on {escape(where)} starts at step {report.last_step + 1}")
 
 
@@ -203,6 +206,7 @@ def replay_run(
     kwarg: KwargOpt = None,
     kwarg_env: KwargEnvOpt = None,
     as_json: JsonOpt = False,
+    show_progress: ProgressOpt = None,
     storage_option: StorageOpt = None,
 ) -> None:
     """Show what a restart would replay, or (--verify) re-run it and compare every step with the log.
@@ -223,14 +227,14 @@ def replay_run(
     code = choose_code(plan, choice)
     announce(plan, code, "verifying")
     session = Session(mode="verify", storage=url, step=plan.target, progress=True)
-    report = run_session(plan, code, session, world_size, device)
+    report = run_session(plan, code, session, world_size, device, show_progress)
     strict = not report.placement_changes
     if as_json:
         echo_json(json.loads(report.model_dump_json()))
     else:
-        out.print(_summary_table(report, plan, None, "replay --verify"))
+        print_table(_summary_table(report, plan, None, "replay --verify"))
         if report.steps:
-            out.print(_steps_table(report, strict))
+            print_table(_steps_table(report, strict))
         first = report.first_divergence()
         if first is not None and strict:
             out.print(f"[bold red]non-deterministic:[/] {first.describe()}")
@@ -287,6 +291,6 @@ def _show_log(plan: ReplayPlan, storage_option: list[str] | None, as_json: bool)
         where = escape(where)  # names read from storage: never markup
         samples = str(len(r.samples)) if r.samples is not None else ("batch" if r.batch else "-")
         table.add_row(str(r.step), samples, _fmt(r.digests.loss), _fmt(r.digests.grad_norm), _fmt(lr), where)
-    out.print(table)
+    print_table(table)
     if plan.problem:
         out.print(f"[yellow]the log is damaged:[/] {escape(plan.problem)}")

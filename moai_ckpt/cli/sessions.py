@@ -22,9 +22,9 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moai_ckpt.cli.base import MAX_STEP, err, open_run, shown_url
+from moai_ckpt.cli.terminal import progress
 from moai_ckpt.entry import CALL_ENV, RecordedCall, describe, parse_recorded
 from moai_ckpt.errors import CorruptSnapshotError, MoaiCkptError, SnapshotNotFoundError
 from moai_ckpt.format import RunInfo
@@ -113,8 +113,16 @@ class Code:
 # -- running a session -----------------------------------------------------------------------------
 
 
-def run_session(plan: ReplayPlan, code: Code, session: Session, world_size: int, device: str | None) -> ReplayReport:
-    """Run the training function under ``session``: in this process, or on ``world_size`` ranks."""
+def run_session(
+    plan: ReplayPlan,
+    code: Code,
+    session: Session,
+    world_size: int,
+    device: str | None,
+    show_progress: bool | None = None,
+) -> ReplayReport:
+    """Run the training function under ``session``: in this process (with a progress bar of its steps,
+    `moai_ckpt.cli.terminal.progress`), or on ``world_size`` ranks."""
     env = dict(session.to_env())
     if device is not None:
         if device not in ("cpu", "cuda"):
@@ -124,7 +132,7 @@ def run_session(plan: ReplayPlan, code: Code, session: Session, world_size: int,
         report_path = os.path.join(scratch, "report.json")
         env.update(session.model_copy(update={"report": report_path}).to_env())
         if world_size == 1:
-            _in_process(plan, code, env, session.mode)
+            _in_process(plan, code, env, session.mode, show_progress)
         else:
             _with_torchrun(code, env, world_size)
         if not os.path.exists(report_path):
@@ -147,11 +155,10 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _in_process(plan: ReplayPlan, code: Code, env: dict[str, str], mode: str) -> None:
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with _environment(env), Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task(f"{mode}: replaying from step {plan.base}", total=plan.target - plan.base)
-        on_progress(lambda step, target: progress.update(task, completed=step - plan.base))
+def _in_process(plan: ReplayPlan, code: Code, env: dict[str, str], mode: str, show: bool | None) -> None:
+    with _environment(env), progress("steps", show=show) as bar:
+        task = bar.add_task(f"{mode}: replaying from step {plan.base}", total=plan.target - plan.base)
+        on_progress(lambda step, target: bar.update(task, completed=step - plan.base))
         try:
             call(code.function, code.args, code.kwargs, recorded=code.recorded)
         finally:

@@ -18,14 +18,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 
 from moai_ckpt.checkpointer import Checkpointer
@@ -43,8 +35,9 @@ from moai_ckpt.cli.base import (
     out,
     shown_url,
 )
+from moai_ckpt.cli.terminal import ProgressOpt, print_table, progress, snapshot_bytes
 from moai_ckpt.dtypes import from_name
-from moai_ckpt.errors import MoaiCkptError, SnapshotNotFoundError, UnsupportedFormatError
+from moai_ckpt.errors import SnapshotNotFoundError, UnsupportedFormatError
 from moai_ckpt.format import ArrayRecord, Manifest
 from moai_ckpt.layout import snapshot_dir
 from moai_ckpt.pruner import PrunePlan
@@ -162,7 +155,7 @@ def list_snapshots(
         if as_json:
             echo_json([_entry_json(e) for e in shown])
             return
-        out.print(_snapshots_table(ckpt.url, shown, show_all))
+        print_table(_snapshots_table(ckpt.url, shown, show_all), drop=("devices", "created"))
         for e in shown:
             if e.status != "committed":
                 out.print(
@@ -278,8 +271,10 @@ def _header(data: dict[str, Any]) -> Table:
 
 
 def _print_inspect(data: dict[str, Any], manifest: Manifest) -> None:
-    for part in (_header(data), _entries_table(manifest), _arrays_table(manifest)):
-        out.print(part)
+    out.print(_header(data))
+    out.print()
+    for table in (_entries_table(manifest), _arrays_table(manifest)):
+        print_table(table)
         out.print()
     for key, value in data["extras"].items():
         out.print(f"[italic]json[/] [bold]{escape(key)}[/]")
@@ -344,32 +339,11 @@ def _verify_targets(ckpt: Checkpointer, step: int | None, every: bool) -> list[S
     return [entry]
 
 
-def _expected_bytes(ckpt: Checkpointer, step: int) -> int | None:
-    try:
-        return sum(_array_bytes(r) or 0 for r in ckpt.manifest(step).arrays.values())
-    except MoaiCkptError:  # unreadable manifest: verify reports it as a fault
-        return None
-
-
-def _progress() -> Progress:
-    """A bytes progress bar on stderr that disappears when done (and stays off when not a terminal)."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
-
-
-def _verify_all(ckpt: Checkpointer, targets: list[SnapshotEntry]) -> list[_Verified]:
+def _verify_all(ckpt: Checkpointer, targets: list[SnapshotEntry], show: bool | None = None) -> list[_Verified]:
     results = []
-    with _progress() as bar:
+    with progress("bytes", show=show) as bar:
         for entry in targets:
-            task = bar.add_task(f"verify step {entry.step}", total=_expected_bytes(ckpt, entry.step))
+            task = bar.add_task(f"verify step {entry.step}", total=snapshot_bytes(ckpt, entry.step))
             started = time.perf_counter()
             report = ckpt.verify(entry.step, progress=functools.partial(bar.advance, task))
             results.append(_Verified(report, time.perf_counter() - started))
@@ -403,18 +377,19 @@ def verify_snapshots(
     step: StepOpt = None,
     every: Annotated[bool, typer.Option("--all", "-a", help="Verify every committed snapshot.")] = False,
     as_json: JsonOpt = False,
+    show_progress: ProgressOpt = None,
     storage_option: StorageOpt = None,
 ) -> None:
     """Re-read every chunk and check every checksum; exit 1 if anything is wrong."""
     if every and step is not None:
         raise typer.BadParameter("give either --step or --all, not both", param_hint="'--step'")
     with open_run(url, storage_option) as ckpt:
-        results = _verify_all(ckpt, _verify_targets(ckpt, step, every))
+        results = _verify_all(ckpt, _verify_targets(ckpt, step, every), show_progress)
     if as_json:
         echo_json([r.as_json() for r in results])
     else:
         if any(not r.report.ok for r in results):
-            out.print(_faults_table(results))
+            print_table(_faults_table(results))
         for r in results:
             out.print(_summary(r), soft_wrap=True)
     if any(not r.report.ok for r in results):

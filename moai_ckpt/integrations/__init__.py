@@ -2,6 +2,8 @@
 
 - `moai_ckpt.integrations.lightning`: PyTorch Lightning (`MoaiFaultTolerance`, and `MoaiCheckpointIO`
   from `lightning_io`).
+- `moai_ckpt.integrations.tensorboard`: event hooks for TensorBoard and W&B-style loggers
+  (`TensorBoardEvents`, `MetricsEvents`; see `moai_ckpt.events`).
 - `moai_ckpt.integrations.hf`: Hugging Face `transformers.Trainer` (`MoaiTrainerCallback`) and
   Accelerate (`save_state`, `load_state`, `register_state_hooks`).
 

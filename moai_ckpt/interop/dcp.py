@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.planner import ReadItem, WriteItem, WriteItemT
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.errors import InteropError, UnserializableStateError, UntrustedDataError
 from moai_ckpt.interop.state import is_rng_entry, open_reader, read_entries
+from moai_ckpt.snapshot import Progress
 from moai_ckpt.tree import TensorSink, encode
 
 INFO_KEY = "dcp"
@@ -343,6 +344,7 @@ def import_dcp(
     top_level_key: str = "model",
     module_keys: Iterable[str] | None = None,
     overwrite: bool = False,
+    progress: Progress | None = None,
     **storage_options: Any,
 ) -> DcpImport:
     """Save a DCP checkpoint as a committed snapshot of the run at ``url``.
@@ -356,6 +358,7 @@ def import_dcp(
         module_keys: entries to record as modules (default ``["model"]``, when it is a flat
             state dict of tensors; an entry named here that is not one is an error).
         overwrite: replace a committed snapshot at ``step``.
+        progress: called with the byte count of each chunk the snapshot writes.
         **storage_options: passed to the run directory's storage back end.
 
     Returns:
@@ -375,7 +378,7 @@ def import_dcp(
         step = step_from_dir(dcp_dir) or 0
     info = {INFO_KEY: {"top_level_key": gathered, "opaque": opaque}}
     with Checkpointer(url, local=True, capture_rng=False, **storage_options) as ckpt:
-        ckpt.save(step, objects, overwrite=overwrite, info=info)
+        ckpt.save(step, objects, overwrite=overwrite, info=info, progress=progress)
         written = ckpt.url
     return DcpImport(
         url=written,
@@ -452,6 +455,7 @@ def export_dcp(
     keys: Iterable[str] | None = None,
     overwrite: bool = False,
     trust_payloads: bool = False,
+    progress: Progress | None = None,
     **storage_options: Any,
 ) -> DcpExport:
     """Write a snapshot as a DCP checkpoint that `torch.distributed.checkpoint.load` reads.
@@ -473,6 +477,7 @@ def export_dcp(
         keys: the entries to write (default: every entry except moai-ckpt's RNG states).
         overwrite: replace a DCP checkpoint already in ``dcp_dir``.
         trust_payloads: write raw payloads kept by an import (refused otherwise, naming them).
+        progress: called with the byte count of each chunk read from the snapshot.
         **storage_options: passed to the run directory's storage back end.
 
     Returns:
@@ -486,7 +491,7 @@ def export_dcp(
     """
     with open_reader(url, step, **storage_options) as reader:
         chosen = [k for k in reader.manifest.objects if not is_rng_entry(k)] if keys is None else list(keys)
-        state = read_entries(reader, chosen)
+        state = read_entries(reader, chosen, progress)
         info = reader.manifest.info.get(INFO_KEY)
         source, step = reader.storage.url, reader.step
     state = _hoist(state, info, source, step)

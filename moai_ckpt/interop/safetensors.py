@@ -27,7 +27,7 @@ from moai_ckpt.dtypes import from_name
 from moai_ckpt.errors import InteropError, MoaiCkptError
 from moai_ckpt.format import ArrayRecord
 from moai_ckpt.interop.state import check_entries, open_reader
-from moai_ckpt.snapshot import SnapshotReader
+from moai_ckpt.snapshot import Progress, SnapshotReader
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -136,11 +136,16 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _write_shard(
-    reader: SnapshotReader, weights: dict[str, str], names: list[str], path: Path, metadata: dict[str, str]
+    reader: SnapshotReader,
+    weights: dict[str, str],
+    names: list[str],
+    path: Path,
+    metadata: dict[str, str],
+    progress: Progress | None = None,
 ) -> None:
     from safetensors.torch import save_file
 
-    tensors = reader.read_arrays(sorted({weights[n] for n in names}))
+    tensors = reader.read_arrays(sorted({weights[n] for n in names}), progress)
     shard: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     for name in names:
@@ -165,7 +170,13 @@ def _local_writes(directory: Path) -> Iterator[None]:
 
 
 def _write_files(
-    reader: SnapshotReader, weights: dict[str, str], split: Any, out: Path, overwrite: bool, key: str
+    reader: SnapshotReader,
+    weights: dict[str, str],
+    split: Any,
+    out: Path,
+    overwrite: bool,
+    key: str,
+    progress: Progress | None = None,
 ) -> list[str]:
     """Write the shards under temporary names, rename them, write the index, drop stale files."""
     stale = _clear_target(out, overwrite)
@@ -175,7 +186,7 @@ def _write_files(
         for filename, names in split.filename_to_tensors.items():
             temporary = out / f".{filename}.{os.getpid()}.tmp"
             staged.append((temporary, out / filename))
-            _write_shard(reader, weights, names, temporary, metadata)
+            _write_shard(reader, weights, names, temporary, metadata, progress)
         for temporary, final in staged:
             os.replace(temporary, final)
     finally:
@@ -201,6 +212,7 @@ def export_safetensors(
     key: str = "model",
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
+    progress: Progress | None = None,
     **storage_options: Any,
 ) -> SafetensorsExport:
     """Write the weights of snapshot entry ``key`` as safetensors files that ``from_pretrained`` loads.
@@ -215,6 +227,7 @@ def export_safetensors(
         max_shard_size: largest shard, bytes or a size such as ``"5GB"`` / ``"500MB"``; a tensor
             larger than this gets a shard of its own (as in ``transformers``).
         overwrite: replace model files already in ``directory`` (stale shards are removed).
+        progress: called with the byte count of each chunk read.
         **storage_options: passed to the storage back end.
 
     Returns:
@@ -242,7 +255,7 @@ def export_safetensors(
         except ValueError as exc:
             raise InteropError(f"max shard size {max_shard_size!r}: {exc}", url=reader.storage.url) from None
         with _local_writes(out):
-            files = _write_files(reader, weights, split, out, overwrite, key)
+            files = _write_files(reader, weights, split, out, overwrite, key, progress)
         return SafetensorsExport(
             directory=str(out),
             step=reader.step,

@@ -14,7 +14,7 @@ from typing import Any
 from moai_ckpt.capture import RNG_KEY
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.errors import InteropError
-from moai_ckpt.snapshot import SnapshotReader
+from moai_ckpt.snapshot import Progress, SnapshotReader
 from moai_ckpt.tree import decode, tensor_refs
 
 
@@ -46,12 +46,13 @@ def check_entries(reader: SnapshotReader, keys: Iterable[str]) -> list[str]:
     return keys
 
 
-def read_entries(reader: SnapshotReader, keys: Iterable[str]) -> dict[str, Any]:
-    """Decode the entries ``keys`` of an open snapshot; their tensors are read (and checked) at once."""
+def read_entries(reader: SnapshotReader, keys: Iterable[str], progress: Progress | None = None) -> dict[str, Any]:
+    """Decode the entries ``keys`` of an open snapshot; their tensors are read (and checked) at once
+    (``progress`` is called with the byte count of each chunk read)."""
     keys = check_entries(reader, keys)
     objects = reader.manifest.objects
     names = sorted({ref for key in keys for ref in tensor_refs(objects[key].tree)})
-    tensors = reader.read_arrays(names)
+    tensors = reader.read_arrays(names, progress)
     return {key: decode(objects[key].tree, tensors) for key in keys}
 
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
 
 from moai_ckpt.entry import function_spec, record_call
 from moai_ckpt.errors import ReplayDivergenceError
+from moai_ckpt.events import EventHook
 from moai_ckpt.opcapture import capture_divergence
 from moai_ckpt.run.handle import Run
 from moai_ckpt.run.options import RunOptions
@@ -41,7 +42,11 @@ __all__ = ["fault_tolerant"]
 
 
 def fault_tolerant(
-    storage: str | None = None, *, options: RunOptions | None = None, **kwargs: Any
+    storage: str | None = None,
+    *,
+    options: RunOptions | None = None,
+    on_event: EventHook | Iterable[EventHook] | None = None,
+    **kwargs: Any,
 ) -> Callable[[Callable[..., R]], Callable[..., R]]:
     """Make a training function resumable at its last completed step (see the module docstring).
 
@@ -53,6 +58,8 @@ def fault_tolerant(
         storage: the run directory (any fsspec URL). ``{name}`` fields are filled from the keyword
             arguments of the call (``storage="{run_dir}"`` with ``train(run_dir="runs/7")``).
         options: every option at once, as a `RunOptions` (then no other keyword argument).
+        on_event: a hook (or several) called with each `moai_ckpt.events.Event` of the run
+            (snapshots, the restore, the replay, log flushes); see docs/observability.md.
         **kwargs: `RunOptions` fields, among them:
 
             - ``snapshot_every``: steps between snapshots (None: only ``snapshot_every_s``);
@@ -87,18 +94,20 @@ def fault_tolerant(
     chosen = RunOptions.from_call("fault_tolerant", storage, options, kwargs)
 
     def wrap(fn: Callable[..., R]) -> Callable[..., R]:
-        return _wrap(chosen, fn)
+        return _wrap(chosen, fn, on_event)
 
     return wrap
 
 
-def _wrap(options: RunOptions, fn: Callable[..., R]) -> Callable[..., R]:
+def _wrap(
+    options: RunOptions, fn: Callable[..., R], on_event: EventHook | Iterable[EventHook] | None = None
+) -> Callable[..., R]:
     @functools.wraps(fn)
     def runner(*args: Any, **kwargs: Any) -> R:
         if options.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        run = Run(_storage_url(options.storage, kwargs), options=options)
+        run = Run(_storage_url(options.storage, kwargs), options=options, on_event=on_event)
         run.entry = record_call(fn, args, kwargs, options.record_args)
         try:
             result = fn(run, *args, **kwargs)

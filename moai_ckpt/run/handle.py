@@ -33,6 +33,7 @@ from moai_ckpt import faults
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.distributed import World, current_world
 from moai_ckpt.errors import MoaiCkptError
+from moai_ckpt.events import EventHook
 from moai_ckpt.opcapture import OpCaptureHooks, hooks_for
 from moai_ckpt.pruning import RunRetention
 from moai_ckpt.run import report as replay_report
@@ -69,6 +70,8 @@ class Run:
             run options, `Checkpointer` options and storage options, over the environment and
             the config file).
         device: where this rank's model lives (default: `device`'s choice).
+        on_event: a hook (or several) called with each `moai_ckpt.events.Event` of the run:
+            snapshots, the restore, the replay, log flushes.
     """
 
     def __init__(
@@ -77,12 +80,13 @@ class Run:
         *,
         options: RunOptions | None = None,
         device: torch.device | str | None = None,
+        on_event: EventHook | Iterable[EventHook] | None = None,
         **kwargs: Any,
     ) -> None:
         self.options = options = RunOptions.from_call("Run", storage, options, kwargs)
         self._mode = mode_from_env()
         url = self._mode.storage_url(options.storage)
-        self.ckpt = Checkpointer(url, options=options.checkpointer, **options.storage_options)
+        self.ckpt = Checkpointer(url, options=options.checkpointer, on_event=on_event, **options.storage_options)
         self._ops: OpCaptureHooks | None = hooks_for(options.capture_ops, self._mode.capture_steps())
         timeout = timedelta(seconds=self.ckpt.options.collective_timeout_s)
         self.world: World = current_world(timeout)  # agreement on the training thread
@@ -536,6 +540,8 @@ class Run:
         assert self.report is not None
         replay_s = time.perf_counter() - cycle.replay_started
         replay_report.seal(self.report, cycle.recorder.checks, replay_s, cycle.rng_skipped)
+        if cycle.replayed:
+            self.ckpt.events.emit("replay", cycle.step, replay_s, stall_s=replay_s, steps=cycle.replayed)
 
     def _complete(self) -> NoReturn:
         """A session reached its target step: commit or report, then leave the loop (`RestoreComplete`)."""

@@ -250,6 +250,10 @@ class Resumption:
             return {}
         return restored.rank_local.summary()
 
+    def _flushed(self, last_step: int, nbytes: int, seconds: float) -> None:
+        """A log segment is durable: its event (written on the recorder thread, no stall of its own)."""
+        self.ckpt.events.emit("log_flush", last_step, seconds, bytes=nbytes)
+
     def _settle_log(self, base: int) -> tuple[LogWriter, str | None]:
         """Rank 0: continue the log after ``base``; set damaged records aside (nothing is deleted).
 
@@ -272,7 +276,11 @@ class Resumption:
                 contents.last_step,
             )
         writer, resumed = LogWriter.resume(
-            storage, base, flush_every=self.options.log_flush_every, fence=self.ckpt.check_writer
+            storage,
+            base,
+            flush_every=self.options.log_flush_every,
+            fence=self.ckpt.check_writer,
+            on_flush=self._flushed,
         )
         if contents.last_step > resumed.last_step:  # the snapshot committed before its log moved over
             writer.copy([r for r in contents.records if r.step > resumed.last_step], contents)

@@ -15,13 +15,15 @@ torchrun, SIGKILLs a rank mid-step and compares the recovered run bitwise (`moai
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from moai_ckpt.cli.base import command, err, new_table, out, register
+from moai_ckpt.cli.base import JsonOpt, command, echo_json, err, new_table, out, register
+from moai_ckpt.cli.terminal import print_table
 
 chaos_app = typer.Typer(
     name="chaos",
@@ -31,16 +33,20 @@ chaos_app = typer.Typer(
 
 
 @command("list")
-def list_scenarios() -> None:
+def list_scenarios(as_json: JsonOpt = False) -> None:
     """The built-in scenarios and the fault kinds a scenario can name."""
     from moai_ckpt.tools.chaos import BUILTIN, KINDS
+
+    if as_json:
+        echo_json({"scenarios": [s.model_dump(mode="json") for s in BUILTIN.values()], "fault_kinds": list(KINDS)})
+        return
 
     table: Table = new_table("built-in scenarios")
     for name in ("scenario", "ranks", "steps", "faults", "what it shows"):
         table.add_column(name)
     for s in BUILTIN.values():
         table.add_row(s.name, str(s.ranks), str(s.steps), ", ".join(f.kind for f in s.faults), s.description)
-    out.print(table)
+    print_table(table)
     out.print("fault kinds: " + ", ".join(KINDS), soft_wrap=True)
 
 
@@ -71,6 +77,7 @@ def run_scenario(
     storage_kwarg: Annotated[
         str | None, typer.Option("--storage-kwarg", help="The keyword argument that takes the run directory.")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run a scenario: a fault-free reference, then trials with faults, each checked against it.
 
@@ -108,7 +115,10 @@ def run_scenario(
             "(same scenario, seed and --out); it continues the runs and judges them against this reference"
         )
         raise typer.Exit(3)
-    out.print(f"report: {out_dir}/report.json; timelines: {out_dir}/seed-*/timeline.png")
+    if as_json:  # the report the run wrote, as it is
+        echo_json(json.loads((Path(out_dir) / "report.json").read_text()))
+    else:
+        out.print(f"report: {out_dir}/report.json; timelines: {out_dir}/seed-*/timeline.png")
     raise typer.Exit(0 if all(t.ok for t in summary.trials) else 1)
 
 
@@ -141,6 +151,7 @@ def demo_command(
     seed: Annotated[int, typer.Option("--seed", help="Seeds the training and picks the killed rank, step, phase.")] = 0,
     ranks: Annotated[int, typer.Option("--ranks", min=1, help="Worker processes under torchrun.")] = 2,
     keep: Annotated[bool, typer.Option("--keep", help="Keep earlier demos' run directories.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Train a small GPT under torchrun, SIGKILL a rank mid-step, and compare the recovered run bitwise.
 
@@ -154,10 +165,12 @@ def demo_command(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     try:
-        comparison = demo.run_demo(options, out)
+        comparison = demo.run_demo(options, err if as_json else out)  # with --json the story goes to stderr
     except demo.DemoError as exc:  # it could not run; the message ends with the tail of a log, kept as lines
         err.print(f"error: {escape(str(exc))}", style="bold red", soft_wrap=True)
         raise typer.Exit(2) from exc
+    if as_json:
+        echo_json(comparison.as_json())
     raise typer.Exit(0 if comparison.bitwise_equal else 1)
 
 

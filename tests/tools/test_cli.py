@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from moai_ckpt import Checkpointer, __version__, cli
 from moai_ckpt.cli import base as cli_base
 from moai_ckpt.cli import snapshots as cli_snapshots
+from moai_ckpt.cli import terminal as cli_terminal
 from moai_ckpt.layout import COMMIT, snapshot_dir
 
 STEPS = (10, 20, 30)
@@ -290,7 +291,7 @@ def test_verify_refuses_a_step_and_all_together(run: Run) -> None:
 
 def test_verify_progress_bar_counts_every_byte(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
     screen = io.StringIO()
-    monkeypatch.setattr(cli_snapshots, "err", Console(file=screen, force_terminal=True, width=120))
+    monkeypatch.setattr(cli_terminal, "err", Console(file=screen, force_terminal=True, width=120))
     invoke("verify", run.url)
     with Checkpointer(run.url) as ckpt:
         total = ckpt.verify().bytes_checked
