@@ -23,7 +23,7 @@ import json
 import struct
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import crc32c as _crc32c
@@ -31,10 +31,22 @@ import torch
 
 from moai_ckpt.capture import kind_of, state_of
 from moai_ckpt.digest import PendingDigests, digest_tensors, local_tensor
+from moai_ckpt.digest_plan import PlannedDigests
 from moai_ckpt.tree import TensorSink, encode
 from moai_ckpt.wrappers import canonical_names
 
-__all__ = ["PendingState", "capture_state", "names_blob", "names_of", "pack", "unpack"]
+__all__ = [
+    "Entries",
+    "PendingState",
+    "capture_state",
+    "json_digest",
+    "module_state",
+    "names_blob",
+    "names_of",
+    "pack",
+    "tracked_state",
+    "unpack",
+]
 
 # a module's live state_dict keys -> canonical names, recomputed only when the keys change
 _CANONICAL: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[str, ...], dict[str, str]]] = (
@@ -49,23 +61,27 @@ class PendingState:
     names: list[str]
     tensors: PendingDigests
     trees: dict[str, Any]  # entry name -> the object's encoded non-tensor state
+    planned: list[tuple[list[str], PlannedDigests]] = field(default_factory=list)  # a plan's entries, in order
 
     def wait(self) -> list[str]:
         """Every entry's digest, in the order of `names` (waits for the device copies only)."""
         done = self.tensors.wait()
+        for names, pending in self.planned:
+            done.update(zip(names, pending.wait(), strict=True))
         out = []
         for name in self.names:
             tree = self.trees.get(name)
-            out.append(done[name] if tree is None else _json_digest(tree))
+            out.append(done[name] if tree is None else json_digest(tree))
         return out
 
 
-def _json_digest(tree: Any) -> str:
+def json_digest(tree: Any) -> str:
+    """The digest of an object's encoded non-tensor state: crc32c of its canonical JSON."""
     data = json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()
     return f"crc32c:{len(data):x}:{_crc32c.crc32c(data):08x}"
 
 
-class _Entries(TensorSink):
+class Entries(TensorSink):
     """The tensors of one tracked object, each named ``<key>/<path below the key>``, once.
 
     Identical views (tied weights) are one entry; names are unique within one capture. The walk
@@ -73,10 +89,10 @@ class _Entries(TensorSink):
     `moai_ckpt.tree.encode`, so non-tensor state is encoded as a snapshot encodes it.
     """
 
-    def __init__(self, key: str, used: set[str]) -> None:
+    def __init__(self, key: str, used: set[str] | frozenset[str]) -> None:
         super().__init__(lambda path: path)
         self.key = key
-        self.used = used
+        self.used = used  # a frozenset is copied at the first name added
         self.names: list[str] = []
         self.found: list[torch.Tensor] = []
         self._ids: dict[tuple[Any, ...], str] = {}
@@ -94,6 +110,8 @@ class _Entries(TensorSink):
         while name in self.used:
             n += 1
             name = f"{self.key}/{below}#{n}"
+        if isinstance(self.used, frozenset):
+            self.used = set(self.used)
         self.used.add(name)
         self.names.append(name)
         self.found.append(tensor)
@@ -113,8 +131,9 @@ class _Entries(TensorSink):
         return encode(value, path, self)
 
 
-def _module_state(module: torch.nn.Module) -> dict[str, Any]:
-    state = module.state_dict()
+def module_state(module: torch.nn.Module, *, keep_vars: bool = False) -> dict[str, Any]:
+    """``module.state_dict(keep_vars=...)`` under canonical names (the mapping cached per module)."""
+    state = module.state_dict(keep_vars=keep_vars)
     keys = tuple(state)
     cached = _CANONICAL.get(module)
     if cached is None or cached[0] != keys:
@@ -142,11 +161,12 @@ def _scaler_state(scaler: torch.amp.GradScaler) -> dict[str, Any]:
     }
 
 
-def _tracked_state(obj: Any) -> Any:
+def tracked_state(obj: Any) -> Any:
+    """What the digest walks of a tracked object (a module's state under canonical names)."""
     if isinstance(obj, torch.amp.GradScaler):
         return _scaler_state(obj)
     if isinstance(obj, torch.nn.Module):
-        return _module_state(obj)
+        return module_state(obj)
     return state_of(obj, kind_of(obj))
 
 
@@ -162,8 +182,8 @@ def capture_state(state: Mapping[str, Any]) -> PendingState:
     trees: dict[str, Any] = {}
     tensors: list[tuple[str, torch.Tensor]] = []
     for key, obj in state.items():
-        entries = _Entries(key, used)
-        trees[key] = entries.walk(_tracked_state(obj), key)
+        entries = Entries(key, used)
+        trees[key] = entries.walk(tracked_state(obj), key)
         names.append(key)
         names.extend(entries.names)
         tensors.extend(zip(entries.names, entries.found, strict=True))
