@@ -22,6 +22,7 @@ placement and device type that wrote them.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ SMALL_WORDS = 1 << 14  # tensors of at most this many words are reduced together
 
 __all__ = [
     "PendingDigests",
+    "address_buffer",
     "crc_digest",
     "device_sums",
     "digest_tensors",
@@ -67,7 +69,15 @@ def host_digest(t: torch.Tensor) -> str:
     """The crc32c digest of a CPU tensor's bytes (with its byte length)."""
     data = flat_bytes(t)
     n = data.numel()
-    return crc_digest(n, _crc32c.crc32c(data.numpy().data) if n else 0)
+    return crc_digest(n, _crc32c.crc32c(address_buffer(data)) if n else 0)
+
+
+def address_buffer(data: torch.Tensor) -> Any:
+    """A buffer over a contiguous CPU tensor's bytes, by address (valid while the tensor is).
+
+    Not ``numpy()``: a numpy view makes the tensor's storage unresizable for good.
+    """
+    return (ctypes.c_char * (data.numel() * data.element_size())).from_address(data.data_ptr())
 
 
 def word_view(t: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ job's parameters and optimizer state are the same tensors at the same addresses 
 step, so `DigestPlan` does that work once, and `DigestPlan.start` then costs a few calls however
 many tensors there are:
 
-- **CPU tensors**: the buffers of their bytes are kept; `start` takes the crc32c of each (the C
-  call releases the GIL) before the next step can change them.
+- **CPU tensors**: a buffer over each one's bytes is kept (its address and size, checked by
+  `holds` before every start); `start` takes the crc32c of each (the C call releases the GIL)
+  before the next step can change them.
 - **CUDA tensors whose bytes make whole 32-bit words** (nearly all): one launch of the fused
   kernel (`moai_ckpt.digest_cuda`) over a block table built once, per device.
 - **the rest** (odd byte counts, views that are not contiguous, other accelerators, no Triton):
@@ -31,6 +32,7 @@ import torch
 
 from moai_ckpt import digest_cuda
 from moai_ckpt.digest import (
+    address_buffer,
     crc_digest,
     device_sums,
     flat_bytes,
@@ -91,9 +93,9 @@ class DigestPlan:
 
     def _add_host(self, i: int, t: torch.Tensor) -> None:
         data = flat_bytes(t)
-        if data.numel() and data.data_ptr() == t.data_ptr():  # a view: the buffer follows the tensor
+        if data.numel() and data.data_ptr() == t.data_ptr():  # a view: read the tensor's own bytes
             self.host.append(i)
-            self.buffers.append(data.numpy().data)
+            self.buffers.append(address_buffer(data))
         elif data.numel():
             self.host_copied.append(i)
         else:
