@@ -106,7 +106,7 @@ class DigestPlan:
         group = self.groups.setdefault(t.device, _DeviceGroup(t.device))
         words = word_view(t) if t.is_contiguous() and not (t.dtype.is_complex or t.is_neg()) else None
         if t.device.type == "cuda":
-            t.record_stream(torch.cuda.current_stream(t.device))
+            t.detach().record_stream(torch.cuda.current_stream(t.device))
             if words is not None and words.dtype == torch.int32 and digest_cuda.available():
                 group.fused.append(i)
                 group.words.append(words)

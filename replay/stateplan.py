@@ -179,9 +179,9 @@ class StateDigests:
         names, trees, dynamic = step
         assert self._early is not None and self._late is not None
         pending = PendingState(names, digest_tensors(dynamic), trees)
-        for _, tensor in dynamic:
-            if tensor.device.type == "cuda":  # freed by its owner maybe before the queued work reads it
-                tensor.record_stream(torch.cuda.current_stream(tensor.device))
+        for local in (local_tensor(t) for _, t in dynamic):
+            if local.device.type == "cuda":  # its owner may free it before the queued work reads it
+                local.detach().record_stream(torch.cuda.current_stream(local.device))
         pending.planned.append((self._early_names, self._early.start()))
         if between is not None:
             between()
