@@ -23,6 +23,7 @@ compare them). `DigestPlan.holds` says whether every tensor is still where the p
 from __future__ import annotations
 
 import operator
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,10 +44,35 @@ from moai_ckpt.digest import (
     word_view,
 )
 
-__all__ = ["DigestPlan", "PlannedDigests"]
+__all__ = ["DigestPlan", "PlannedDigests", "packed_digest"]
 
+_U32, _U64x2 = struct.Struct("<I"), struct.Struct("<QQ")
 _ADDRESS = torch.Tensor.data_ptr
 _NBYTES = operator.attrgetter("nbytes")
+
+
+def _head(tag: int, nbytes: int) -> bytes:
+    """A packed entry's tag byte and byte length (unsigned LEB128: 7 bits a byte, low bits first)."""
+    out = bytearray([tag])
+    while nbytes >= 0x80:
+        out.append(nbytes & 0x7F | 0x80)
+        nbytes >>= 7
+    out.append(nbytes)
+    return bytes(out)
+
+
+def packed_digest(nbytes: int | None, *fields: int) -> bytes:
+    """One digest in the log's packed layout (`replay.statedigest.pack`).
+
+    ``None``: no bytes (a meta tensor), tag 0; a crc32c: tag 1, the byte length, the crc (u32 LE);
+    two sums: tag 2, the byte length, each sum modulo 2**64 (u64 LE).
+    """
+    if nbytes is None:
+        return b"\x00"
+    if len(fields) == 1:
+        return _head(1, nbytes) + _U32.pack(fields[0])
+    plain, weighted = fields
+    return _head(2, nbytes) + _U64x2.pack(plain & (2**64 - 1), weighted & (2**64 - 1))
 
 
 @dataclass
@@ -74,12 +100,14 @@ class DigestPlan:
         self.tensors = [local_tensor(t) for t in tensors]
         self.addresses = list(map(_ADDRESS, self.tensors))
         self.sizes = list(map(_NBYTES, self.tensors))
+        self.heads: list[bytes] = []  # each tensor's packed tag and length (`packed_digest`)
         self.meta: list[int] = []
         self.host: list[int] = []  # CPU tensors read through a kept buffer
         self.buffers: list[Any] = []
         self.host_copied: list[int] = []  # CPU tensors that need a copy to be read (not contiguous)
         self.groups: dict[torch.device, _DeviceGroup] = {}
         for i, t in enumerate(self.tensors):
+            self.heads.append(_head(1 if t.device.type == "cpu" else 2, self.sizes[i]))
             if t.device.type == "meta":
                 self.meta.append(i)
             elif t.device.type == "cpu":
@@ -173,4 +201,23 @@ class PlannedDigests:
         for index, sums in self.rows:
             for i, (plain, weighted) in zip(index, sums.tolist(), strict=True):
                 out[i] = mix_digest(plan.sizes[i], plain, weighted)
+        return out
+
+    def packed(self) -> list[bytes]:
+        """Every tensor's digest in the log's packed layout (`packed_digest`), without strings."""
+        for event in self.events:
+            event.synchronize()
+        plan = self.plan
+        out = [b""] * len(plan.tensors)
+        for i in plan.meta:
+            out[i] = packed_digest(None)
+        for i, crc in zip(plan.host, self.crcs, strict=True):
+            out[i] = plan.heads[i] + _U32.pack(crc)
+        for i, digest in zip(plan.host_copied, self.copied, strict=True):
+            _, size, value = digest.split(":")
+            out[i] = packed_digest(int(size, 16), int(value, 16))
+        for index, sums in self.rows:
+            words = sums.numpy().astype("<i8", copy=False).tobytes()  # little-endian: the u64 fields mod 2**64
+            for row, i in enumerate(index):
+                out[i] = plan.heads[i] + words[16 * row : 16 * row + 16]
         return out

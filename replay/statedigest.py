@@ -31,13 +31,15 @@ import torch
 
 from moai_ckpt.capture import kind_of, state_of
 from moai_ckpt.digest import PendingDigests, digest_tensors, local_tensor
-from moai_ckpt.digest_plan import PlannedDigests
+from moai_ckpt.digest_plan import PlannedDigests, packed_digest
 from moai_ckpt.tree import TensorSink, encode
 from moai_ckpt.wrappers import canonical_names
 
 __all__ = [
     "Entries",
+    "KnownJson",
     "PendingState",
+    "canonical_json",
     "capture_state",
     "json_digest",
     "module_state",
@@ -74,10 +76,49 @@ class PendingState:
             out.append(done[name] if tree is None else json_digest(tree))
         return out
 
+    def packed(self) -> bytes:
+        """``pack(self.wait())``, built from the plan's results without formatting and parsing every digest."""
+        parts = {name: _packed_one(digest) for name, digest in self.tensors.wait().items()}
+        for names, planned in self.planned:
+            parts.update(zip(names, planned.packed(), strict=True))
+        out = []
+        for name in self.names:
+            tree = self.trees.get(name)
+            out.append(parts[name] if tree is None else _packed_one(json_digest(tree)))
+        return b"".join(out)
+
+
+@dataclass(frozen=True)
+class KnownJson:
+    """An encoded tree whose canonical JSON is partly known already (a plan keeps it between steps).
+
+    Either the text of the whole tree, or that of some members of a mapping (``members``) with
+    the other members still encoded (``rest``).
+    """
+
+    text: str | None = None
+    members: dict[str, str] = field(default_factory=dict)
+    rest: dict[str, Any] = field(default_factory=dict)
+
+    def json(self) -> str:
+        """The tree's canonical JSON, as `canonical_json` of the whole tree gives it."""
+        if self.text is not None:
+            return self.text
+        keys = sorted(self.members.keys() | self.rest.keys())
+        items = (
+            json.dumps(k) + ":" + (self.members[k] if k in self.members else canonical_json(self.rest[k])) for k in keys
+        )
+        return "{" + ",".join(items) + "}"
+
+
+def canonical_json(tree: Any) -> str:
+    """An encoded tree as the JSON its digest hashes: sorted keys, no spaces."""
+    return json.dumps(tree, sort_keys=True, separators=(",", ":"))
+
 
 def json_digest(tree: Any) -> str:
     """The digest of an object's encoded non-tensor state: crc32c of its canonical JSON."""
-    data = json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()
+    data = (tree.json() if isinstance(tree, KnownJson) else canonical_json(tree)).encode()
     return f"crc32c:{len(data):x}:{_crc32c.crc32c(data):08x}"
 
 
@@ -193,15 +234,7 @@ def capture_state(state: Mapping[str, Any]) -> PendingState:
 # -- in the log ---------------------------------------------------------------------------------
 
 _META, _CRC, _SUM = 0, 1, 2
-_U32, _U64x2 = struct.Struct("<I"), struct.Struct("<QQ")
-
-
-def _varint(n: int, out: bytearray) -> None:
-    """Append ``n`` as unsigned LEB128 (7 bits a byte, low bits first)."""
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
+_U32, _U64x2 = struct.Struct("<I"), struct.Struct("<QQ")  # the layout of `packed_digest`
 
 
 def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
@@ -222,25 +255,22 @@ def pack(digests: list[str]) -> bytes:
 
     ``0``: no bytes (a meta tensor); ``1``: byte length (LEB128), crc32c (u32 LE); ``2``: byte
     length (LEB128), plain word sum and the sum of the words mixed with their positions (u64 LE each).
+    The layout is `moai_ckpt.digest_plan.packed_digest`'s, which builds entries without strings.
     """
-    out = bytearray()
-    for digest in digests:
-        kind, _, rest = digest.partition(":")
-        if kind == "meta":
-            out.append(_META)
-        elif kind == "crc32c":
-            length, crc = rest.split(":")
-            out.append(_CRC)
-            _varint(int(length, 16), out)
-            out += _U32.pack(int(crc, 16))
-        elif kind == "mix64":
-            length, plain, weighted = rest.split(":")
-            out.append(_SUM)
-            _varint(int(length, 16), out)
-            out += _U64x2.pack(int(plain, 16), int(weighted, 16))
-        else:
-            raise ValueError(f"unknown digest {digest!r}")
-    return bytes(out)
+    return b"".join(map(_packed_one, digests))
+
+
+def _packed_one(digest: str) -> bytes:
+    kind, _, rest = digest.partition(":")
+    if kind == "meta":
+        return packed_digest(None)
+    if kind == "crc32c":
+        length, crc = rest.split(":")
+        return packed_digest(int(length, 16), int(crc, 16))
+    if kind == "mix64":
+        length, plain, weighted = rest.split(":")
+        return packed_digest(int(length, 16), int(plain, 16), int(weighted, 16))
+    raise ValueError(f"unknown digest {digest!r}")
 
 
 def unpack(data: bytes) -> list[str]:

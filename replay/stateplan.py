@@ -40,7 +40,7 @@ import torch
 from moai_ckpt.capture import kind_of
 from moai_ckpt.digest import digest_tensors, local_tensor
 from moai_ckpt.digest_plan import DigestPlan
-from replay.statedigest import Entries, PendingState, module_state, tracked_state
+from replay.statedigest import Entries, KnownJson, PendingState, canonical_json, module_state, tracked_state
 
 __all__ = ["StateDigests"]
 
@@ -85,17 +85,23 @@ class _Object:
     params: list[torch.Tensor] = field(default_factory=list)  # optimizer: every group's, in order
     ids: list[list[int]] = field(default_factory=list)  # optimizer: each group's parameter indices
     used_before: frozenset[str] = frozenset()  # walked: the names taken when its walk starts
+    text: str = ""  # planned: the canonical JSON of ``tree``
 
-    def step_tree(self) -> Any | None:
-        """A planned object's tree now (None: it changed; the plan is rebuilt)."""
+    def __post_init__(self) -> None:
+        if self.structure is not None:
+            self.text = canonical_json(self.tree)
+
+    def step_tree(self) -> KnownJson | None:
+        """A planned object's tree now, its fixed part as JSON text (None: it changed; the plan is rebuilt)."""
         if isinstance(self.obj, torch.optim.Optimizer):
             groups = self.obj.param_groups
             if len(groups) != len(self.ids) or not all(
                 map(operator.is_, itertools.chain.from_iterable(map(_PARAMS, groups)), self.params)
             ):
                 return None
-            return {"state": self.tree, "param_groups": _groups_tree(self.key, groups, self.ids)}
-        return self.tree
+            tree = _groups_tree(self.key, groups, self.ids)
+            return None if tree is None else KnownJson(members={"state": self.text}, rest={"param_groups": tree})
+        return KnownJson(text=self.text)
 
 
 def _groups_tree(key: str, groups: list[dict[str, Any]], ids: list[list[int]]) -> Any | None:

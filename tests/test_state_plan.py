@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 import moai_ckpt
+from moai_ckpt.digest import reference_sums
+from moai_ckpt.digest_plan import DigestPlan, packed_digest
+from replay import statedigest
 from replay.statedigest import capture_state
 from replay.stateplan import StateDigests
 from tests.state_scenario import Net, flip_one_bit
@@ -213,3 +216,29 @@ def test_objects_the_plan_cannot_keep_are_walked_every_step_and_still_followed()
     changed = {k for k in before if after[k] != before[k]}
     assert {"hooked", "hooked/fc.weight", "hooked/scaled"} <= changed
     assert digests.rebuilds == 1
+
+
+def test_the_packed_digests_are_the_packed_strings_byte_for_byte() -> None:
+    tracked = _tracked()
+    tracked["meta"] = {"w": torch.empty(3, device="meta"), "t": torch.randn(4, 4).t()}  # no bytes; not contiguous
+    digests = StateDigests()
+    for _ in range(2):
+        pending = digests.capture(tracked)
+        assert pending.packed() == statedigest.pack(pending.wait())
+        assert statedigest.unpack(pending.packed()) == capture_state(tracked).wait()
+        _train(tracked)
+
+
+def test_device_sums_pack_as_their_strings_negative_ones_too() -> None:
+    """The rows a device returns (int64 sums, any sign) packed straight, as `pack` packs their strings."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randint(-(2**31), 2**31 - 1, (n,), generator=g, dtype=torch.int32) for n in (1, 40, 5000)]
+    plan = DigestPlan(tensors)
+    pending = plan.start()
+    sums = reference_sums(tensors)
+    sums[0, 0] = -(2**63)  # both signs and the extremes of int64
+    sums[1, 1] = 2**63 - 1
+    pending.rows = [([0, 1, 2], sums)]
+    plan.heads = [packed_digest(n, 0, 0)[:-16] for n in plan.sizes]  # as a device plan's entries begin
+    assert b"".join(pending.packed()) == statedigest.pack(pending.wait())
+    assert all(d.startswith("mix64:") for d in pending.wait())
