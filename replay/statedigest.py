@@ -8,10 +8,13 @@ position, param groups, JSON extras) by the crc32c of its canonical JSON encodin
 ``model/b2.running_var`` (wrapper prefixes dropped), ``optim/state.3.exp_avg``, ``sched``,
 ``_data``.
 
-The training thread starts the digests at step end (`capture_state`): CPU tensors are hashed at
+The training thread starts the digests at step end: `capture_state` walks the whole state each
+time (the reference, and what a plan is built from); a run keeps a plan between steps instead
+(`replay.stateplan.StateDigests`), with the same names and digests. CPU tensors are hashed at
 once, device tensors reduced on their stream and read back without a wait, and the JSON trees
 are only built; hashing them and reading the device results is the recorder thread's part
-(`PendingState.wait`). Each rank digests what it holds (a DTensor its local shard).
+(`PendingState.wait`, or `PendingState.packed` straight into the log's blob). Each rank digests
+what it holds (a DTensor its local shard).
 
 In the log, a rank's digests are one compact binary blob (`pack`, `unpack`) and the entry
 names are stored once per log (`names_blob`, `names_of`).
