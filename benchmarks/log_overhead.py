@@ -11,9 +11,11 @@ after ``--warmup`` steps:
   and *replays* every logged step, timed over the same window (replay speed against the live
   step rate), and the time from the call to its first live step is split into restore and replay;
 - the default policy once more without the exact full-state digest (everything else the same),
-  and the digest alone, around real training steps: its cost on the training thread (walking
-  the tracked state, hashing CPU tensors, queuing the device reductions), on the device (CUDA
-  events around its kernels) and on the log thread (reading the results, hashing JSON state).
+  and the digest alone, around real training steps, as a run takes it (`replay.stateplan`: a
+  plan kept between steps, on a side stream on CUDA): its cost on the training thread (checking
+  the plan, walking the small objects, hashing CPU tensors, queuing the device reductions), on
+  the device (CUDA events around its kernels on the side stream) and on the log thread (reading
+  the results, hashing JSON state).
 
 Variants are interleaved over ``--reps`` repetitions, each in a fresh run directory; medians.
 
@@ -41,7 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt import GPT, SIZES, loss_fn
 
 import moai_ckpt
-from replay.statedigest import capture_state
+from moai_ckpt.run.logstream import LogStream
+from replay.stateplan import StateDigests
 from replay.stepstate import Hyperparameters, StepValues, parameters_of
 
 
@@ -123,35 +126,43 @@ def digest_cost(args: argparse.Namespace) -> dict[str, float]:
     def add(name: str, value: float) -> None:
         sums[name] = sums.get(name, 0.0) + value
 
+    digests, stream = StateDigests(), LogStream()  # as the run does: a plan, on a side stream
+    stream.guard(tracked)
     for step in range(1, args.warmup + args.steps + 1):
         sync(s.device)
+        stream.before_step()
         started = clock.mark()
         loss, grad_norm = s.step(sampler.next_batch())
-        stepped = clock.mark()
-        pending = capture_state(tracked)
-        captured = clock.mark()
+        host_from = time.perf_counter()
+        with stream.side(s.device):
+            stepped = clock.mark()
+            pending = digests.capture(tracked, between=stream.mark_early)
+            stream.mark_late()
+            captured = clock.mark()
         values = StepValues.capture(params, loss, grad_norm, Hyperparameters())
         normed = clock.mark()
         waited_from = time.perf_counter()
-        pending.wait()
+        pending.packed()  # what the log thread does with them
         waited = time.perf_counter()
         values.read()
         sync(s.device)
         if step <= args.warmup:
             continue
         _, step_device = clock.since(started, stepped)
-        digest_host, digest_device = clock.since(stepped, captured)
+        _, digest_device = clock.since(stepped, captured)
+        digest_host = 1e3 * (captured[0] - host_from)
         norms_host, norms_device = clock.since(captured, normed)
         add("step", step_device)
         add("digest: training thread", digest_host)
         if clock.cuda:
             add("digest: device span (its kernels, or launch gaps)", digest_device)
-        add("digest: log thread (wait and hash)", 1e3 * (waited - waited_from))
+        add("digest: log thread (wait, hash and pack)", 1e3 * (waited - waited_from))
         add("norms (for comparison): training thread", norms_host)
         if clock.cuda:
             add("norms (for comparison): device kernels", norms_device)
     out = {name: total / args.steps for name, total in sums.items()}
     out["entries"] = float(len(pending.names))
+    out["plan rebuilds"] = float(digests.rebuilds)
     state = [*s.model.state_dict().values(), *(t for st in s.opt.state.values() for t in st.values())]
     out["state MB"] = sum(t.numel() * t.element_size() for t in state if isinstance(t, torch.Tensor)) / 1e6
     return out
@@ -267,12 +278,13 @@ def report_digest(args: argparse.Namespace, digests: list[dict[str, float]]) -> 
         f"\n{args.size}, batch {args.batch}, {args.steps} steps after {args.warmup}, {args.reps} repetitions; {where}"
     )
     print(
-        f"exact full-state digest: {int(first['entries'])} entries, {first['state MB']:.1f} MB of tensors "
+        f"exact full-state digest: {int(first['entries'])} entries, {first['state MB']:.1f} MB of tensors, "
+        f"plan built {int(first['plan rebuilds'])} time(s) "
         f"(mean ms per step, median of the repetitions; {'CUDA events' if args.device == 'cuda' else 'host clock'})"
     )
     step = statistics.median(d["step"] for d in digests)
     for key in first:
-        if key in ("entries", "state MB"):
+        if key in ("entries", "state MB", "plan rebuilds"):
             continue
         value = statistics.median(d[key] for d in digests)
         share = "" if key == "step" else f"{100 * value / step:>8.2f} % of the step"

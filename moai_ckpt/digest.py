@@ -22,6 +22,7 @@ placement and device type that wrote them.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,20 @@ import torch
 
 SMALL_WORDS = 1 << 14  # tensors of at most this many words are reduced together
 
-__all__ = ["PendingDigests", "device_sums", "digest_tensors", "host_digest", "local_tensor", "mix", "reference_sums"]
+__all__ = [
+    "PendingDigests",
+    "address_buffer",
+    "crc_digest",
+    "device_sums",
+    "digest_tensors",
+    "flat_bytes",
+    "host_digest",
+    "local_tensor",
+    "mix",
+    "mix_digest",
+    "reference_sums",
+    "word_view",
+]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -40,7 +54,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as read, 1-D uint8: a view when it is contiguous and plain, else a copy."""
     if t.requires_grad:
         t = t.detach()
     if t.dtype.is_complex or t.is_neg():  # lazy conjugate / negative views: the bits as read
@@ -52,14 +67,22 @@ def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
 
 def host_digest(t: torch.Tensor) -> str:
     """The crc32c digest of a CPU tensor's bytes (with its byte length)."""
-    data = _flat_bytes(t)
+    data = flat_bytes(t)
     n = data.numel()
-    return f"crc32c:{n:x}:{_crc32c.crc32c(data.numpy().data) if n else 0:08x}"
+    return crc_digest(n, _crc32c.crc32c(address_buffer(data)) if n else 0)
 
 
-def _words(t: torch.Tensor) -> torch.Tensor:
+def address_buffer(data: torch.Tensor) -> Any:
+    """A buffer over a contiguous CPU tensor's bytes, by address (valid while the tensor is).
+
+    Not ``numpy()``: a numpy view makes the tensor's storage unresizable for good.
+    """
+    return (ctypes.c_char * (data.numel() * data.element_size())).from_address(data.data_ptr())
+
+
+def word_view(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as 1-D integer words of the widest type its size allows."""
-    data = _flat_bytes(t)
+    data = flat_bytes(t)
     n = data.numel()
     if n % 4 == 0:
         return data.view(torch.int32)
@@ -138,7 +161,7 @@ def reference_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     devices without one. Large tensors are reduced alone, small ones together (a few kernels
     for all of them); integer sums wrap modulo 2**64 in any order, so both give the same sums.
     """
-    words = [_words(t) for t in tensors]
+    words = [word_view(t) for t in tensors]
     out: list[torch.Tensor | None] = [None] * len(words)
     small: dict[torch.dtype, list[int]] = {}
     for i, w in enumerate(words):
@@ -169,10 +192,11 @@ def device_sums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     fused = [i for i, t in enumerate(tensors) if digest_cuda.available() and _nbytes(t) % 4 == 0]
     if not fused:
         return reference_sums(tensors)
-    rest = [i for i in range(len(tensors)) if i not in set(fused)]
+    chosen = set(fused)
+    rest = [i for i in range(len(tensors)) if i not in chosen]
     rows: dict[int, torch.Tensor] = {}
     try:
-        fused_sums = digest_cuda.word_sums([_words(tensors[i]) for i in fused])
+        fused_sums = digest_cuda.word_sums([word_view(tensors[i]) for i in fused])
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot compile here must not stop training
         digest_cuda.disable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         return reference_sums(tensors)
@@ -191,6 +215,16 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def mix_digest(nbytes: int, plain: int, weighted: int) -> str:
+    """The digest string of a device tensor of ``nbytes`` bytes from its two sums (any sign)."""
+    return f"mix64:{nbytes:x}:{plain & (2**64 - 1):016x}:{weighted & (2**64 - 1):016x}"
+
+
+def crc_digest(nbytes: int, crc: int) -> str:
+    """The digest string of a CPU tensor of ``nbytes`` bytes from the crc32c of its bytes."""
+    return f"crc32c:{nbytes:x}:{crc:08x}"
+
+
 @dataclass
 class PendingDigests:
     """Digests on their way to the host: CPU ones are ready, device ones land after an event."""
@@ -206,7 +240,7 @@ class PendingDigests:
             if event is not None:
                 event.synchronize()
             for (name, nbytes), (plain, weighted) in zip(named, values.tolist(), strict=True):
-                out[name] = f"mix64:{nbytes:x}:{plain & (2**64 - 1):016x}:{weighted & (2**64 - 1):016x}"
+                out[name] = mix_digest(nbytes, plain, weighted)
         return {name: out[name] for name in self.names}
 
 

@@ -30,7 +30,7 @@ try:
 except ImportError:  # CPU builds of torch come without Triton
     triton = None
 
-__all__ = ["BLOCK", "available", "disable", "word_sums"]
+__all__ = ["BLOCK", "available", "block_table", "disable", "launch", "word_sums"]
 
 
 _broken: list[str] = []  # why the kernel failed here, once: the torch path takes over for good
@@ -70,26 +70,35 @@ if triton is not None:
         tl.atomic_add(out_ptr + tensor * 2 + 1, tl.sum(tl.where(mask, x, 0), axis=0))
 
 
-@functools.lru_cache(maxsize=32)
-def _table(layout: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block table of tensors at ``layout`` ((address, words) each), on ``device``; the pinned
-    host copy is returned too, kept with the cache entry so that the copy cannot outlive it."""
+def block_table(layout: tuple[tuple[int, int], ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The block table of tensors at ``layout`` ((address, words) each), on ``device``, and its row count.
+
+    The pinned host copy is returned too: whoever keeps the table keeps it, so that the copy
+    (queued without a wait) cannot outlive its source.
+    """
     rows = [
         (address + 4 * start, min(BLOCK, words - start), index, start)
         for index, (address, words) in enumerate(layout)
         for start in range(0, words, BLOCK)
     ]
     host = torch.tensor(rows or [(0, 0, 0, 0)], dtype=torch.int64).pin_memory()
-    return host.to(device, non_blocking=True), host
+    return host.to(device, non_blocking=True), host, len(rows)
+
+
+_table = functools.lru_cache(maxsize=32)(block_table)
+
+
+def launch(table: torch.Tensor, blocks: int, out: torch.Tensor) -> None:
+    """Add the sums of the ``blocks`` rows of ``table`` into ``out`` (int64 [k, 2], zeroed), one launch."""
+    if blocks:
+        with torch.cuda.device(out.device):
+            _sums_kernel[(blocks,)](table, out, BLOCK=BLOCK)
 
 
 def word_sums(words: list[torch.Tensor]) -> torch.Tensor:
     """int64 [k, 2]: the plain and the mixed sum of each 1-D int32 CUDA tensor, in one kernel."""
     device = words[0].device
     out = torch.zeros(len(words), 2, dtype=torch.int64, device=device)
-    table, _ = _table(tuple((w.data_ptr(), w.numel()) for w in words), device)
-    blocks = sum((w.numel() + BLOCK - 1) // BLOCK for w in words)
-    if blocks:
-        with torch.cuda.device(device):
-            _sums_kernel[(blocks,)](table, out, BLOCK=BLOCK)
+    table, _, blocks = _table(tuple((w.data_ptr(), w.numel()) for w in words), device)
+    launch(table, blocks, out)
     return out

@@ -199,7 +199,7 @@ class Recorder:
         cpu = time.thread_time()
         started = time.perf_counter()
         norms, loss, grad_norm, device_hparams = work.values.read()
-        state_digests = work.state.wait() if work.state is not None else None
+        exact = work.state.packed() if work.state is not None else None
         read = time.perf_counter()
         rank = self.world.rank
         mine: dict[str, Any] = {
@@ -220,8 +220,8 @@ class Recorder:
                 own_blobs[digest] = data
         if rank == 0:
             mine["hparams"] = {**work.hparams, **device_hparams}
-        if work.state is not None and state_digests is not None:
-            mine["exact"] = statedigest.pack(state_digests)
+        if work.state is not None and exact is not None:
+            mine["exact"] = exact
             if work.state.names != self._sent_names:  # names travel when they change, not every step
                 mine["names"] = self._sent_names = work.state.names
         if self.world.world_size > 1:

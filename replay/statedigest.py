@@ -8,10 +8,13 @@ position, param groups, JSON extras) by the crc32c of its canonical JSON encodin
 ``model/b2.running_var`` (wrapper prefixes dropped), ``optim/state.3.exp_avg``, ``sched``,
 ``_data``.
 
-The training thread starts the digests at step end (`capture_state`): CPU tensors are hashed at
+The training thread starts the digests at step end: `capture_state` walks the whole state each
+time (the reference, and what a plan is built from); a run keeps a plan between steps instead
+(`replay.stateplan.StateDigests`), with the same names and digests. CPU tensors are hashed at
 once, device tensors reduced on their stream and read back without a wait, and the JSON trees
 are only built; hashing them and reading the device results is the recorder thread's part
-(`PendingState.wait`). Each rank digests what it holds (a DTensor its local shard).
+(`PendingState.wait`, or `PendingState.packed` straight into the log's blob). Each rank digests
+what it holds (a DTensor its local shard).
 
 In the log, a rank's digests are one compact binary blob (`pack`, `unpack`) and the entry
 names are stored once per log (`names_blob`, `names_of`).
@@ -23,7 +26,7 @@ import json
 import struct
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import crc32c as _crc32c
@@ -31,10 +34,24 @@ import torch
 
 from moai_ckpt.capture import kind_of, state_of
 from moai_ckpt.digest import PendingDigests, digest_tensors, local_tensor
+from moai_ckpt.digest_plan import PlannedDigests, packed_digest
 from moai_ckpt.tree import TensorSink, encode
 from moai_ckpt.wrappers import canonical_names
 
-__all__ = ["PendingState", "capture_state", "names_blob", "names_of", "pack", "unpack"]
+__all__ = [
+    "Entries",
+    "KnownJson",
+    "PendingState",
+    "canonical_json",
+    "capture_state",
+    "json_digest",
+    "module_state",
+    "names_blob",
+    "names_of",
+    "pack",
+    "tracked_state",
+    "unpack",
+]
 
 # a module's live state_dict keys -> canonical names, recomputed only when the keys change
 _CANONICAL: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple[str, ...], dict[str, str]]] = (
@@ -49,23 +66,66 @@ class PendingState:
     names: list[str]
     tensors: PendingDigests
     trees: dict[str, Any]  # entry name -> the object's encoded non-tensor state
+    planned: list[tuple[list[str], PlannedDigests]] = field(default_factory=list)  # a plan's entries, in order
 
     def wait(self) -> list[str]:
         """Every entry's digest, in the order of `names` (waits for the device copies only)."""
         done = self.tensors.wait()
+        for names, pending in self.planned:
+            done.update(zip(names, pending.wait(), strict=True))
         out = []
         for name in self.names:
             tree = self.trees.get(name)
-            out.append(done[name] if tree is None else _json_digest(tree))
+            out.append(done[name] if tree is None else json_digest(tree))
         return out
 
+    def packed(self) -> bytes:
+        """``pack(self.wait())``, built from the plan's results without formatting and parsing every digest."""
+        parts = {name: _packed_one(digest) for name, digest in self.tensors.wait().items()}
+        for names, planned in self.planned:
+            parts.update(zip(names, planned.packed(), strict=True))
+        out = []
+        for name in self.names:
+            tree = self.trees.get(name)
+            out.append(parts[name] if tree is None else _packed_one(json_digest(tree)))
+        return b"".join(out)
 
-def _json_digest(tree: Any) -> str:
-    data = json.dumps(tree, sort_keys=True, separators=(",", ":")).encode()
+
+@dataclass(frozen=True)
+class KnownJson:
+    """An encoded tree whose canonical JSON is partly known already (a plan keeps it between steps).
+
+    Either the text of the whole tree, or that of some members of a mapping (``members``) with
+    the other members still encoded (``rest``).
+    """
+
+    text: str | None = None
+    members: dict[str, str] = field(default_factory=dict)
+    rest: dict[str, Any] = field(default_factory=dict)
+
+    def json(self) -> str:
+        """The tree's canonical JSON, as `canonical_json` of the whole tree gives it."""
+        if self.text is not None:
+            return self.text
+        keys = sorted(self.members.keys() | self.rest.keys())
+        items = (
+            json.dumps(k) + ":" + (self.members[k] if k in self.members else canonical_json(self.rest[k])) for k in keys
+        )
+        return "{" + ",".join(items) + "}"
+
+
+def canonical_json(tree: Any) -> str:
+    """An encoded tree as the JSON its digest hashes: sorted keys, no spaces."""
+    return json.dumps(tree, sort_keys=True, separators=(",", ":"))
+
+
+def json_digest(tree: Any) -> str:
+    """The digest of an object's encoded non-tensor state: crc32c of its canonical JSON."""
+    data = (tree.json() if isinstance(tree, KnownJson) else canonical_json(tree)).encode()
     return f"crc32c:{len(data):x}:{_crc32c.crc32c(data):08x}"
 
 
-class _Entries(TensorSink):
+class Entries(TensorSink):
     """The tensors of one tracked object, each named ``<key>/<path below the key>``, once.
 
     Identical views (tied weights) are one entry; names are unique within one capture. The walk
@@ -73,10 +133,10 @@ class _Entries(TensorSink):
     `moai_ckpt.tree.encode`, so non-tensor state is encoded as a snapshot encodes it.
     """
 
-    def __init__(self, key: str, used: set[str]) -> None:
+    def __init__(self, key: str, used: set[str] | frozenset[str]) -> None:
         super().__init__(lambda path: path)
         self.key = key
-        self.used = used
+        self.used = used  # a frozenset is copied at the first name added
         self.names: list[str] = []
         self.found: list[torch.Tensor] = []
         self._ids: dict[tuple[Any, ...], str] = {}
@@ -94,6 +154,8 @@ class _Entries(TensorSink):
         while name in self.used:
             n += 1
             name = f"{self.key}/{below}#{n}"
+        if isinstance(self.used, frozenset):
+            self.used = set(self.used)
         self.used.add(name)
         self.names.append(name)
         self.found.append(tensor)
@@ -113,8 +175,9 @@ class _Entries(TensorSink):
         return encode(value, path, self)
 
 
-def _module_state(module: torch.nn.Module) -> dict[str, Any]:
-    state = module.state_dict()
+def module_state(module: torch.nn.Module, *, keep_vars: bool = False) -> dict[str, Any]:
+    """``module.state_dict(keep_vars=...)`` under canonical names (the mapping cached per module)."""
+    state = module.state_dict(keep_vars=keep_vars)
     keys = tuple(state)
     cached = _CANONICAL.get(module)
     if cached is None or cached[0] != keys:
@@ -142,11 +205,12 @@ def _scaler_state(scaler: torch.amp.GradScaler) -> dict[str, Any]:
     }
 
 
-def _tracked_state(obj: Any) -> Any:
+def tracked_state(obj: Any) -> Any:
+    """What the digest walks of a tracked object (a module's state under canonical names)."""
     if isinstance(obj, torch.amp.GradScaler):
         return _scaler_state(obj)
     if isinstance(obj, torch.nn.Module):
-        return _module_state(obj)
+        return module_state(obj)
     return state_of(obj, kind_of(obj))
 
 
@@ -162,8 +226,8 @@ def capture_state(state: Mapping[str, Any]) -> PendingState:
     trees: dict[str, Any] = {}
     tensors: list[tuple[str, torch.Tensor]] = []
     for key, obj in state.items():
-        entries = _Entries(key, used)
-        trees[key] = entries.walk(_tracked_state(obj), key)
+        entries = Entries(key, used)
+        trees[key] = entries.walk(tracked_state(obj), key)
         names.append(key)
         names.extend(entries.names)
         tensors.extend(zip(entries.names, entries.found, strict=True))
@@ -173,15 +237,7 @@ def capture_state(state: Mapping[str, Any]) -> PendingState:
 # -- in the log ---------------------------------------------------------------------------------
 
 _META, _CRC, _SUM = 0, 1, 2
-_U32, _U64x2 = struct.Struct("<I"), struct.Struct("<QQ")
-
-
-def _varint(n: int, out: bytearray) -> None:
-    """Append ``n`` as unsigned LEB128 (7 bits a byte, low bits first)."""
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
+_U32, _U64x2 = struct.Struct("<I"), struct.Struct("<QQ")  # the layout of `packed_digest`
 
 
 def _read_varint(data: bytes, offset: int) -> tuple[int, int]:
@@ -202,25 +258,22 @@ def pack(digests: list[str]) -> bytes:
 
     ``0``: no bytes (a meta tensor); ``1``: byte length (LEB128), crc32c (u32 LE); ``2``: byte
     length (LEB128), plain word sum and the sum of the words mixed with their positions (u64 LE each).
+    The layout is `moai_ckpt.digest_plan.packed_digest`'s, which builds entries without strings.
     """
-    out = bytearray()
-    for digest in digests:
-        kind, _, rest = digest.partition(":")
-        if kind == "meta":
-            out.append(_META)
-        elif kind == "crc32c":
-            length, crc = rest.split(":")
-            out.append(_CRC)
-            _varint(int(length, 16), out)
-            out += _U32.pack(int(crc, 16))
-        elif kind == "mix64":
-            length, plain, weighted = rest.split(":")
-            out.append(_SUM)
-            _varint(int(length, 16), out)
-            out += _U64x2.pack(int(plain, 16), int(weighted, 16))
-        else:
-            raise ValueError(f"unknown digest {digest!r}")
-    return bytes(out)
+    return b"".join(map(_packed_one, digests))
+
+
+def _packed_one(digest: str) -> bytes:
+    kind, _, rest = digest.partition(":")
+    if kind == "meta":
+        return packed_digest(None)
+    if kind == "crc32c":
+        length, crc = rest.split(":")
+        return packed_digest(int(length, 16), int(crc, 16))
+    if kind == "mix64":
+        length, plain, weighted = rest.split(":")
+        return packed_digest(int(length, 16), int(plain, 16), int(weighted, 16))
+    raise ValueError(f"unknown digest {digest!r}")
 
 
 def unpack(data: bytes) -> list[str]:

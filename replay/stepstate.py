@@ -215,8 +215,8 @@ class StepValues:
                 x = x.full_tensor()
             if isinstance(x, torch.Tensor):
                 parts.append(x.detach().reshape(()).to(device=device, dtype=torch.float32))
-            else:
-                parts.append(torch.tensor(float(x), dtype=torch.float32, device=device))
+            else:  # filled on the device: a copy from the host would wait for it
+                parts.append(torch.full((), float(x), dtype=torch.float32, device=device))
         parts.extend(t.to(device) for t in hp.device.values())
         stacked = torch.stack(parts)
         event = None

@@ -36,6 +36,7 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.rng",
             "moai_ckpt.digest",
             "moai_ckpt.digest_cuda",
+            "moai_ckpt.digest_plan",
             "moai_ckpt.faults",
             "moai_ckpt.events",
         ),

@@ -509,6 +509,8 @@ class Run:
                 raise
             log.exception("while closing the run after an error")
         finally:
+            if self._cycle is not None:
+                self._cycle.close()
             if recorder is not None:
                 recorder.close()
             if self._snapshots.retention is not None:

@@ -3,8 +3,9 @@
 At `StepCycle.begin` the step's RNG states and hyperparameters are captured; a step the log holds
 (a replay) runs with its logged RNG states instead. Between begin and end the run fills in the
 `StepState` (samples, batch, loss, grad norm, extra scalars). At `StepCycle.end` everything goes
-to the `Recorder` as one `StepWork` (the norms and the exact state digests are started on the
-device, not waited for); the training thread then waits only until the record of the step
+to the `Recorder` as one `StepWork` (the norms and the exact state digests are started on a
+side stream, `LogStream`, from a plan kept between steps, `StateDigests`; nothing waits for the
+device); the training thread then waits only until the record of the step
 ``lag`` steps back is done, and reads the decision every rank takes after it.
 """
 
@@ -18,10 +19,11 @@ from typing import Any
 import torch
 
 from moai_ckpt import faults
+from moai_ckpt.run.logstream import LogStream
 from moai_ckpt.run.resume import OpenLog
 from replay.log import LogContents, Placement, StepRecord
 from replay.recorder import Decision, Recorder, StepWork
-from replay.statedigest import capture_state
+from replay.stateplan import StateDigests
 from replay.stepstate import Hyperparameters, StepValues, load_rng_components, rng_components
 
 __all__ = ["StepCycle", "StepState"]
@@ -47,6 +49,11 @@ class StepState:
 
     def record_results(self, loss: float | torch.Tensor, grad_norm: float | torch.Tensor | None) -> None:
         self.loss, self.grad_norm, self.recorded = loss, grad_norm, True
+
+
+def _full(x: float | torch.Tensor | None) -> float | torch.Tensor | None:
+    """A DTensor's value every rank agrees on (FSDP2's clip_grad_norm_), taken on the training stream."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x  # type: ignore[union-attr]
 
 
 class StepCycle:
@@ -80,6 +87,8 @@ class StepCycle:
         self.timeout_s = timeout_s
         self.from_initial_state = from_initial_state
         self.state_digests = state_digests
+        self.digests = StateDigests() if state_digests else None
+        self.stream = LogStream()
         self.step = opened.base  # the last completed step
         self.replaying = False
         self.replayed = 0
@@ -95,6 +104,8 @@ class StepCycle:
 
     def begin(self, step: int, tracked: Mapping[str, Any], samples: list[int] | None = None) -> StepState:
         """Step ``step`` starts: capture its inputs; a replayed step takes its logged RNG states."""
+        self.stream.guard(tracked)
+        self.stream.before_step()
         record = self.records.get(step)
         self.replaying = record is not None
         rng = rng_components()
@@ -134,17 +145,28 @@ class StepCycle:
         assert state.loss is not None
         for key, value in state.extra_hparams.items():
             state.hparams._add(key, value)
+        loss, grad_norm = _full(state.loss), _full(state.grad_norm)
+        assert loss is not None
+        digests = self.digests
+        # norms and digests on a side stream, in the order the waits of `LogStream` expect
+        with self.stream.side(params[0].device if params else torch.device("cpu")):
+            self.stream.keep(loss, grad_norm, *state.hparams.device.values())
+            pending = None
+            if digests is not None:
+                pending = digests.capture(snapshot_state(), between=self.stream.mark_early)
+            values = StepValues.capture(params, loss, grad_norm, state.hparams)
+            self.stream.mark_late()
         self.recorder.submit(
             StepWork(
                 step=state.step,
                 rng=state.rng,
                 hparams=state.hparams.host,
-                values=StepValues.capture(params, state.loss, state.grad_norm, state.hparams),
+                values=values,
                 samples=state.samples,
                 batch=state.batch,
                 stop=stop,
                 snapshot_due=snapshot_due,
-                state=capture_state(snapshot_state()) if self.state_digests else None,
+                state=pending,
             )
         )
         waiting = self.count("step end", started)
@@ -156,6 +178,10 @@ class StepCycle:
         self.step = state.step
         self.current = None
         return self.recorder.decision(state.step - self.lag)
+
+    def close(self) -> None:
+        """Stop waiting for the log's reads before optimizer steps (the run is closing)."""
+        self.stream.close()
 
     def _parameters(self, parameters: Callable[[], ParameterList]) -> list[torch.Tensor]:
         """The tensors whose norms the log records, found at the first step end (the header names them)."""

@@ -2,15 +2,30 @@
 
 `moai_ckpt.digest.device_sums` reduces tensors on their own device (large tensors alone, small
 ones batched by word type); the log's full-state digests and the save's replicated-state check
-depend on it. These tests run where CUDA is (the GPU machine) and are skipped elsewhere.
+depend on it. The log's state digests come from a plan on a side stream (`replay.stateplan`,
+`moai_ckpt.run.logstream`): equal to the reference sums bitwise, with no host-device
+synchronisation at the step boundaries of a logged run, and replayed bitwise. These tests run
+where CUDA is (the GPU machine) and are skipped elsewhere, with the reason printed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
+from torch import nn
 
-from moai_ckpt.digest import SMALL_WORDS, device_sums, digest_tensors
+import moai_ckpt
+from moai_ckpt import Run
+from moai_ckpt.digest import SMALL_WORDS, device_sums, digest_tensors, mix_digest, reference_sums
+from moai_ckpt.run.logstream import LogStream
+from replay.statedigest import capture_state
+from replay.stateplan import StateDigests
+from tests.scenarios.state_scenario import Net, entry_tensor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 
@@ -72,3 +87,95 @@ def test_the_fused_kernel_runs_here_and_matches_the_reference_over_many_blocks()
     fused = digest_cuda.word_sums(words).cpu()
     assert torch.equal(fused, reference_sums(cpu))
     assert torch.equal(digest_cuda.word_sums(words).cpu(), fused)  # the cached block table, again
+
+
+# -- the log's state digests: a plan, on a side stream ------------------------------------------------
+
+
+def _cuda_state() -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = Net().cuda()  # BatchNorm: buffers written in the forward
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(torch.randn(8, 8, device="cuda")).square().mean().backward()
+    opt.step()
+    return {"model": model, "optim": opt, "_data": moai_ckpt.GlobalSampler(32, 8)}
+
+
+def test_side_stream_digests_from_the_plan_equal_the_reference_sums_bitwise() -> None:
+    tracked = _cuda_state()
+    stream, digests = LogStream(), StateDigests()
+    for _ in range(2):  # the plan built, then kept
+        with stream.side(torch.device("cuda")):
+            pending = digests.capture(tracked, between=stream.mark_early)
+            stream.mark_late()
+        planned = dict(zip(pending.names, pending.wait(), strict=True))
+        assert planned == dict(zip(*_walked(tracked), strict=True))
+        tensors = [n for n, d in planned.items() if d.startswith("mix64:")]
+        assert len(tensors) >= 10
+        for name in tensors:
+            local = entry_tensor(tracked, name)
+            plain, weighted = reference_sums([local])[0].tolist()
+            assert planned[name] == mix_digest(local.numel() * local.element_size(), plain, weighted), name
+    assert digests.rebuilds == 1
+
+
+def _walked(tracked: dict[str, Any]) -> tuple[list[str], list[str]]:
+    pending = capture_state(tracked)
+    return pending.names, pending.wait()
+
+
+def _driven_run(run_dir: Path) -> tuple[Run, nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = Net("layer").cuda()  # no BatchNorm: its backward need not be deterministic
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    run = Run(str(run_dir), snapshot_every=10**9, async_snapshots=False, snapshot_at_end=False)
+    run.track(model=model, optim=opt)
+    return run, model, opt
+
+
+def test_a_logged_cuda_step_never_waits_for_the_device_and_its_replay_is_bitwise(tmp_path: Path) -> None:
+    run, model, opt = _driven_run(tmp_path / "run")
+    data = torch.randn(6, 8, 8, device="cuda")
+    try:
+        run.start()
+        for step in range(1, 7):
+            synced = step > 2  # the base snapshot and the plan's first build are behind
+            with _no_sync(synced):
+                run.begin_step(step)
+            loss = model(data[step - 1]).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            with _no_sync(synced):
+                run.end_step(step, loss.detach())
+        run.finish()
+    finally:
+        run.close()
+    again, model, opt = _driven_run(tmp_path / "run")
+    try:
+        assert again.start() == 0
+        for step in range(1, 7):
+            again.begin_step(step)
+            loss = model(data[step - 1]).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            again.end_step(step, loss.detach())
+        again.finish()
+        assert again.report is not None and again.report.replayed == 6
+        assert again.report.bitwise  # exact state digests included: the log records them
+    finally:
+        again.close()
+
+
+@contextmanager
+def _no_sync(active: bool) -> Iterator[None]:
+    """Any host-device synchronisation inside raises (torch's sync debug mode)."""
+    if not active:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

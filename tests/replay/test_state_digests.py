@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import moai_ckpt
-from moai_ckpt.digest import SMALL_WORDS, _batched_sums, _large_sums, _words, device_sums
+from moai_ckpt.digest import SMALL_WORDS, _batched_sums, _large_sums, device_sums, word_view
 from moai_ckpt.testing.dist import launch
 from replay import statedigest
 from replay.check import compare
@@ -138,8 +138,8 @@ def test_a_tensor_has_the_same_device_sums_alone_and_reduced_with_others() -> No
     big, small = torch.randn(SMALL_WORDS + 5), torch.randn(2 * BLOCK + 1)
     together = device_sums([small, big, small.clone()])
     assert torch.equal(together[0], together[2]) and torch.equal(together[1], device_sums([big])[0])
-    assert torch.equal(_batched_sums([_words(big)])[0], _large_sums(_words(big)))  # both ways agree
-    assert torch.equal(_batched_sums([_words(small)])[0], _large_sums(_words(small)))
+    assert torch.equal(_batched_sums([word_view(big)])[0], _large_sums(word_view(big)))  # both ways agree
+    assert torch.equal(_batched_sums([word_view(small)])[0], _large_sums(word_view(small)))
     with_empty = device_sums([torch.zeros(0), small, torch.zeros(0)])  # no bytes: both sums zero
     assert with_empty[[0, 2]].eq(0).all() and torch.equal(with_empty[1], together[0])
 
