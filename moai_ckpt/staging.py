@@ -12,11 +12,14 @@ tensors are copied into the pool; encoding, checksums, writes and the commit run
 background from the pool's buffers. The pool keeps one buffer per array name and reuses it while
 the name's shape and dtype stay the same, so host memory stays at one copy of the rank's state,
 however many saves run. Buffers for CUDA tensors are pinned, so the device-to-host copies run at
-full bandwidth and can all be queued before a single wait.
+full bandwidth and can all be queued before a single wait. A pool made ``shared`` allocates its
+buffers in named shared memory (`moai_ckpt.shm`) instead, so that a writer process
+(`moai_ckpt.persist`) reads them where they are; `HostPool.segment` names a buffer's segment.
 """
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from moai_ckpt import faults
+from moai_ckpt import faults, shm
 from moai_ckpt.capture import RNG_KEY, Captured, capture
 from moai_ckpt.digest import PendingDigests, digest_tensors
 from moai_ckpt.dtypes import stored_dtype
@@ -67,7 +70,12 @@ class HostPool:
 
     def __init__(self, pin: bool | None = None) -> None:
         self.pin = torch.cuda.is_available() if pin is None else pin
+        #: allocate new buffers in named shared memory (for a writer process); set between saves
+        self.shared = False
+        #: most bytes the shared buffers may take together (None: what /dev/shm has)
+        self.shared_limit: int | None = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._segments: dict[str, tuple[str, int]] = {}  # array name -> (segment, bytes), shared buffers
         self._used: set[str] = set()
         self._devices: set[torch.device] = set()
         self._lock = threading.Lock()
@@ -77,10 +85,13 @@ class HostPool:
         tensor = tensor.detach()
         with self._lock:
             buf = self._buffers.get(name)
-            if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype:
-                pinned = self.pin and tensor.device.type == "cuda"
-                buf = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
-                self._buffers[name] = buf
+            if (
+                buf is None
+                or buf.shape != tensor.shape
+                or buf.dtype != tensor.dtype
+                or (name in self._segments) != self.shared
+            ):
+                buf = self._allocate(name, tensor)
             self._used.add(name)
         if tensor.device.type == "cuda":
             buf.copy_(tensor, non_blocking=buf.is_pinned())
@@ -89,6 +100,36 @@ class HostPool:
             buf.copy_(tensor)
         return buf
 
+    def _allocate(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A new buffer for ``name`` shaped like ``tensor`` (called with the lock held): pinned for a
+        CUDA tensor, or in a shared-memory segment when the pool is ``shared``."""
+        self._free(name)
+        if self.shared:
+            nbytes = tensor.numel() * tensor.element_size()
+            taken = sum(size for _, size in self._segments.values())
+            if self.shared_limit is not None and taken + nbytes > self.shared_limit:
+                raise OSError(errno.ENOSPC, f"shared host buffers would exceed {self.shared_limit} bytes")
+            segment, mapping = shm.create(nbytes)
+            buf = shm.tensor(mapping, tuple(tensor.shape), tensor.dtype)
+            self._segments[name] = (segment, nbytes)
+        else:
+            pinned = self.pin and tensor.device.type == "cuda"
+            buf = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pinned)
+        self._buffers[name] = buf
+        return buf
+
+    def _free(self, name: str) -> None:
+        """Drop the buffer for ``name`` (called with the lock held); its segment's name goes too."""
+        self._buffers.pop(name, None)
+        segment = self._segments.pop(name, None)
+        if segment is not None:
+            shm.unlink(segment[0])
+
+    def segment(self, name: str) -> tuple[str, int] | None:
+        """The shared-memory segment holding the buffer for ``name`` and its size, if shared."""
+        with self._lock:
+            return self._segments.get(name)
+
     def wait(self) -> None:
         """Complete every queued copy, and free buffers this round did not use."""
         for device in self._devices:
@@ -96,7 +137,7 @@ class HostPool:
         self._devices.clear()
         with self._lock:
             for name in set(self._buffers) - self._used:
-                del self._buffers[name]
+                self._free(name)
             self._used.clear()
 
     @property
@@ -105,7 +146,8 @@ class HostPool:
 
     def clear(self) -> None:
         with self._lock:
-            self._buffers.clear()
+            for name in list(self._buffers):
+                self._free(name)
             self._used.clear()
 
 

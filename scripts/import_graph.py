@@ -37,6 +37,7 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.digest",
             "moai_ckpt.digest_cuda",
             "moai_ckpt.faults",
+            "moai_ckpt.shm",
         ),
     ),
     (
@@ -72,6 +73,8 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.results",
             "moai_ckpt.catalog",
             "moai_ckpt.commit",
+            "moai_ckpt.persist",
+            "moai_ckpt.persist_worker",
             "moai_ckpt.restore",
             "moai_ckpt.retention",
             "moai_ckpt.verify",
