@@ -519,7 +519,7 @@ def report(out: common.Output, summaries: list[Summary], step_s: float) -> None:
         out("")
         out(
             f"writer process against thread: extra loop time per snapshot {process.extra_median:.3f} s against "
-            f"{thread.extra_median:.3f} s ({thread.extra_median / process.extra_median:.2f}x less), step while "
+            f"{thread.extra_median:.3f} s (thread / process: {thread.extra_median / process.extra_median:.2f}), step while "
             f"persisting {process.slowdown:.2f}x against {thread.slowdown:.2f}x plain; per repetition, "
             "thread - process: " + " ".join(f"{t - p:+.3f}" for t, p in zip(thread.extra, process.extra, strict=False))
         )
