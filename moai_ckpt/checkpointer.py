@@ -280,13 +280,17 @@ class Checkpointer:
             if why is not None:
                 self._fall_back(why)
                 return False
-            self._process = WriterProcess(
-                url,
-                storage_options,
-                self.options.retry.model_dump(mode="json"),
-                self.options.max_record_bytes,
-                self.options.io_threads,
-            )
+            try:
+                self._process = WriterProcess(
+                    url,
+                    storage_options,
+                    self.options.retry.model_dump(mode="json"),
+                    self.options.max_record_bytes,
+                    self.options.io_threads,
+                )
+            except OSError as exc:  # no /dev/shm to share buffers through
+                self._fall_back(f"no shared memory: {exc}")
+                return False
             self._process.start()
         return self._process.ready(wait)
 

@@ -123,7 +123,7 @@ class WriterProcess:
             )
         except OSError as exc:
             ours.close()
-            self.broken = f"it could not start: {exc}"
+            self._broke(f"it could not start: {exc}")
             return
         finally:
             theirs.close()

@@ -197,6 +197,24 @@ def test_a_state_larger_than_shared_memory_persists_in_a_thread_after_one_warnin
         assert torch.equal(fresh["t"]["a"], state["t"]["a"])
 
 
+def test_a_writer_process_that_cannot_start_leaves_saves_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python-here"))
+    with (
+        caplog.at_level(logging.WARNING, logger="moai_ckpt"),
+        moai_ckpt.Checkpointer(str(tmp_path / "run"), persist="process") as ckpt,
+    ):
+        assert not ckpt.start_writer(wait=1)
+        for step in (1, 2):
+            handle = ckpt.save_async(step, {"t": {"a": torch.ones(8)}})
+            assert handle is not None and handle.persist == "thread"
+            handle.result(timeout=60)
+        assert ckpt.steps() == [1, 2]
+    warned = [r for r in caplog.records if "could not start" in r.getMessage()]
+    assert len(warned) == 1
+
+
 def test_memory_storage_persists_in_a_thread(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="moai_ckpt"):
         ckpt = moai_ckpt.Checkpointer("memory://persist-thread/run", persist="process")
