@@ -33,7 +33,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -255,40 +255,18 @@ class ProcessCommit(SnapshotCommit):
         super().__init__(*args, **kwargs)
         self.process = process
         self.pool = pool
+        self.request: dict[str, Any] = {}  # what every request of this save carries
 
     def run(self, staged: Staged, *, overwrite: bool = False, progress: Progress | None = None) -> CommitMarker:
         step = staged.step
-        request = {"step": step, "rank": self.world.rank, "world_size": self.world.world_size}
+        self.request = {"step": step, "rank": self.world.rank, "world_size": self.world.world_size}
         self.process.lease = None
         try:
-            self.process.call(
-                {
-                    "op": "plan",
-                    **request,
-                    "chunk_bytes": self.chunk_bytes,
-                    "staged": layout(staged, self.pool),
-                    "everyone": self.gather(staged),
-                }
-            )
+            plan = {"chunk_bytes": self.chunk_bytes, "staged": layout(staged, self.pool)}
+            self.process.call({"op": "plan", **self.request, **plan, "everyone": self.gather(staged)})
             self.claim(step, overwrite)
-            lease = self.writer.lease if self.world.rank == 0 else None
-            self.process.lease = lease
-            fenced = {"epoch": lease.epoch} if lease is not None and lease.epoch is not None else {}
-            write: Callable[[], RankIndex] = lambda: RankIndex.model_validate(  # noqa: E731
-                self.process.call({"op": "write", **request, **fenced, "progress": progress is not None}, progress)[
-                    "index"
-                ]
-            )
-            indexes = self.vote(step, write)
-            sent = [i.model_dump(mode="json") for i in indexes]
-            return self.seal(
-                step,
-                lambda: CommitMarker.model_validate(
-                    self.process.call({"op": "commit", **request, "indexes": sent, "run_entry": self.run_entry})[
-                        "marker"
-                    ]
-                ),
-            )
+            indexes = self.vote(step, lambda: self._write(progress))
+            return self.seal(step, lambda: self._commit(indexes))
         finally:
             self.process.lease = None
             if self.process.broken is None:
@@ -296,3 +274,19 @@ class ProcessCommit(SnapshotCommit):
                     self.process.call({"op": "drop", "step": step})
                 except MoaiCkptError as exc:
                     log.warning("the writer process could not forget step %d: %s", step, exc)
+
+    def _write(self, progress: Progress | None) -> RankIndex:
+        """Phase 4 in the writer process, fenced by the coordinator's lease (mirrored meanwhile)."""
+        lease = self.writer.lease if self.world.rank == 0 else None
+        self.process.lease = lease
+        fenced = {"epoch": lease.epoch} if lease is not None and lease.epoch is not None else {}
+        answer = self.process.call(
+            {"op": "write", **self.request, **fenced, "progress": progress is not None}, progress
+        )
+        return RankIndex.model_validate(answer["index"])
+
+    def _commit(self, indexes: list[RankIndex]) -> CommitMarker:
+        """Phase 6 on the coordinator, in the writer process: metadata, manifest, commit marker."""
+        sent = [i.model_dump(mode="json") for i in indexes]
+        answer = self.process.call({"op": "commit", **self.request, "indexes": sent, "run_entry": self.run_entry})
+        return CommitMarker.model_validate(answer["marker"])
