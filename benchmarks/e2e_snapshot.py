@@ -12,7 +12,11 @@ rotated between ``--reps`` repetitions:
 - ``floor``: the state copied into preallocated host buffers (pinned on CUDA), then written to one
   file and fsync'ed by a plain Python thread (``os.write`` releases the GIL): the least a
   snapshot needs, blocking the copy, persisting at the disk's speed;
-- ``moai-async``: moai-ckpt ``Checkpointer.save_async`` (one Checkpointer for the whole run);
+- ``moai-async``: moai-ckpt ``Checkpointer.save_async`` (one Checkpointer for the whole run),
+  persisting in a thread of the training process (``persist="thread"``);
+- ``moai-process``: the same with ``persist="process"``: the persist runs in moai-ckpt's writer
+  process, fed through shared memory (the process is started and awaited before the first loop;
+  its start time is printed apart);
 - ``moai-sync``: moai-ckpt ``Checkpointer.save``;
 - ``dcp-thread``: DCP ``async_save`` in its default thread mode;
 - ``dcp-staging``: DCP ``async_save`` with ``DefaultStager(StagingOptions(use_async_staging=True))``
@@ -192,16 +196,19 @@ class Floor(Method):
 class MoaiAsync(Method):
     key = "moai-async"
     label = "moai-ckpt save_async"
+    persist = "thread"
 
     def __init__(self, trainer: Trainer, base: str) -> None:
         super().__init__(trainer, base)
         # the RNG states are left out so that every method saves the same bytes
-        self.ckpt = moai_ckpt.Checkpointer(self.dir, capture_rng=False)
+        self.ckpt = moai_ckpt.Checkpointer(self.dir, capture_rng=False, persist=self.persist)
+        self.paths: list[str] = []  # where each save_async persisted (SaveHandle.persist)
 
     def _snapshot(self, step: int, called: float) -> Persist:
         handle = self.ckpt.save_async(1000 * self.rep + step, self.trainer.state())
         persist = Persist(called)
         assert handle is not None
+        self.paths.append(handle.persist)
         watch(persist, handle.result)
         copies = getattr(getattr(self.ckpt, "_stager", None), "pending", None)
         self.parts = {"stage": handle.stall_s, "queue copies": getattr(copies, "queue_s", float("nan"))}
@@ -213,6 +220,19 @@ class MoaiAsync(Method):
     def close(self) -> None:
         self.ckpt.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class MoaiProcess(MoaiAsync):
+    key = "moai-process"
+    label = "moai-ckpt save_async, writer process"
+    persist = "process"
+
+    def __init__(self, trainer: Trainer, base: str) -> None:
+        super().__init__(trainer, base)
+        started = time.perf_counter()
+        if not self.ckpt.start_writer(wait=300):
+            raise RuntimeError("moai-ckpt's writer process did not start")
+        self.start_s = time.perf_counter() - started
 
 
 class MoaiSync(MoaiAsync):
@@ -340,7 +360,9 @@ class DcpProcess(Method):
         self.stager.close()
 
 
-METHODS: dict[str, type[Method]] = {m.key: m for m in (Floor, MoaiAsync, MoaiSync, DcpThread, DcpStaging, DcpProcess)}
+METHODS: dict[str, type[Method]] = {
+    m.key: m for m in (Floor, MoaiAsync, MoaiProcess, MoaiSync, DcpThread, DcpStaging, DcpProcess)
+}
 
 
 @dataclass
@@ -495,6 +517,16 @@ def report(out: common.Output, summaries: list[Summary], step_s: float) -> None:
             "of their extra loop time; space them wider (--at) to see one snapshot's cost alone."
         )
     ours = [s for s in summaries if s.key.startswith("moai")]
+    thread = next((s for s in summaries if s.key == "moai-async"), None)
+    process = next((s for s in summaries if s.key == "moai-process"), None)
+    if thread and process:
+        out("")
+        out(
+            f"writer process against thread: extra loop time per snapshot {process.extra_median:.3f} s against "
+            f"{thread.extra_median:.3f} s (thread / process: {thread.extra_median / process.extra_median:.2f}), step while "
+            f"persisting {process.slowdown:.2f}x against {thread.slowdown:.2f}x plain; per repetition, "
+            "thread - process: " + " ".join(f"{t - p:+.3f}" for t, p in zip(thread.extra, process.extra, strict=False))
+        )
     peers = [s for s in summaries if s.key.startswith("dcp")]
     if ours and peers:
         out("")
@@ -557,6 +589,8 @@ def main() -> None:
         if reason is None:
             try:
                 methods.append(cls(trainer, base))
+                if isinstance(methods[-1], MoaiProcess):
+                    out(f"{key}: writer process started and ready in {methods[-1].start_s:.2f} s (before the loops)")
                 continue
             except Exception as exc:  # noqa: BLE001 - reported, and the other methods still run
                 reason = f"{type(exc).__name__}: {exc}"
@@ -597,6 +631,8 @@ def main() -> None:
             )
         loads.append(os.getloadavg())
     for method in methods:
+        if isinstance(method, MoaiAsync) and method.paths:
+            out(f"{method.key}: persisted by {', '.join(sorted(set(method.paths)))} ({len(method.paths)} saves)")
         method.close()
 
     ran = [m for m in methods if loops[m.key]]

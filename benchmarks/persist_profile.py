@@ -4,7 +4,8 @@ against raw I/O of the same bytes.
 Three parts, each with its evidence (no profiler beyond cProfile is assumed):
 
 ``loop``: the training loop of `encoder.py` (CPU), with one snapshot in the middle, under
-background loads interleaved over ``--reps`` repetitions: none; moai-ckpt ``save_async``; the
+background loads interleaved over ``--reps`` repetitions: none; moai-ckpt ``save_async`` (its
+persist in a thread, and with ``persist="process"`` in moai-ckpt's writer process); the
 state copied, then written and fsync'ed by a plain thread (``os.write`` releases the GIL); a
 pure-Python loop holding the GIL for as long as the moai persist took; a ``crc32c`` pass over the
 state's bytes in a thread. For every step the training thread reads its own
@@ -327,12 +328,18 @@ def gil_holder(seconds: float) -> None:
 
 
 def loop_part(out: common.Output, args: argparse.Namespace, base: str) -> dict[str, Any]:
-    cfg = EncoderConfig(layers=args.loop_layers, d_model=CPU.d_model, heads=CPU.heads, batch=CPU.batch, seq=CPU.seq)
+    d_model = args.loop_d_model or CPU.d_model
+    cfg = EncoderConfig(layers=args.loop_layers, d_model=d_model, heads=CPU.heads, batch=CPU.batch, seq=CPU.seq)
     trainer = Trainer(cfg, torch.device("cpu"))
     tensors = trainer.tensors()
     buffers = [torch.empty_like(t) for t in tensors]
     host_bytes = [common.byte_view(b) for b in buffers]
-    ckpt = moai_ckpt.Checkpointer(os.path.join(base, "loop-moai"), capture_rng=False)
+    ckpt = moai_ckpt.Checkpointer(os.path.join(base, "loop-moai"), capture_rng=False, persist="thread")
+    by_process = moai_ckpt.Checkpointer(os.path.join(base, "loop-moai-process"), capture_rng=False, persist="process")
+    started = time.perf_counter()
+    up = by_process.start_writer(wait=300)
+    out(f"writer process {'ready' if up else 'NOT READY'} after {time.perf_counter() - started:.2f} s")
+    process_s: dict[int, float] = {}  # step -> its persist through the writer process
     out(f"\n## loop: {trainer.nbytes / 1e6:.0f} MB of state, {cfg}; {common.load_average()}")
     persist_s = [0.5]
     moai_threads: list[dict[str, Any]] = []
@@ -362,6 +369,21 @@ def loop_part(out: common.Output, args: argparse.Namespace, base: str) -> dict[s
 
         return done
 
+    def moai_process(step: int) -> Callable[[], bool]:
+        started = time.perf_counter()
+        handle = by_process.save_async(step, trainer.state())
+        assert handle is not None and handle.persist == "process"
+
+        def done() -> bool:
+            if not handle.done():
+                return False
+            if step not in process_s:
+                handle.result()
+                process_s[step] = time.perf_counter() - started
+            return True
+
+        return done
+
     def in_thread(fn: Callable[[], object]) -> Callable[[], bool]:
         thread = threading.Thread(target=fn, daemon=True)
         thread.start()
@@ -380,6 +402,7 @@ def loop_part(out: common.Output, args: argparse.Namespace, base: str) -> dict[s
     loads: dict[str, Callable[[int], Callable[[], bool]] | None] = {
         "quiet": None,
         "moai-ckpt save_async": moai,
+        "moai-ckpt save_async, writer process": moai_process if up else None,
         "copy + raw write+fsync thread": raw,
         "crc32c pass in a thread": crc,
         "pure-Python thread (holds the GIL)": lambda step: in_thread(lambda: gil_holder(statistics.median(persist_s))),
@@ -410,7 +433,9 @@ def loop_part(out: common.Output, args: argparse.Namespace, base: str) -> dict[s
             while busy is not None and not busy():
                 time.sleep(0.01)
             ckpt.prune(keep=1)
+            by_process.prune(keep=1)
     ckpt.close()
+    by_process.close()
     header = [
         "training step while...",
         "steps",
@@ -446,6 +471,7 @@ def loop_part(out: common.Output, args: argparse.Namespace, base: str) -> dict[s
     for line in common.markdown_table(header, rows):
         out(line)
     out(f"moai-ckpt persist (save_async call to commit): {', '.join(f'{s:.3f}' for s in persist_s[1:])} s")
+    out(f"moai-ckpt persist, writer process: {', '.join(f'{s:.3f}' for s in process_s.values())} s")
     alone = count_python(deadline(1.0))
     stop = threading.Event()
 
@@ -930,6 +956,7 @@ def main() -> None:
     parser.add_argument("--parts", default="loop,arrays,io,tmpfs", help="of loop, arrays, io, tmpfs")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--loop-layers", type=int, default=CPU.layers)
+    parser.add_argument("--loop-d-model", type=int, help=f"width of the loop's model (default {CPU.d_model})")
     parser.add_argument("--loop-steps", type=int, default=24)
     parser.add_argument("--array-layers", type=int, default=24, help="encoder layers of the per-array part")
     parser.add_argument("--save-layers", type=int, default=8, help="encoder layers of width 1024 (8: 1.2 GB)")

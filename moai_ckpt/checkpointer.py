@@ -27,6 +27,7 @@ from moai_ckpt.events import Event, EventHook, EventSink
 from moai_ckpt.format import CommitMarker, Manifest
 from moai_ckpt.options import CheckpointerOptions, valid_info, valid_step
 from moai_ckpt.overlap import OverlapStager
+from moai_ckpt.persist import ProcessCommit, WriterProcess, shareable
 from moai_ckpt.pruner import PrunePlan, Pruner
 from moai_ckpt.restore import SnapshotRestore
 from moai_ckpt.results import RestoreInfo, SaveHandle, SnapshotEntry, VerifyReport
@@ -92,6 +93,7 @@ class Checkpointer:
         }
         self.options, storage_options = CheckpointerOptions.merged(options, named, storage_options)
         self.storage: Storage = open_storage(url, self.options.retry, **storage_options)
+        self._opened = (url, storage_options)  # how a writer process opens the same run directory
         self.storage.record_limit = self.options.max_record_bytes
         self.url = self.storage.url
         self.world: World = current_world(
@@ -100,8 +102,11 @@ class Checkpointer:
         self._executor = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="moai-io")
         self._background = ThreadPoolExecutor(1, thread_name_prefix="moai-save")
         self._pool = HostPool()
+        self._pool.shared_limit = self.options.shm_limit_bytes
         self._stager = OverlapStager(self._pool)
         self._inflight: SaveHandle | None = None
+        self._process: WriterProcess | None = None  # the writer process of save_async (persist="process")
+        self._thread_only: str | None = None  # why save_async persists in a thread although asked otherwise
         #: the snapshots of this run directory
         self.catalog = SnapshotCatalog(self.storage, self._executor, max_array_bytes=self.options.max_array_bytes)
         #: this process as the run's writer: its lease (the coordinator's, once it writes), its saves
@@ -207,8 +212,11 @@ class Checkpointer:
         CPU tensors are copied before this returns. The copies of CUDA tensors are queued and run
         while training goes on (`moai_ckpt.overlap`): those of the parameters and optimizer state
         on a side stream that any optimizer's next step waits for (on the device), the others on
-        the current stream. Encoding, checksums, writes and the commit run in a background
-        thread; the returned handle gives the commit marker (`SaveHandle.result`) or the error.
+        the current stream. Encoding, checksums, writes and the commit run in the background:
+        with ``persist="process"`` in the writer process (`start_writer`), fed through shared
+        memory, so that this process's interpreter stays free for training; otherwise (and until
+        that process is up) in a thread. The returned handle gives the commit marker
+        (`SaveHandle.result`) or the error.
         Changes made to the state after this returns do not reach the snapshot; a tracked CUDA
         tensor written in place outside an optimizer step before `wait_staged` fails the snapshot
         with `StagingRaceError` rather than let a torn copy through. At most one save is in
@@ -234,9 +242,19 @@ class Checkpointer:
         called = time.perf_counter()  # the event's stall counts the wait for the previous save too
         self._settle_inflight()
         started = time.perf_counter()
+        process = self._process if self.start_writer() else None
+        self._pool.shared = process is not None
         try:
-            self._stager.begin(step, state)
-            staged = self._located(step, lambda: self._stage(step, state, info, copy=self._stager))
+            try:
+                self._stager.begin(step, state)
+                staged = self._located(step, lambda: self._stage(step, state, info, copy=self._stager))
+            except OSError as exc:
+                if process is None or isinstance(exc, MoaiCkptError):
+                    raise
+                self._fall_back(f"the state does not fit in shared memory ({exc})")
+                process, self._pool.shared = None, False
+                self._stager.begin(step, state)
+                staged = self._located(step, lambda: self._stage(step, state, info, copy=self._stager))
         except Exception as exc:
             self.events.failed("save_async", step, called, exc, stall_s=time.perf_counter() - called)
             raise
@@ -246,7 +264,7 @@ class Checkpointer:
         blocked = time.perf_counter() - called
         writing = self.writer.writing(step)
         writing.__enter__()
-        commit = self._commit()
+        commit = self._commit(process)
 
         def persist() -> CommitMarker:
             persisting = time.perf_counter()
@@ -271,7 +289,7 @@ class Checkpointer:
             self._retain()
             return marker
 
-        handle = SaveHandle(step, self._background.submit(persist), stall)
+        handle = SaveHandle(step, self._background.submit(persist), stall, "thread" if process is None else "process")
         self._inflight = handle
         return handle
 
@@ -310,16 +328,66 @@ class Checkpointer:
             copy=copy,
         )
 
-    def _commit(self) -> SnapshotCommit:
-        """Phases 2 to 6 of a save (`moai_ckpt.commit`), over this run's storage as it is now."""
-        return SnapshotCommit(
-            self.storage,
-            self.world,
-            self._executor,
-            self.writer,
-            chunk_bytes=self.options.chunk_bytes,
-            run_entry=self.run_entry,
-        )
+    def _commit(self, process: WriterProcess | None = None) -> SnapshotCommit:
+        """Phases 2 to 6 of a save (`moai_ckpt.commit`), over this run's storage as it is now;
+        written by the writer ``process`` when one is given (`moai_ckpt.persist`)."""
+        args = (self.storage, self.world, self._executor, self.writer)
+        if process is not None:
+            return ProcessCommit(
+                *args, chunk_bytes=self.options.chunk_bytes, run_entry=self.run_entry, process=process, pool=self._pool
+            )
+        return SnapshotCommit(*args, chunk_bytes=self.options.chunk_bytes, run_entry=self.run_entry)
+
+    # -- the writer process of save_async --------------------------------------------------------
+
+    def start_writer(self, wait: float = 0.0) -> bool:
+        """Start the writer process of `save_async` in the background (``persist="process"``), if
+        it is not started yet; returns whether it is ready to take a save.
+
+        `save_async` calls this itself (its saves take the thread path until the process is up,
+        which takes seconds: it imports torch); `fault_tolerant` calls it when it starts. Where the
+        process cannot be used (``memory://`` storage, storage options that are not plain data, a
+        process that fails to start or dies, a state larger than ``/dev/shm``) saves persist in a
+        thread, after one logged warning.
+
+        Args:
+            wait: seconds to wait for the process to be ready.
+        """
+        if self.options.persist != "process" or self._thread_only is not None:
+            return False
+        if self._process is None:
+            url, storage_options = self._opened
+            why = shareable(url, storage_options)
+            if why is not None:
+                self._fall_back(why)
+                return False
+            try:
+                self._process = WriterProcess(
+                    url,
+                    storage_options,
+                    self.options.retry.model_dump(mode="json"),
+                    self.options.max_record_bytes,
+                    self.options.io_threads,
+                )
+            except OSError as exc:  # no /dev/shm to share buffers through
+                self._fall_back(f"no shared memory: {exc}")
+                return False
+            self._process.start()
+        return self._process.ready(wait)
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The process id of the writer process of `save_async`, once started (None before, or without one)."""
+        return self._process.pid if self._process is not None else None
+
+    def _fall_back(self, why: str) -> None:
+        """From now on, save_async persists in a thread (logged once)."""
+        self._thread_only = why
+        log.warning("save_async of %s persists in a thread, not a writer process: %s", redact_url(self.url), why)
+        process, self._process = self._process, None
+        if process is not None:
+            process.close()
+        self._pool.shared = False
 
     def _save_arguments(self, step: object, info: Mapping[str, Any] | None) -> tuple[int, dict[str, Any]]:
         """The step and info of a save, checked before anything is written."""
@@ -512,6 +580,8 @@ class Checkpointer:
             self._settle_inflight()
         finally:
             self._background.shutdown(wait=True)
+            if self._process is not None:
+                self._process.close()
             self._executor.shutdown(wait=True)
             self._stager.close()
             self._pool.clear()

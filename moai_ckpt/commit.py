@@ -8,7 +8,7 @@ everywhere, and no rank goes on alone.
    rank's piece of every tensor in host memory. `Checkpointer.save_async` returns after this
    phase, its device copies only queued (`moai_ckpt.overlap`); the others run in the background,
    after the copies are complete and checked.
-2. **plan** (`SnapshotCommit.plan`): every rank sends its pieces, devices and replica digests
+2. **plan** (`SnapshotCommit.gather`, `SnapshotCommit.decide`): every rank sends its pieces, devices and replica digests
    (one all-gather); from them every rank computes the same `moai_ckpt.sharding.WritePlan`:
    which tensors differ between ranks and are stored per rank (`moai_ckpt.ranklocal`), the chunk
    grid of each array, and which rank writes each chunk.
@@ -101,26 +101,15 @@ class SnapshotCommit:
     def run(self, staged: Staged, *, overwrite: bool = False, progress: Progress | None = None) -> CommitMarker:
         """Commit ``staged`` (phases 2 to 6); returns the commit marker, the same on every rank."""
         step = staged.step
-        planned = self.plan(staged)
+        planned = self.decide(staged, self.gather(staged))
         self.claim(step, overwrite)
-        snapshot = SnapshotWriter(self.storage, self.executor, step, self._fence())
-        indexes = self.vote(step, lambda: self.write(snapshot, planned, staged, progress))
-        marker = agree(
-            self.world,
-            f"save of step {step}: committing",
-            lambda: self.commit(snapshot, planned, staged, indexes) if self.world.rank == 0 else None,
-            url=self.storage.url,
-            step=step,
-        )
-        sealed = self.world.broadcast_json(
-            marker.to_json() if marker is not None else None, f"save of step {step}: done"
-        )
-        return CommitMarker.model_validate(sealed)
+        indexes = self.vote(step, lambda: self.write(planned, staged, progress))
+        return self.seal(step, lambda: self.commit(planned, staged, indexes))
 
     # -- 2. plan ---------------------------------------------------------------------------------
 
-    def plan(self, staged: Staged) -> Planned:
-        """Gather every rank's pieces and digests; decide rank-local tensors, chunks and writers."""
+    def gather(self, staged: Staged) -> list[dict[str, Any]]:
+        """Every rank's planning message: its pieces, devices, RNG states, partial entries, digests."""
         mine = {
             "pieces": {n: p.to_json() for n, p in staged.pieces.items()},
             "devices": staged.devices,
@@ -130,7 +119,10 @@ class SnapshotCommit:
             # "replicated" is checked: tensors whose ranks' digests differ are stored per rank
             "digests": replica_digests(staged),
         }
-        everyone = self.world.all_gather_json(mine, f"save of step {staged.step}: planning")
+        return self.world.all_gather_json(mine, f"save of step {staged.step}: planning")
+
+    def decide(self, staged: Staged, everyone: list[dict[str, Any]]) -> Planned:
+        """From every rank's message: the rank-local tensors, the chunks and who writes each."""
         devices = {n: d for rank in everyone for n, d in rank["devices"].items()}
         pieces = [{n: Piece.from_json(p) for n, p in rank["pieces"].items()} for rank in everyone]
         rank_local = find_rank_local(pieces, [rank["digests"] for rank in everyone])
@@ -154,14 +146,19 @@ class SnapshotCommit:
             step=step,
         )
 
-    def _fence(self) -> Callable[..., None] | None:
+    def fence(self) -> Callable[..., None] | None:
         """The coordinator's writes are fenced by its lease; the other ranks hold none."""
         return self.writer.fence() if self.world.rank == 0 else None
 
+    def snapshot(self, step: int) -> SnapshotWriter:
+        """The writer of ``step``'s objects, fenced by `fence`."""
+        return SnapshotWriter(self.storage, self.executor, step, self.fence())
+
     # -- 4. write, 5. vote -----------------------------------------------------------------------
 
-    def write(self, snapshot: SnapshotWriter, planned: Planned, staged: Staged, progress: Progress | None) -> RankIndex:
+    def write(self, planned: Planned, staged: Staged, progress: Progress | None) -> RankIndex:
         """Write this rank's chunks, then its rank index, and make them durable."""
+        snapshot = self.snapshot(staged.step)
         rank = self.world.rank
         device_type = sorted({d.split(":")[0] for d in staged.devices.values()} or {"cpu"})[0]
         return snapshot.write_chunks(
@@ -181,10 +178,30 @@ class SnapshotCommit:
 
     # -- 6. commit -------------------------------------------------------------------------------
 
-    def commit(
-        self, snapshot: SnapshotWriter, planned: Planned, staged: Staged, indexes: list[RankIndex]
-    ) -> CommitMarker:
+    def seal(self, step: int, commit: Callable[[], CommitMarker]) -> CommitMarker:
+        """Phase 6 on every rank: the coordinator runs ``commit`` and lets go of its claim on the
+        step, then the marker is broadcast so every rank returns the same one."""
+
+        def coordinate() -> CommitMarker:
+            marker = commit()
+            self.writer.release_claim(step)
+            return marker
+
+        marker = agree(
+            self.world,
+            f"save of step {step}: committing",
+            lambda: coordinate() if self.world.rank == 0 else None,
+            url=self.storage.url,
+            step=step,
+        )
+        sealed = self.world.broadcast_json(
+            marker.to_json() if marker is not None else None, f"save of step {step}: done"
+        )
+        return CommitMarker.model_validate(sealed)
+
+    def commit(self, planned: Planned, staged: Staged, indexes: list[RankIndex]) -> CommitMarker:
         """Coordinator: ``run.json``, the zarr metadata and manifest, then the commit marker."""
+        snapshot = self.snapshot(staged.step)
         ensure_run_info(self.storage, self.run_entry)
         manifest = manifest_for(
             staged.step,
@@ -198,9 +215,7 @@ class SnapshotCommit:
         if planned.rank_local:
             manifest = Manifest.model_validate({**manifest.model_dump(), "rank_local": planned.rank_local})
         manifest_bytes = snapshot.write_metadata(manifest)
-        marker = snapshot.commit(manifest_bytes, manifest, indexes, writer_info())
-        self.writer.release_claim(staged.step)
-        return marker
+        return snapshot.commit(manifest_bytes, manifest, indexes, writer_info())
 
     def _objects(self, planned: Planned, staged: Staged) -> dict[str, ObjectRecord]:
         """The state entries of the manifest: this rank's, every other rank's RNG states, and the

@@ -218,6 +218,11 @@ class RankLostError(CoordinationError):
     """A collective failed: a rank died or hung past the timeout. The group is unusable now."""
 
 
+class WriterProcessError(MoaiCkptError, RuntimeError):
+    """The background writer process of `save_async` died, or failed with an error that is not a
+    moai-ckpt one (its type and message are in this one's); the save is not committed."""
+
+
 # -- what the user hands over ---------------------------------------------------------------------
 
 

@@ -315,6 +315,12 @@ class RunLease:
             )
         return self.epoch
 
+    def deadline(self) -> float:
+        """The `time.monotonic` instant after which this holder stops trusting its lease, or
+        -inf once it is lost or not held (for a writer process fenced by this lease)."""
+        with self._lock:
+            return self._valid_until if self.epoch is not None and self._lost is None else float("-inf")
+
     def check(self, *, remote: bool = False) -> None:
         """Raise `LeaseLostError` unless the lease is held and unexpired.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import operator
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -53,6 +53,18 @@ class CheckpointerOptions(BaseModel):
         ge=4096,
         description="largest metadata object read (commit marker, manifest, rank index, zarr.json, run.json); "
         "a larger one is refused unread",
+    )
+    persist: Literal["process", "thread"] = Field(
+        default="thread",
+        description="where `save_async` writes in the background: a writer process fed through shared memory "
+        "(started at the first save_async; until it is up, and where it cannot be used, a thread), or a thread "
+        "of the training process",
+    )
+    shm_limit_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="most bytes of shared memory the writer process's host buffers may take (default: what "
+        "/dev/shm has free); a state that does not fit persists in a thread",
     )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     keep: tuple[RetentionPolicy, ...] | None = Field(

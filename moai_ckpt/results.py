@@ -18,11 +18,13 @@ class SaveHandle:
     Attributes:
         step: the step being saved.
         stall_s: how long `save_async` blocked the caller (capture and host copies).
+        persist: where it is written: ``"process"`` (the writer process) or ``"thread"``.
     """
 
-    def __init__(self, step: int, future: Future[CommitMarker], stall_s: float) -> None:
+    def __init__(self, step: int, future: Future[CommitMarker], stall_s: float, persist: str = "thread") -> None:
         self.step = step
         self.stall_s = stall_s
+        self.persist = persist
         self._future = future
         self.observed = False
 

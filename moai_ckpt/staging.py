@@ -15,10 +15,14 @@ and dtype stay the same, so host memory stays at one copy of the rank's state, h
 run. Buffers for CUDA tensors are pinned, so the device-to-host copies run at full bandwidth
 without the host waiting; pinning gigabytes takes seconds, so `HostPool.reserve` does it in a
 background thread (`HostPool._allocate` is the one place that decides what a buffer is).
+A pool made ``shared`` allocates its buffers in named shared memory (`moai_ckpt.shm`) instead,
+so that a writer process (`moai_ckpt.persist`) reads them where they are; `HostPool.segment`
+names a buffer's segment.
 """
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
-from moai_ckpt import faults
+from moai_ckpt import faults, shm
 from moai_ckpt.capture import RNG_KEY, Captured, capture
 from moai_ckpt.digest import PendingDigests, digest_tensors
 from moai_ckpt.dtypes import stored_dtype
@@ -74,16 +78,42 @@ class HostPool:
 
     def __init__(self, pin: bool | None = None) -> None:
         self.pin = torch.cuda.is_available() if pin is None else pin
+        #: allocate new buffers in named shared memory (for a writer process); set between saves
+        self.shared = False
+        #: most bytes the shared buffers may take together (None: what /dev/shm has)
+        self.shared_limit: int | None = None
         self._buffers: dict[str, torch.Tensor] = {}
         self._pending: dict[str, Future[torch.Tensor]] = {}
+        self._segments: dict[str, tuple[str, int]] = {}  # array name -> (segment, bytes), shared buffers
         self._used: set[str] = set()
         self._devices: set[torch.device] = set()
         self._lock = threading.Lock()
         self._allocator: ThreadPoolExecutor | None = None
 
     def _allocate(self, name: str, shape: torch.Size, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
-        """A new host buffer for array ``name`` (pinned for a device tensor's copies)."""
-        return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        """A new host buffer for array ``name``: pinned for a device tensor's copies, or in a
+        shared-memory segment when the pool is ``shared`` (then called with the lock held)."""
+        if not self.shared:
+            return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+        nbytes = shape.numel() * dtype.itemsize
+        taken = sum(size for _, size in self._segments.values())
+        if self.shared_limit is not None and taken + nbytes > self.shared_limit:
+            raise OSError(errno.ENOSPC, f"shared host buffers would exceed {self.shared_limit} bytes")
+        segment, mapping = shm.create(nbytes)
+        self._segments[name] = (segment, nbytes)
+        return shm.tensor(mapping, tuple(shape), dtype)
+
+    def _free(self, name: str) -> None:
+        """Drop the buffer for ``name`` (called with the lock held); its segment's name goes too."""
+        self._buffers.pop(name, None)
+        segment = self._segments.pop(name, None)
+        if segment is not None:
+            shm.unlink(segment[0])
+
+    def segment(self, name: str) -> tuple[str, int] | None:
+        """The shared-memory segment holding the buffer for ``name`` and its size, if shared."""
+        with self._lock:
+            return self._segments.get(name)
 
     def _pinned(self, tensor: torch.Tensor) -> bool:
         return self.pin and tensor.device.type == "cuda"
@@ -91,8 +121,8 @@ class HostPool:
     def reserve(self, name: str, tensor: torch.Tensor) -> None:
         """Allocate the buffer for ``name`` in a background thread, unless one that fits exists or is coming."""
         with self._lock:
-            if self._fits(self._buffers.get(name), tensor) or name in self._pending:
-                return
+            if self.shared or self._fits(name, tensor) or name in self._pending:
+                return  # shared buffers are made when a save needs them
             if self._allocator is None:
                 self._allocator = ThreadPoolExecutor(1, thread_name_prefix="moai-pin")
             shape, dtype, pinned = tensor.shape, tensor.dtype, self._pinned(tensor)
@@ -103,10 +133,9 @@ class HostPool:
         and (with ``start``) its allocation is started in the background. Never blocks."""
         with self._lock:
             self._collect(name)
-            buf = self._buffers.get(name)
-            if self._fits(buf, tensor):
+            if self._fits(name, tensor):
                 self._used.add(name)
-                return buf
+                return self._buffers[name]
         if start:
             self.reserve(name, tensor)
         return None
@@ -120,12 +149,11 @@ class HostPool:
             pending.result()
         with self._lock:
             self._collect(name)
-            buf = self._buffers.get(name)
-            if buf is None or not self._fits(buf, tensor):
-                buf = self._allocate(name, tensor.shape, tensor.dtype, self._pinned(tensor))
-                self._buffers[name] = buf
+            if not self._fits(name, tensor):
+                self._free(name)
+                self._buffers[name] = self._allocate(name, tensor.shape, tensor.dtype, self._pinned(tensor))
             self._used.add(name)
-            return buf
+            return self._buffers[name]
 
     def _collect(self, name: str) -> None:
         """Move a finished background allocation into the buffers (under the lock)."""
@@ -134,9 +162,16 @@ class HostPool:
             del self._pending[name]
             self._buffers[name] = pending.result()
 
-    @staticmethod
-    def _fits(buf: torch.Tensor | None, tensor: torch.Tensor) -> bool:
-        return buf is not None and buf.shape == tensor.shape and buf.dtype == tensor.dtype
+    def _fits(self, name: str, tensor: torch.Tensor) -> bool:
+        """The buffer for ``name`` exists, fits ``tensor`` and lives where the pool puts buffers now
+        (shared memory or not); called with the lock held."""
+        buf = self._buffers.get(name)
+        return (
+            buf is not None
+            and buf.shape == tensor.shape
+            and buf.dtype == tensor.dtype
+            and (name in self._segments) == self.shared
+        )
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Queue a copy of ``tensor`` into the buffer for ``name``; `wait` makes it complete."""
@@ -160,7 +195,7 @@ class HostPool:
         """Free the buffers this round did not use (the state lost an array or changed its shape)."""
         with self._lock:
             for name in set(self._buffers) - self._used:
-                del self._buffers[name]
+                self._free(name)
             self._used.clear()
 
     @property
@@ -173,7 +208,8 @@ class HostPool:
             self._allocator.shutdown(wait=True, cancel_futures=True)
             self._allocator = None
         with self._lock:
-            self._buffers.clear()
+            for name in list(self._buffers):
+                self._free(name)
             self._pending.clear()
             self._used.clear()
 

@@ -39,6 +39,7 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.digest_plan",
             "moai_ckpt.faults",
             "moai_ckpt.events",
+            "moai_ckpt.shm",
         ),
     ),
     (
@@ -75,6 +76,8 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.results",
             "moai_ckpt.catalog",
             "moai_ckpt.commit",
+            "moai_ckpt.persist",
+            "moai_ckpt.persist_worker",
             "moai_ckpt.restore",
             "moai_ckpt.retention",
             "moai_ckpt.pruner",

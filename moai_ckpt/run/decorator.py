@@ -85,7 +85,9 @@ def fault_tolerant(
               are recorded as "not recorded" markers; ``sys.argv`` is never recorded. See
               docs/security.md.
 
-            and `Checkpointer` options and storage options.
+            and `Checkpointer` options (``persist="process"``: the background writes of
+            ``async_snapshots`` run in a writer process, started at `Run.track`; see
+            `Checkpointer.save_async`) and storage options.
 
     Raises:
         pydantic.ValidationError: an option is out of range (a ``ValueError`` naming it).

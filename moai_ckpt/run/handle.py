@@ -192,6 +192,8 @@ class Run:
                 tracked then.
         """
         self._tracked.add(objects)
+        if self.options.async_snapshots and self._mode.writes:
+            self.ckpt.start_writer()  # with persist="process": started now, up before the first snapshot
 
     def place(
         self,

@@ -64,6 +64,18 @@ def test_a_4_rank_fsdp_snapshot_restores_exactly_onto_any_placement(
         assert largest < full, "each rank reads its own regions, not everything"
 
 
+def test_a_sharded_save_async_through_writer_processes_restores_exactly(tmp_path: Path) -> None:
+    run_dir, ref = str(tmp_path / "run"), str(tmp_path / "ref.npz")
+    saved = ok(
+        launch("tests.scenarios.dist_scenarios:save", 2, run_dir=run_dir, ref_path=ref, mode="fsdp", persist="process")
+    )
+    assert [v["persist"] for v in saved] == ["process", "process"]
+    assert all(v["bytes_written"] > 0 for v in saved)  # each rank's writer process wrote its rows
+    values = ok(launch("tests.scenarios.dist_scenarios:restore", 2, run_dir=run_dir, ref_path=ref, mode="ddp"))
+    for v in values:
+        assert v["step"] == 2 and v["mismatches"] == [] and v["extra"] == [] and v["compared"] > 0
+
+
 def test_a_ddp_snapshot_restores_under_fsdp(tmp_path: Path) -> None:
     run_dir, ref = str(tmp_path / "run"), str(tmp_path / "ref.npz")
     saved = ok(launch("tests.scenarios.dist_scenarios:save", 2, run_dir=run_dir, ref_path=ref, mode="ddp"))

@@ -87,23 +87,38 @@ def full_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, np.nda
     return out
 
 
-def save(run_dir: str, ref_path: str, mode: str, steps: int = 2, chunk_bytes: int = 64) -> dict[str, Any]:
+def save(
+    run_dir: str, ref_path: str, mode: str, steps: int = 2, chunk_bytes: int = 64, persist: str = "sync"
+) -> dict[str, Any]:
+    """Train and save; ``persist`` "process" saves with save_async through each rank's writer process."""
     rank, _ = rank_and_world()
     trained, saved = wrap(build_model(), mode)
     opt = torch.optim.AdamW(saved.parameters(), lr=1e-2)
     sampler = GlobalSampler(SAMPLES, BATCH, seed=1)
     train(trained, opt, sampler, steps)
-    ckpt = moai_ckpt.Checkpointer(run_dir, chunk_bytes=chunk_bytes, collective_timeout_s=60)
-    written = [0]
-    marker = ckpt.save(
-        steps,
-        {"model": saved, "optim": opt, "data": sampler},
-        progress=lambda n: written.__setitem__(0, written[0] + n),
+    ckpt = moai_ckpt.Checkpointer(
+        run_dir, chunk_bytes=chunk_bytes, collective_timeout_s=120, persist="thread" if persist == "sync" else persist
     )
+    written = [0]
+    state = {"model": saved, "optim": opt, "data": sampler}
     full = full_state(saved, opt)
+
+    def count(n: int) -> None:
+        written[0] += n
+
+    path = "sync"
+    if persist == "sync":
+        marker = ckpt.save(steps, state, progress=count)
+    else:
+        assert ckpt.start_writer(wait=120), "the writer process did not come up"
+        handle = ckpt.save_async(steps, state, progress=count)
+        assert handle is not None
+        train(trained, opt, sampler, 1)  # training goes on while the writer process persists
+        marker, path = handle.result(timeout=120), handle.persist
+        ckpt.close()  # ends the writer process
     if rank == 0:
         np.savez(ref_path, **full)
-    return {"rank": rank, "bytes_written": written[0], "world_size": marker.body.world_size}
+    return {"rank": rank, "bytes_written": written[0], "world_size": marker.body.world_size, "persist": path}
 
 
 def restore(run_dir: str, ref_path: str, mode: str, train_after: int = 0) -> dict[str, Any]:
