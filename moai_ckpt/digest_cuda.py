@@ -57,15 +57,23 @@ if triton is not None:
         tensor, first = tl.load(row + 2), tl.load(row + 3)
         offsets = tl.arange(0, BLOCK)
         mask = offsets < count
-        words = tl.load(address.to(tl.pointer_type(tl.int32)) + offsets, mask=mask, other=0).to(tl.int64)
-        # moai_ckpt.digest.mix, in the same int64 arithmetic with 32-bit masks
-        m32 = 0xFFFFFFFF
-        x = ((words & m32) * 0x9E3779B1 + ((first + offsets) & m32) * 0x85EBCA77) & m32
+        raw = tl.load(address.to(tl.pointer_type(tl.int32)) + offsets, mask=mask, other=0)
+        words = raw.to(tl.int64)  # sign-extended, as the reference's int32 -> int64
+        # moai_ckpt.digest.mix in native 32-bit wrapping arithmetic (logical shifts on uint32):
+        # the same integers as the reference's int64 arithmetic with 32-bit masks, without the
+        # 64-bit multiplies the GPU emulates
+        u = raw.to(tl.uint32, bitcast=True)
+        at = ((first + offsets) & 0xFFFFFFFF).to(tl.uint32)
+        k_word = tl.full([BLOCK], 0x9E3779B1, tl.uint32)
+        k_pos = tl.full([BLOCK], 0x85EBCA77, tl.uint32)
+        k_mix1 = tl.full([BLOCK], 0x7FEB352D, tl.uint32)
+        k_mix2 = tl.full([BLOCK], 0x846CA68B, tl.uint32)
+        x = u * k_word + at * k_pos
         x = x ^ (x >> 16)
-        x = (x * 0x7FEB352D) & m32
+        x = x * k_mix1
         x = x ^ (x >> 15)
-        x = (x * 0x846CA68B) & m32
-        x = x ^ (x >> 16)
+        x = x * k_mix2
+        x = (x ^ (x >> 16)).to(tl.int64)  # zero-extended: below 2**32, as the reference's
         tl.atomic_add(out_ptr + tensor * 2, tl.sum(words, axis=0))
         tl.atomic_add(out_ptr + tensor * 2 + 1, tl.sum(tl.where(mask, x, 0), axis=0))
 
