@@ -22,6 +22,7 @@ from moai_ckpt.commit import SnapshotCommit, copy_snapshot
 from moai_ckpt.distributed import World, agree, current_world
 from moai_ckpt.errors import InvalidArgumentError, MoaiCkptError, redact_url
 from moai_ckpt.format import CommitMarker, Manifest
+from moai_ckpt.iopool import IOPool
 from moai_ckpt.options import CheckpointerOptions, valid_info, valid_step
 from moai_ckpt.restore import SnapshotRestore
 from moai_ckpt.results import RestoreInfo, SaveHandle, SnapshotEntry, VerifyReport
@@ -80,7 +81,7 @@ class Checkpointer:
         self.world: World = current_world(
             timedelta(seconds=self.options.collective_timeout_s), process_group, local=local
         )
-        self._executor = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="moai-io")
+        self._executor = IOPool(self.options.io_threads)
         self._background = ThreadPoolExecutor(1, thread_name_prefix="moai-save")
         self._pool = HostPool()
         self._inflight: SaveHandle | None = None

@@ -94,7 +94,7 @@ def test_a_chunk_linked_to_another_file_is_refused_without_disclosing_it(run_dir
     ckpt = saved_run(run_dir, (10,))
     secret = tmp_path / "secret"
     secret.write_bytes(b"s" * 12345)
-    chunks = [p for p in (Path(run_dir) / snapshot_dir(10)).rglob("*") if p.is_file() and "/c/" in str(p)]
+    chunks = [p for p in (Path(run_dir) / snapshot_dir(10)).rglob("*") if p.is_file() and p.name.startswith("c.")]
     chunks[0].unlink()
     os.symlink(secret, chunks[0])
     report = ckpt.verify(10)
@@ -276,8 +276,9 @@ def test_prune_removes_no_marker_when_the_snapshot_cannot_be_deleted() -> None:
         saved_run(run_dir).close()
         for folder in [base, *(p for p in base.rglob("*") if p.is_dir())]:
             folder.chmod(0o777)  # the pruning user may delete everything...
-        locked = next(p for p in (Path(run_dir) / snapshot_dir(10)).rglob("*") if p.is_dir() and p.name == "c")
-        locked.chmod(0o555)  # ...but the entries of one chunk directory deep inside the oldest snapshot
+        arrays = (p.parent for p in (Path(run_dir) / snapshot_dir(10)).rglob("c.*"))
+        locked = next(arrays)
+        locked.chmod(0o555)  # ...but the entries of one array directory (its chunks) inside the oldest snapshot
         code = as_unprivileged(lambda: moai_ckpt.Checkpointer(run_dir).prune(keep=2) and None)
         assert code == 3  # refused with an OSError (a StorageError naming the directory)
         locked.chmod(0o777)
