@@ -159,7 +159,9 @@ class SnapshotRestore:
         arrays = {**manifest.arrays, **{name: manifest.arrays[path] for name, path in source.items()}}
         targets = live_targets(records, wanted, arrays)
         rows = {source.get(name, name): (t.start, t.stop) for name, t in targets.items()}
-        raw = reader.read_arrays(sorted({source.get(name, name) for name in names}), progress, rows)
+        # arrays bound for a CUDA device go there chunk by chunk, through pinned memory, as each passes its check
+        devices = {source.get(name, name): d for name, t in targets.items() if _is_cuda(d := _device_of(t.like))}
+        raw = reader.read_arrays(sorted({source.get(name, name) for name in names}), progress, rows, devices)
         tensors = {}
         for name in names:
             rows_read, target = raw[source.get(name, name)], targets.get(name)
@@ -169,6 +171,10 @@ class SnapshotRestore:
         restorer = Restorer(records, tensors, url=self.url, step=step)
         restorer.check(wanted)
         return wanted, restorer, rank_local
+
+
+def _is_cuda(device: torch.device | None) -> bool:
+    return device is not None and device.type == "cuda" and torch.cuda.is_available()
 
 
 def _device_of(t: torch.Tensor | None) -> torch.device | None:
