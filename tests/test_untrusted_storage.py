@@ -27,8 +27,10 @@ from typer.testing import CliRunner
 
 import moai_ckpt
 from moai_ckpt import cli
+from moai_ckpt.errors import UnsafeEntryError
 from moai_ckpt.layout import COMMIT, LOG, log_dir, snapshot_dir
 from moai_ckpt.pruning import prune_run
+from moai_ckpt.storage import LocalStorage
 from replay.log import log_bases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -349,3 +351,25 @@ def test_a_relaunch_resumes_bitwise_past_malformed_markers_and_stray_names(tmp_p
     resumed = run_training(run, 14)
     assert resumed["digest"] == reference["digest"]
     assert resumed["first_step"] == 9 and resumed["replayed"] == 2
+
+
+def test_directories_made_for_a_save_never_follow_a_planted_link(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    storage = LocalStorage(str(run))
+    (run / snapshot_dir(1)).mkdir(parents=True)
+    os.symlink(outside, run / snapshot_dir(1) / "model")  # where a group directory goes
+    (run / snapshot_dir(2) / "model").mkdir(parents=True)
+    os.symlink(outside, run / snapshot_dir(2) / "model" / "w")  # where an array directory goes
+    for step in (1, 2):
+        with pytest.raises(UnsafeEntryError, match="symbolic link"):
+            storage.make_dirs([f"{snapshot_dir(step)}/model/w", f"{snapshot_dir(step)}/model/v"])
+    (run / "plain").write_bytes(b"x")
+    with pytest.raises(moai_ckpt.StorageError):
+        storage.make_dirs(["plain/below"])
+    assert list(outside.iterdir()) == []  # nothing was made through a link
+    wanted = [f"{snapshot_dir(3)}/model/a", f"{snapshot_dir(3)}/model/b", f"{snapshot_dir(3)}/ranks"]
+    storage.make_dirs(wanted)
+    storage.make_dirs(wanted)  # made already: fine
+    assert all((run / d).is_dir() and not (run / d).is_symlink() for d in wanted)
