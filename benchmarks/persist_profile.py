@@ -239,6 +239,7 @@ PHASES: list[tuple[str, str, str]] = [
     ("moai_ckpt.snapshot", "SnapshotReader", "_read_chunk"),
     ("moai_ckpt.snapshot", "SnapshotReader", "_allocate"),
     ("moai_ckpt.storage", "Storage", "barrier"),
+    ("moai_ckpt.storage", "Storage", "make_dirs"),
     ("moai_ckpt.storage", "Storage", "read_into"),
     ("moai_ckpt.storage", "Storage", "write"),
     ("moai_ckpt.capture", "Restorer", "check"),
