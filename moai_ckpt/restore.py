@@ -160,7 +160,7 @@ class SnapshotRestore:
         targets = live_targets(records, wanted, arrays)
         rows = {source.get(name, name): (t.start, t.stop) for name, t in targets.items()}
         # arrays bound for a CUDA device go there chunk by chunk, through pinned memory, as each passes its check
-        devices = {source.get(name, name): d for name, t in targets.items() if _is_cuda(d := _device_of(t.like))}
+        devices = {source.get(name, name): d for name, t in targets.items() if (d := _cuda_of(t.like)) is not None}
         raw = reader.read_arrays(sorted({source.get(name, name) for name in names}), progress, rows, devices)
         tensors = {}
         for name in names:
@@ -173,8 +173,10 @@ class SnapshotRestore:
         return wanted, restorer, rank_local
 
 
-def _is_cuda(device: torch.device | None) -> bool:
-    return device is not None and device.type == "cuda" and torch.cuda.is_available()
+def _cuda_of(t: torch.Tensor | None) -> torch.device | None:
+    """The CUDA device a live tensor is on, or None (elsewhere, or no CUDA here)."""
+    device = _device_of(t)
+    return device if device is not None and device.type == "cuda" and torch.cuda.is_available() else None
 
 
 def _device_of(t: torch.Tensor | None) -> torch.device | None:

@@ -276,7 +276,7 @@ class SnapshotReader:
         items.sort(key=_largest_first)  # so no thread is left alone with a big chunk at the end
         copying = {read.device.device for read in reads if read.device is not None}
         try:
-            for_each(self.executor, items, lambda item: self._read_item(*item, progress))
+            for_each(self.executor, items, lambda item: self._read_item(*item, progress), reads=True)
         finally:
             for device in copying:  # the pinned buffers stay alive until their copies are done
                 torch.cuda.synchronize(device)

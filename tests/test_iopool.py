@@ -15,9 +15,9 @@ def test_the_default_width_is_the_cores_this_process_may_use_between_2_and_8() -
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     assert default_io_threads() == max(2, min(MAX_IO_THREADS, cores))
     with IOPool() as pool:
-        assert pool.width == default_io_threads()
+        assert (pool.width, pool.read_width) == (default_io_threads(), MAX_IO_THREADS)
     with IOPool(3) as pool:
-        assert pool.width == 3
+        assert (pool.width, pool.read_width) == (3, 3)
 
 
 def test_results_come_in_item_order_from_at_most_width_threads() -> None:
@@ -31,6 +31,12 @@ def test_results_come_in_item_order_from_at_most_width_threads() -> None:
         assert for_each(pool, list(range(500)), square) == [x * x for x in range(500)]
         assert for_each(pool, [], square) == []
     assert 1 <= len(threads) <= 3
+    threads.clear()
+    with IOPool() as pool:
+        for_each(pool, list(range(500)), square)
+        assert len(threads) <= pool.width  # writes: as many threads as cores, no more
+        for_each(pool, list(range(500)), square, reads=True)
+        assert len(threads) <= pool.read_width
 
 
 def test_the_first_failing_item_stops_the_rest_and_nothing_runs_after_the_error() -> None:
