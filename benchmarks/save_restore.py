@@ -103,6 +103,18 @@ def naive_zarr_save(path: str, tensors: list[torch.Tensor]) -> None:
     common.fsync_tree(path)
 
 
+def moai_save(path: str, state: dict[str, Any]) -> None:
+    # closed, so its lease's renewal thread stops: it would write into the directory the next
+    # repetition deletes
+    with moai_ckpt.Checkpointer(path, capture_rng=False) as ckpt:
+        ckpt.save(1, state)
+
+
+def moai_restore(path: str, state: dict[str, Any]) -> None:
+    with moai_ckpt.Checkpointer(path, capture_rng=False) as ckpt:
+        ckpt.restore(state)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=1.2)
@@ -143,15 +155,13 @@ def main() -> None:
         "torch.save": lambda: torch_save(paths["torch.save"], model, opt),
         "DCP": lambda: dcp.save(dcp_state(model, opt), checkpoint_id=paths["DCP"]),
         "zarr-naive": lambda: naive_zarr_save(paths["zarr-naive"], tensors),
-        "moai-ckpt": lambda: moai_ckpt.Checkpointer(paths["moai-ckpt"], capture_rng=False).save(1, state),
+        "moai-ckpt": lambda: moai_save(paths["moai-ckpt"], state),
     }
     restore_fns = {
         "raw": lambda: raw_read(paths["raw"], buffers),
         "torch.save": lambda: torch_restore(paths["torch.save"], target_model, target_opt),
         "DCP": lambda: dcp.load(dcp_state(target_model, target_opt), checkpoint_id=paths["DCP"]),
-        "moai-ckpt": lambda: moai_ckpt.Checkpointer(paths["moai-ckpt"], capture_rng=False).restore(
-            {"model": target_model, "optim": target_opt}
-        ),
+        "moai-ckpt": lambda: moai_restore(paths["moai-ckpt"], {"model": target_model, "optim": target_opt}),
     }
     saves = {k: common.Series(k) for k in save_fns if k not in skip}
     restores = {k: common.Series(k) for k in restore_fns if k not in skip}
@@ -180,7 +190,8 @@ def main() -> None:
                 for n in order
             )
         )
-    check = moai_ckpt.Checkpointer(paths["moai-ckpt"], capture_rng=False).verify(1)
+    with moai_ckpt.Checkpointer(paths["moai-ckpt"], capture_rng=False) as ckpt:
+        check = ckpt.verify(1)
     assert check.ok, check.faults
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), target_model.state_dict().values(), strict=True)

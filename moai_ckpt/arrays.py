@@ -34,6 +34,11 @@ DEFAULT_CHUNK_BYTES = 64 << 20
 MAX_DIM = 2**63 - 1  # torch sizes are 64-bit
 CRC = struct.Struct("<I")
 MOAI_ATTR = "moai_ckpt"
+#: the separator of the chunk keys this writer makes: ``<array>/c.0.0`` sits beside ``zarr.json``
+CHUNK_SEPARATOR = "."
+#: the separators of zarr v3's ``default`` chunk key encoding, the one this format uses; snapshots
+#: of moai-ckpt before 0.x used ``/`` (``<array>/c/0/0``) and are read as their ``zarr.json`` says
+SEPARATORS = ("/", ".")
 
 
 def choose_chunks(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> tuple[int, ...]:
@@ -64,10 +69,6 @@ class ChunkSpan:
     @property
     def encoded_size(self) -> int:
         return self.stop - self.start + self.pad + CRC.size
-
-    @property
-    def key(self) -> str:
-        return "c" if not self.index else "c/" + "/".join(str(i) for i in self.index)
 
 
 def chunk_count(shape: tuple[int, ...], chunks: tuple[int, ...]) -> int:
@@ -133,8 +134,8 @@ def chunk_spans(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int) 
         yield ChunkSpan((i, *trailing), lo * row_bytes, hi * row_bytes, (lo + rows - hi) * row_bytes)
 
 
-def array_metadata(record: ArrayRecord, stored: StoredDtype) -> dict[str, Any]:
-    """The zarr v3 ``zarr.json`` document for a stored tensor."""
+def array_metadata(record: ArrayRecord, stored: StoredDtype, separator: str = CHUNK_SEPARATOR) -> dict[str, Any]:
+    """The zarr v3 ``zarr.json`` document for a stored tensor (chunk keys with ``separator``)."""
     fill: Any = 0
     if stored.zarr == "bool":
         fill = False
@@ -156,7 +157,7 @@ def array_metadata(record: ArrayRecord, stored: StoredDtype) -> dict[str, Any]:
         "shape": list(record.shape),
         "data_type": stored.zarr,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(record.chunks)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": separator}},
         "fill_value": fill,
         "codecs": [bytes_codec, {"name": "crc32c"}],
         "attributes": attributes,
@@ -165,24 +166,56 @@ def array_metadata(record: ArrayRecord, stored: StoredDtype) -> dict[str, Any]:
 
 
 def group_metadata(attributes: dict[str, Any] | None = None) -> bytes:
-    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}, indent=1).encode()
+    return encode({"zarr_format": 3, "node_type": "group", "attributes": attributes or {}})
 
 
-def check_array_metadata(raw: bytes, record: ArrayRecord, *, url: str, step: int, key: str) -> None:
+def encode(document: Any) -> bytes:
+    """A JSON document as stored: compact, by the C encoder (``indent`` would take the Python one)."""
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def check_array_metadata(raw: bytes, record: ArrayRecord, *, url: str, step: int, key: str) -> str:
     """Refuse an array whose ``zarr.json`` (at ``key``) is not exactly the document the manifest implies.
 
     The whole document counts, types included (``0`` is not ``0.0``, ``false`` is not ``0``): plain
     zarr reads every field, so a renamed ``fill_value`` or a relabelled dtype attribute is as bad
-    as a wrong shape.
+    as a wrong shape. The chunk key separator is the one field the document chooses (`SEPARATORS`).
+
+    Returns:
+        The separator of the array's chunk keys, as its ``zarr.json`` declares it.
     """
-    expected = array_metadata(record, from_name(record.dtype))
     try:
         meta = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ManifestMismatchError(f"array metadata is not JSON: {exc}", url=url, step=step, key=key) from None
+    separator = declared_separator(meta, url=url, step=step, key=key)
+    expected = array_metadata(record, from_name(record.dtype), separator)
+    try:
         problem = None if _canonical(meta) == _canonical(expected) else _difference(meta, expected)
     except (ValueError, RecursionError) as exc:
         raise ManifestMismatchError(f"array metadata is not JSON: {exc}", url=url, step=step, key=key) from None
     if problem is not None:
         raise ManifestMismatchError(problem, url=url, step=step, key=key)
+    return separator
+
+
+def declared_separator(meta: Any, *, url: str, step: int, key: str) -> str:
+    """The chunk key separator a parsed ``zarr.json`` declares: zarr v3's ``default`` encoding with
+    one of its two separators, `SEPARATORS`; any other encoding is refused, never guessed at."""
+    encoding = meta.get("chunk_key_encoding") if isinstance(meta, dict) else None
+    if encoding is None:
+        return CHUNK_SEPARATOR  # the document is wrong anyway; the comparison says where
+    config = encoding.get("configuration") if isinstance(encoding, dict) else None
+    separator = config.get("separator") if isinstance(config, dict) else None
+    if not isinstance(encoding, dict) or encoding.get("name") != "default" or separator not in SEPARATORS:
+        raise ManifestMismatchError(
+            f"chunk_key_encoding {_short(encoding)} is not one this format reads: zarr v3's "
+            'default encoding with the separator "/" or "."',
+            url=url,
+            step=step,
+            key=key,
+        )
+    return str(separator)
 
 
 def _canonical(document: Any) -> str:

@@ -25,6 +25,7 @@ from moai_ckpt.errors import InvalidArgumentError, MoaiCkptError, redact_url
 from moai_ckpt.eventlog import EventHistory
 from moai_ckpt.events import Event, EventHook, EventSink
 from moai_ckpt.format import CommitMarker, Manifest
+from moai_ckpt.iopool import IOPool
 from moai_ckpt.options import CheckpointerOptions, valid_info, valid_step
 from moai_ckpt.overlap import OverlapStager
 from moai_ckpt.persist import ProcessCommit, WriterProcess, shareable
@@ -99,7 +100,7 @@ class Checkpointer:
         self.world: World = current_world(
             timedelta(seconds=self.options.collective_timeout_s), process_group, local=local
         )
-        self._executor = ThreadPoolExecutor(self.options.io_threads, thread_name_prefix="moai-io")
+        self._executor = IOPool(self.options.io_threads)
         self._background = ThreadPoolExecutor(1, thread_name_prefix="moai-save")
         self._pool = HostPool()
         self._pool.shared_limit = self.options.shm_limit_bytes

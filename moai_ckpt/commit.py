@@ -16,14 +16,16 @@ everywhere, and no rank goes on alone.
    refuses to write over a commit marker unless asked, claims S and clears what an interrupted
    save left there (`moai_ckpt.writer.RunWriter.prepare`). No rank writes a byte before.
 4. **write** (`SnapshotCommit.write`): each rank writes its chunks straight from host memory,
-   then its rank index, and makes them durable (`moai_ckpt.snapshot.SnapshotWriter`); the
-   coordinator's writes are fenced by its lease.
+   then its rank index (`moai_ckpt.snapshot_writer.SnapshotWriter`), and every rank but the
+   coordinator makes them durable before it votes; the coordinator's writes are fenced by its
+   lease, and made durable in phase 6.
 5. **vote** (`SnapshotCommit.vote`): every rank votes on its writes; then the rank indexes and
    the parts of the state each rank holds alone (its RNG states, its entries of a partial
    object) are gathered.
 6. **commit** (`SnapshotCommit.commit`): the coordinator writes ``run.json`` (with the run's
-   first snapshot), the zarr metadata and the manifest, checks its lease once more, and writes
-   the commit marker last, by exclusive create. From that moment the snapshot exists. The
+   first snapshot), the zarr metadata and the manifest, makes them and its own chunks and rank
+   index durable with one barrier, checks its lease once more, and writes the commit marker
+   last, by exclusive create (made durable too). From that moment the snapshot exists. The
    marker is broadcast, so every rank returns the same one.
 
 A failure before phase 6 leaves leftovers only: invisible to readers, cleared by the next save of
@@ -48,7 +50,8 @@ from moai_ckpt.layout import RUN_INFO, claim_key, commit_key, snapshot_dir
 from moai_ckpt.ranklocal import find_rank_local, split_pieces
 from moai_ckpt.results import VerifyReport
 from moai_ckpt.sharding import Piece, WritePlan, plan_writes
-from moai_ckpt.snapshot import Progress, SnapshotWriter, manifest_for, writer_info
+from moai_ckpt.snapshot import Progress
+from moai_ckpt.snapshot_writer import SnapshotWriter, manifest_for, writer_info
 from moai_ckpt.staging import Staged, replica_digests, rng_key
 from moai_ckpt.storage import Storage
 from moai_ckpt.writer import RunWriter
@@ -167,6 +170,8 @@ class SnapshotCommit:
             world_size=self.world.world_size,
             device_type=device_type,
             progress=progress,
+            # the coordinator's writes are made durable with its metadata, by one barrier before the marker
+            durable=rank != 0,
         )
 
     def vote(self, step: int, write: Callable[[], RankIndex]) -> list[RankIndex]:

@@ -25,8 +25,9 @@ from moai_ckpt.errors import ChecksumError, CorruptSnapshotError, MoaiCkptError,
 from moai_ckpt.keys import check_key
 from moai_ckpt.layout import commit_key
 
-#: the newest snapshot format this code reads and the one it writes (1: no rank-local state)
-FORMAT_VERSION = 2
+#: the newest snapshot format this code reads and the one it writes (1: no rank-local state;
+#: 2: chunk keys with the "/" separator, read as each zarr.json declares)
+FORMAT_VERSION = 3
 
 
 def now_iso() -> str:

@@ -6,7 +6,8 @@
     snapshots/<step:012d>/                          snapshot_dir: one zarr v3 group per snapshot
         zarr.json, <object>/zarr.json               group_key: group metadata
         <object>/<name>/zarr.json                   array_metadata_key: one zarr v3 array per tensor
-        <object>/<name>/c/<i>/...                   chunk_key: little-endian words, then a crc32c
+        <object>/<name>/c.<i>.0...                  chunk_key: little-endian words, then a crc32c
+                                                    (``c/<i>/0/...`` in snapshots written before)
         ranks/<rank:05d>.json                       rank_index_key: what one rank wrote
         manifest.json                               manifest_key: the state tree
         claim.json                                  claim_key: the writer writing this step
@@ -54,6 +55,7 @@ CAPTURE_INDEX, CAPTURE_STREAM, CAPTURE_VALUES = "capture.json", "stream.json", "
 _STEP_NAME = re.compile(r"[0-9]{12}", re.ASCII)
 _SEGMENT_NAME = re.compile(r"([0-9]{12})-([0-9]{12})\.seg", re.ASCII)
 _LEASE_NAME = re.compile(r"([0-9]{12})\.json", re.ASCII)
+_DOTTED_CHUNK = re.compile(r"c(\.[0-9]+)*", re.ASCII)
 _LABEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
 _CAPTURE_RANK = re.compile(r"^rank-(\d{5})$")
 _EVENT_NAME = re.compile(r"([0-9]{20})-([0-9]{5})-([0-9a-f]{8})\.json", re.ASCII)
@@ -128,15 +130,24 @@ def array_metadata_key(step: int, array: str) -> str:
     return in_snapshot(step, f"{array}/{ZARR_JSON}")
 
 
-def chunk_key(step: int, array: str, chunk: str) -> str:
-    """A chunk object; ``chunk`` is zarr's key of the chunk below its array (``c/0/0``)."""
-    return in_snapshot(step, f"{array}/{chunk}")
+def chunk_name(index: tuple[int, ...], separator: str) -> str:
+    """zarr v3's ``default`` chunk key of the chunk at grid ``index`` below its array:
+    ``c.0.0`` with the ``"."`` separator, ``c/0/0`` with ``"/"``, ``c`` for a 0-d array."""
+    return "c" if not index else "c" + separator + separator.join(str(i) for i in index)
+
+
+def chunk_key(step: int, array: str, index: tuple[int, ...], separator: str) -> str:
+    """A chunk object of ``array`` (its path below the snapshot), keyed as `chunk_name` says."""
+    return in_snapshot(step, f"{array}/{chunk_name(index, separator)}")
 
 
 def is_chunk_key(key: str) -> bool:
-    """Whether a key names a chunk of an array in a snapshot (zarr v3's default chunk key encoding)."""
+    """Whether a key names a chunk of an array in a snapshot (zarr v3's default chunk key
+    encoding, with either separator)."""
     parts = key.split("/")
-    return snapshot_step_of(key) is not None and "c" in parts[3:] and parts[-1] != ZARR_JSON
+    if snapshot_step_of(key) is None or len(parts) < 4 or parts[-1] == ZARR_JSON:
+        return False
+    return "c" in parts[3:-1] or _DOTTED_CHUNK.fullmatch(parts[-1]) is not None
 
 
 def steps_in(names: Iterable[str], where: str, *, ignore: Iterable[str] = ()) -> list[int]:

@@ -26,7 +26,12 @@ class CheckpointerOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     chunk_bytes: int = Field(default=64 << 20, ge=1, description="largest chunk of a stored array")
-    io_threads: int = Field(default=8, ge=1, le=256, description="parallel storage operations")
+    io_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="parallel storage operations (None: the cores this process may use, 2 to 8)",
+    )
     capture_rng: bool = Field(default=True, description="save and restore every global RNG with the state")
     leftover_grace_s: float = Field(
         default=600.0,

@@ -84,11 +84,16 @@ class WriterProcess:
         storage_options: its storage options (plain data, see `shareable`).
         retry: the retry policy, as JSON.
         record_limit: `CheckpointerOptions.max_record_bytes`.
-        io_threads: threads the writer process writes with.
+        io_threads: threads the writer process writes with (None: as many as its cores allow).
     """
 
     def __init__(
-        self, url: str, storage_options: Mapping[str, Any], retry: dict[str, Any], record_limit: int, io_threads: int
+        self,
+        url: str,
+        storage_options: Mapping[str, Any],
+        retry: dict[str, Any],
+        record_limit: int,
+        io_threads: int | None,
     ) -> None:
         self.config = {
             "url": url,

@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -34,6 +33,7 @@ from moai_ckpt.commit import Planned, SnapshotCommit
 from moai_ckpt.distributed import SingleProcess
 from moai_ckpt.errors import LeaseLostError, MoaiCkptError
 from moai_ckpt.format import ObjectRecord, RankIndex
+from moai_ckpt.iopool import IOPool
 from moai_ckpt.layout import lease_key
 from moai_ckpt.persist import DEADLINE
 from moai_ckpt.sharding import Piece
@@ -91,7 +91,8 @@ class Worker:
         retry = RetryPolicy.model_validate(config["retry"])
         self.storage = open_storage(config["url"], retry, **config["storage_options"])
         self.storage.record_limit = int(config["record_limit"])
-        self.executor = ThreadPoolExecutor(int(config["io_threads"]), thread_name_prefix="moai-io")
+        threads = config["io_threads"]
+        self.executor = IOPool(None if threads is None else int(threads))
         self.deadline = shm.attach(config["deadline"], DEADLINE.size)
         self.segments: dict[str, mmap.mmap] = {}
         self.saves: dict[int, tuple[WorkerCommit, Staged, Planned]] = {}

@@ -159,7 +159,9 @@ class SnapshotRestore:
         arrays = {**manifest.arrays, **{name: manifest.arrays[path] for name, path in source.items()}}
         targets = live_targets(records, wanted, arrays)
         rows = {source.get(name, name): (t.start, t.stop) for name, t in targets.items()}
-        raw = reader.read_arrays(sorted({source.get(name, name) for name in names}), progress, rows)
+        # arrays bound for a CUDA device go there chunk by chunk, through pinned memory, as each passes its check
+        devices = {source.get(name, name): d for name, t in targets.items() if (d := _cuda_of(t.like)) is not None}
+        raw = reader.read_arrays(sorted({source.get(name, name) for name in names}), progress, rows, devices)
         tensors = {}
         for name in names:
             rows_read, target = raw[source.get(name, name)], targets.get(name)
@@ -169,6 +171,12 @@ class SnapshotRestore:
         restorer = Restorer(records, tensors, url=self.url, step=step)
         restorer.check(wanted)
         return wanted, restorer, rank_local
+
+
+def _cuda_of(t: torch.Tensor | None) -> torch.device | None:
+    """The CUDA device a live tensor is on, or None (elsewhere, or no CUDA here)."""
+    device = _device_of(t)
+    return device if device is not None and device.type == "cuda" and torch.cuda.is_available() else None
 
 
 def _device_of(t: torch.Tensor | None) -> torch.device | None:

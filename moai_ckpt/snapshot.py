@@ -1,30 +1,26 @@
-"""Writing and reading one snapshot directory, with every check on the way back in.
+"""Reading one snapshot directory back, with every check on the way in (`moai_ckpt.snapshot_writer` writes one).
 
-`SnapshotWriter` writes a rank's chunks straight from tensor memory, then its rank index; the
-coordinator writes the group metadata and manifest, waits for every rank, and writes the commit
-marker last. `SnapshotReader` trusts nothing it has not checked: the marker's own checksum and
-version, the manifest's and rank indexes' sha256 against the marker, each array's record by
+`SnapshotReader` trusts nothing it has not checked: the marker's own checksum and version, the
+manifest's and rank indexes' sha256 against the marker, each array's record by
 arithmetic (dtype, chunk grid, bytes under a limit) before any list or tensor is built from it,
 each array's whole ``zarr.json`` against the manifest, chunk coverage against the rank indexes,
-and every chunk's crc32c.
+and every chunk's crc32c. Chunk reads and ``zarr.json`` checks all run at once, one job per I/O
+thread over the list of chunks; a restore to CUDA copies each chunk to the device once checked.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import platform
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Executor, Future, wait
-from contextlib import contextmanager
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from moai_ckpt import arrays as za
-from moai_ckpt import faults
-from moai_ckpt._version import __version__
 from moai_ckpt.dtypes import StoredDtype, from_name, torch_dtype
 from moai_ckpt.errors import (
     CorruptSnapshotError,
@@ -32,7 +28,6 @@ from moai_ckpt.errors import (
     ManifestMismatchError,
     MissingDataError,
     MoaiCkptError,
-    SnapshotExistsError,
     SnapshotNotFoundError,
     StorageError,
     TruncatedDataError,
@@ -41,18 +36,17 @@ from moai_ckpt.format import (
     FORMAT_VERSION,
     ArrayRecord,
     ChunkEntry,
-    CommitBody,
-    CommitMarker,
     Manifest,
     RankIndex,
-    RankRef,
     load_commit,
     load_record,
     sha256,
 )
+from moai_ckpt.iopool import for_each
 from moai_ckpt.layout import (
     array_metadata_key,
     chunk_key,
+    chunk_name,
     commit_key,
     group_key,
     in_snapshot,
@@ -69,148 +63,51 @@ Progress = Callable[[int], None]
 DEFAULT_MAX_ARRAY_BYTES = 1 << 40
 
 
-@contextmanager
-def settle(futures: list[Future[Any]]) -> Iterator[None]:
-    """On an error, cancel what has not started and wait for what has, then re-raise.
-
-    No write of a failed save may land after the failure is reported (a retry of the same
-    step would race with it).
-    """
-    try:
-        yield
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        wait(futures)
-        raise
-
-
 def group_attributes(step: int, version: int = FORMAT_VERSION) -> dict[str, Any]:
     return {za.MOAI_ATTR: {"format_version": version, "step": step}}
 
 
 @dataclass
-class SnapshotWriter:
-    """Writes the parts of a snapshot at ``step``; one per rank, the coordinator also commits."""
+class _ArrayRead:
+    """One array being read: where its bytes go, the chunks to read, its ``zarr.json`` checked once."""
 
-    storage: Storage
-    executor: Executor
-    step: int
-    #: the writer's fence (`moai_ckpt.lease.RunLease.check`): called before every chunk, and with
-    #: ``remote=True`` right before the commit marker; it raises once this writer lost the run
-    fence: Callable[..., None] | None = None
+    name: str
+    record: ArrayRecord
+    host: torch.Tensor
+    #: the byte range of the array the read covers (its rows)
+    lo: int
+    hi: int
+    spans: list[tuple[za.ChunkSpan, ChunkEntry]]
+    #: the device tensor each checked chunk is copied into (reads bound for CUDA), else None
+    device: torch.Tensor | None = None
+    _separator: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def write_chunks(
-        self,
-        jobs: list[tuple[str, za.ChunkSpan, memoryview]],
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        device_type: str = "cpu",
-        progress: Progress | None = None,
-    ) -> RankIndex:
-        """Write this rank's chunks (array name, span, bytes), then its rank index, then make them durable."""
-        futures = [
-            (name, self.executor.submit(self._write_chunk, chunk_key(self.step, name, span.key), span, data, progress))
-            for name, span, data in jobs
-        ]
-        chunks: dict[str, list[ChunkEntry]] = {}
-        written = 0
-        with settle([f for _, f in futures]):
-            for name, fut in futures:
-                entry = fut.result()
-                chunks.setdefault(name, []).append(entry)
-                written += entry.nbytes
-        index = RankIndex(
-            step=self.step,
-            rank=rank,
-            world_size=world_size,
-            chunks=chunks,
-            bytes_written=written,
-            device_type=device_type,
-        )
-        key = rank_index_key(self.step, rank)
-        self.storage.write(key, index.model_dump_json().encode())
-        # each rank makes its own writes durable before it votes: the commit need not list them
-        self.storage.barrier([key, *(chunk_key(self.step, name, span.key) for name, span, _ in jobs)])
-        return index
+    @property
+    def bytes(self) -> memoryview:
+        return za.tensor_bytes(self.host)
 
-    def _write_chunk(self, key: str, span: za.ChunkSpan, data: memoryview, progress: Progress | None) -> ChunkEntry:
-        faults.point("snapshot.persist")
-        if self.fence is not None:
-            self.fence()  # a writer stopped past its lease writes no more chunks once it resumes
-        pad = bytes(span.pad)
-        crc = za.chunk_crc(data, pad)
-        self.storage.write(key, [data, pad, za.CRC.pack(crc)] if pad else [data, za.CRC.pack(crc)])
-        if progress is not None:
-            progress(data.nbytes)
-        return ChunkEntry(index=span.index, nbytes=span.encoded_size, crc32c=crc)
+    def separator(self, check: Callable[[ArrayRecord], str]) -> str:
+        """The chunk key separator, from the ``zarr.json`` ``check`` reads and checks (once per array)."""
+        with self._lock:
+            if self._separator is None:
+                self._separator = check(self.record)
+            return self._separator
 
-    def write_metadata(self, manifest: Manifest) -> bytes:
-        """Coordinator: write every array's and group's ``zarr.json`` and the manifest; returns its bytes."""
-        groups = {name.split("/", 1)[0] for name in manifest.arrays}
-        attrs = group_attributes(self.step, manifest.format_version)
-        data = manifest.model_dump_json(indent=1).encode()
-        documents = {
-            array_metadata_key(self.step, name): json.dumps(
-                za.array_metadata(rec, from_name(rec.dtype)), indent=1
-            ).encode()
-            for name, rec in manifest.arrays.items()
-        }
-        documents[group_key(self.step)] = za.group_metadata(attrs)
-        documents |= {group_key(self.step, g): za.group_metadata() for g in sorted(groups)}
-        documents[manifest_key(self.step)] = data
-        writes = [self.executor.submit(self.storage.write, key, doc) for key, doc in documents.items()]
-        with settle(writes):
-            for w in writes:
-                w.result()
-        self.storage.barrier(list(documents))
-        return data
+    def to_device(self, start: int, stop: int) -> None:
+        """Queue the copy of bytes ``start:stop`` (checked already) from pinned memory to the device."""
+        if self.device is not None and stop > start:
+            _flat_bytes(self.device)[start:stop].copy_(_flat_bytes(self.host)[start:stop], non_blocking=True)
 
-    def commit(
-        self, manifest_bytes: bytes, manifest: Manifest, indexes: list[RankIndex], writer: dict[str, str]
-    ) -> CommitMarker:
-        """Coordinator: write the commit marker last (every writer made its parts durable already)."""
-        refs = []
-        for index in sorted(indexes, key=lambda i: i.rank):
-            key = rank_index_key(self.step, index.rank)
-            stored = self.storage.read_record(key)
-            # vouch only for what parses back to what the rank reported: a torn write is not committed
-            if load_record(RankIndex, stored, url=self.storage.url, step=self.step, key=key) != index:
-                raise CorruptSnapshotError(
-                    "rank index reads back different from what was written",
-                    url=self.storage.url,
-                    step=self.step,
-                    key=key,
-                )
-            refs.append(RankRef(rank=index.rank, key=key, sha256=sha256(stored)))
-        body = CommitBody(
-            step=self.step,
-            created=manifest.created,
-            manifest_sha256=sha256(manifest_bytes),
-            ranks=refs,
-            world_size=manifest.world_size,
-            total_bytes=sum(i.bytes_written for i in indexes),
-            array_count=len(manifest.arrays),
-            device_types=manifest.device_types,
-            writer=writer,
-        )
-        marker = CommitMarker.seal(body)
-        faults.point("snapshot.commit")
-        marker_key = commit_key(self.step)
-        if self.fence is not None:
-            self.fence(remote=True)  # still the run's writer, right before vouching for the step
-        try:
-            self.storage.create(marker_key, marker.to_bytes())  # never over another writer's marker
-        except FileExistsError:
-            raise SnapshotExistsError(
-                "another writer committed this step while it was being written; this save is not committed",
-                url=self.storage.url,
-                step=self.step,
-                key=marker_key,
-            ) from None
-        self.storage.barrier([marker_key])
-        return marker
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def _largest_first(item: tuple[_ArrayRead, za.ChunkSpan | None, ChunkEntry | None]) -> int:
+    span = item[1]
+    return -(span.stop - span.start) if span is not None else 0
 
 
 @dataclass
@@ -323,39 +220,70 @@ class SnapshotReader:
                     MissingDataError,
                     f"no rank index lists this chunk (the shape implies {count} chunks, the rank indexes list "
                     f"{len(table)})",
-                    f"{record.path}/{span.key}",
+                    f"{record.path}/{chunk_name(span.index, za.CHUNK_SEPARATOR)}",
                 )
             if entry.nbytes != span.encoded_size:
                 raise self._error(
                     ManifestMismatchError,
                     f"rank index records {entry.nbytes} bytes, the manifest implies {span.encoded_size}",
-                    f"{record.path}/{span.key}",
+                    f"{record.path}/{chunk_name(span.index, za.CHUNK_SEPARATOR)}",
                 )
             out.append((span, entry))
         return out
 
-    def check_metadata(self, record: ArrayRecord) -> None:
-        """Check the record's layout, then its whole ``zarr.json`` against what the record implies."""
+    def check_metadata(self, record: ArrayRecord) -> str:
+        """Check the record's layout, then its whole ``zarr.json`` against what the record implies.
+
+        Returns:
+            The separator of the array's chunk keys, as its ``zarr.json`` declares it.
+        """
         self._layout(record)
         key = array_metadata_key(self.step, record.path)
         try:
             raw = self.storage.read_record(key)
         except FileNotFoundError:
             raise self._error(MissingDataError, "array is missing (no zarr.json)", record.path) from None
-        za.check_array_metadata(raw, record, url=self.storage.url, step=self.step, key=key)
+        return za.check_array_metadata(raw, record, url=self.storage.url, step=self.step, key=key)
 
     def read_array(self, name: str, progress: Progress | None = None) -> torch.Tensor:
         """Read one array into a new CPU tensor, checking metadata, coverage and every crc32c."""
         return self.read_arrays([name], progress)[name]
 
-    def _start_array(
-        self, name: str, progress: Progress | None, rows: tuple[int, int] | None = None
-    ) -> tuple[torch.Tensor, list[Future[None]]]:
-        """Check chunk coverage, allocate the tensor (``rows`` of dimension 0, or all), queue its reads.
+    def read_arrays(
+        self,
+        names: Iterable[str] | None = None,
+        progress: Progress | None = None,
+        rows: dict[str, tuple[int, int]] | None = None,
+        devices: Mapping[str, torch.device] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Read many arrays (or ``rows`` of them), every chunk read and metadata check in flight at once.
 
-        Chunks wholly inside the rows are read straight into the tensor; a chunk that straddles
-        the edge is read whole (its checksum covers all of it) and the overlap copied.
+        Nothing waits for every ``zarr.json`` first: the first read of an array's chunks checks its
+        ``zarr.json`` (which names their keys), beside the reads of the other arrays. An array with
+        a CUDA device in ``devices`` is read into pinned host memory, and each chunk copied to the
+        device as soon as its crc32c passed; it comes back on that device. Nothing comes back
+        unless every check passed.
         """
+        names = list(self.arrays) if names is None else list(names)
+        for name in names:
+            if name not in self.arrays:
+                raise self._error(ManifestMismatchError, "state references an array the manifest does not list", name)
+        reads = [self._plan_read(name, (rows or {}).get(name), (devices or {}).get(name)) for name in names]
+        items: list[tuple[_ArrayRead, za.ChunkSpan | None, ChunkEntry | None]] = [
+            (read, span, entry) for read in reads for span, entry in read.spans
+        ]
+        items += [(read, None, None) for read in reads if not read.spans]
+        items.sort(key=_largest_first)  # so no thread is left alone with a big chunk at the end
+        copying = {read.device.device for read in reads if read.device is not None}
+        try:
+            for_each(self.executor, items, lambda item: self._read_item(*item, progress), reads=True)
+        finally:
+            for device in copying:  # the pinned buffers stay alive until their copies are done
+                torch.cuda.synchronize(device)
+        return {read.name: read.device if read.device is not None else read.host for read in reads}
+
+    def _plan_read(self, name: str, rows: tuple[int, int] | None, device: torch.device | None) -> _ArrayRead:
+        """Check chunk coverage (arithmetic) and allocate the rows of ``name`` a read fills (all by default)."""
         record = self.arrays[name]
         spans = self._spans(record)
         itemsize = from_name(record.dtype).itemsize
@@ -364,30 +292,43 @@ class SnapshotReader:
         if not 0 <= first <= last <= total_rows:
             raise self._error(ManifestMismatchError, f"rows {first}..{last} outside 0..{total_rows}", name)
         shape = (last - first, *record.shape[1:]) if record.shape else ()
-        out = self._allocate(name, shape, record.dtype)
-        data = za.tensor_bytes(out)
         row_bytes = math.prod(record.shape[1:]) * itemsize if record.shape else itemsize
         lo, hi = first * row_bytes, last * row_bytes
-        futures = []
-        for span, entry in spans:
-            if span.stop <= lo or span.start >= hi:
-                continue
-            key = chunk_key(self.step, name, span.key)
-            if lo <= span.start and span.stop <= hi:
-                target = data[span.start - lo : span.stop - lo]
-                futures.append(self.executor.submit(self._read_chunk, key, target, span.pad, entry, progress))
-            else:
-                futures.append(self.executor.submit(self._read_overlap, key, span, entry, data, lo, hi, progress))
-        return out, futures
+        cuda = device is not None and device.type == "cuda"
+        host = self._allocate(name, shape, record.dtype, pin=cuda)
+        on_device = self._allocate(name, shape, record.dtype, device=device) if cuda else None
+        wanted = [(span, entry) for span, entry in spans if span.stop > lo and span.start < hi]
+        return _ArrayRead(name, record, host, lo, hi, wanted, on_device)
 
-    def _allocate(self, name: str, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
-        """An uninitialised CPU tensor; the layout check bounded its size, the host may still refuse it."""
+    def _allocate(
+        self, name: str, shape: tuple[int, ...], dtype: str, *, pin: bool = False, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """An uninitialised tensor; the layout check bounded its size, the host may still refuse it."""
         try:
-            return torch.empty(shape, dtype=torch_dtype(dtype))
+            return torch.empty(shape, dtype=torch_dtype(dtype), pin_memory=pin, device=device)
         except (RuntimeError, MemoryError) as exc:
             raise self._error(
                 LimitExceededError, f"cannot allocate {list(shape)} {dtype} for this array: {exc}", name
             ) from None
+
+    def _read_item(
+        self, read: _ArrayRead, span: za.ChunkSpan | None, entry: ChunkEntry | None, progress: Progress | None
+    ) -> None:
+        """Read one chunk of an array (its ``zarr.json`` checked first, once), then copy it to the device.
+
+        Chunks wholly inside the rows are read straight into the tensor; a chunk that straddles
+        the edge is read whole (its checksum covers all of it) and the overlap copied.
+        """
+        separator = read.separator(self.check_metadata)
+        if span is None or entry is None:
+            return  # an array without chunks to read: its zarr.json is all there is to check
+        key = chunk_key(self.step, read.name, span.index, separator)
+        lo, hi = read.lo, read.hi
+        if lo <= span.start and span.stop <= hi:
+            self._read_chunk(key, read.bytes[span.start - lo : span.stop - lo], span.pad, entry, progress)
+        else:
+            self._read_overlap(key, span, entry, read.bytes, lo, hi, progress)
+        read.to_device(max(lo, span.start) - lo, min(hi, span.stop) - lo)
 
     def _read_overlap(
         self,
@@ -421,31 +362,6 @@ class SnapshotReader:
         za.verify_chunk(out, padding, bytes(crc), entry.crc32c, url=self.storage.url, step=self.step, key=key)
         if progress is not None:
             progress(out.nbytes)
-
-    def read_arrays(
-        self,
-        names: Iterable[str] | None = None,
-        progress: Progress | None = None,
-        rows: dict[str, tuple[int, int]] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Read many arrays (or ``rows`` of them) with all their chunk reads in flight at once."""
-        names = list(self.arrays) if names is None else list(names)
-        for name in names:
-            if name not in self.arrays:
-                raise self._error(ManifestMismatchError, "state references an array the manifest does not list", name)
-        checks = [self.executor.submit(self.check_metadata, self.arrays[name]) for name in names]
-        with settle(checks):
-            for f in checks:
-                f.result()
-        out: dict[str, torch.Tensor] = {}
-        pending: list[Future[None]] = []
-        with settle(pending):
-            for name in names:
-                out[name], futures = self._start_array(name, progress, (rows or {}).get(name))
-                pending.extend(futures)
-            for f in pending:
-                f.result()
-        return out
 
     def nbytes(self) -> int:
         """Bytes of every array the manifest lists (an array of unknown dtype counts 0)."""
@@ -533,33 +449,3 @@ def _nbytes(record: ArrayRecord) -> int:
         return math.prod(record.shape) * from_name(record.dtype).itemsize
     except MoaiCkptError:
         return 0
-
-
-def writer_info() -> dict[str, str]:
-    return {
-        "moai_ckpt": __version__,
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "python": platform.python_version(),
-    }
-
-
-def manifest_for(
-    step: int,
-    created: str,
-    objects: dict[str, Any],
-    records: dict[str, ArrayRecord],
-    *,
-    world_size: int,
-    device_types: list[str],
-    info: dict[str, Any] | None = None,
-) -> Manifest:
-    return Manifest(
-        step=step,
-        created=created,
-        objects=objects,
-        arrays=records,
-        world_size=world_size,
-        device_types=device_types,
-        info=info or {},
-    )

@@ -53,7 +53,11 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("storage", "storage/: Storage, retry, back ends", ("moai_ckpt.storage",)),
     ("coordination", "distributed.py: messages and the vote", ("moai_ckpt.distributed",)),
-    ("snapshot", "snapshot.py: writing and reading one snapshot", ("moai_ckpt.snapshot",)),
+    (
+        "snapshot",
+        "snapshot.py, snapshot_writer.py, iopool.py: writing and reading one snapshot",
+        ("moai_ckpt.snapshot", "moai_ckpt.snapshot_writer", "moai_ckpt.iopool"),
+    ),
     (
         "state",
         "capture, staging, sharding, rank-local",

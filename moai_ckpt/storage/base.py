@@ -212,6 +212,16 @@ class Storage:
         self._call("write", key, lambda: self._put(key, parts, sync=True))
         self.barrier([key])
 
+    def make_dirs(self, prefixes: Iterable[str]) -> None:
+        """Make the directories ``prefixes`` of objects about to be written, once, top-down.
+
+        For a tree of new objects (a snapshot being written) it saves every write finding its own
+        way down; writes make missing directories anyway. Object stores have none: a no-op.
+        """
+        found = sorted({check_key(p, url=self.url) for p in prefixes})
+        if found:
+            self._call("write", found[0], lambda: self._make_dirs(found))
+
     def barrier(self, keys: Iterable[str]) -> None:
         """Make the objects at ``keys`` and their directory entries durable.
 
@@ -361,6 +371,9 @@ class Storage:
 
     def _barrier(self, keys: builtins.list[str]) -> None:
         """Durability barrier for earlier writes (object stores: nothing to do)."""
+
+    def _make_dirs(self, prefixes: builtins.list[str]) -> None:
+        """Make directories for objects to come (object stores: nothing to do)."""
 
 
 def _parts(data: Buffer | Sequence[Buffer]) -> list[Buffer]:

@@ -98,6 +98,9 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
+    def _make_dirs(self, prefixes: list[str]) -> None:
+        self.tree.make_dirs(prefixes)
+
     def _create(self, key: str, data: bytes) -> None:
         fd, _ = self.tree.open(key, nofollow.CREATE_FLAGS, create_dirs=True)  # O_EXCL: FileExistsError
         try:

@@ -19,6 +19,7 @@ import os
 import stat
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from moai_ckpt.errors import UnsafeEntryError
 
@@ -123,6 +124,39 @@ class NoFollowTree:
             yield fd
         finally:
             os.close(fd)
+
+    def make_dirs(self, prefixes: Collection[str]) -> None:
+        """Make the directories ``prefixes`` (and those above them) once, top-down.
+
+        One walk over the tree they form: each directory is opened (never through a link) or made
+        with a single ``mkdir`` below its parent's descriptor, and descended into while its
+        children are made; no path is resolved twice and nothing is ``stat``-ed first.
+        """
+        tree: dict[str, Any] = {}
+        for prefix in prefixes:
+            node = tree
+            for name in prefix.split("/") if prefix else []:
+                node = node.setdefault(name, {})
+        fd = self._open_root(create=True)
+        try:
+            self._make_below(fd, tree, [])
+        finally:
+            os.close(fd)
+
+    def _make_below(self, fd: int, tree: dict[str, Any], done: list[str]) -> None:
+        for name, below in tree.items():
+            where = [*done, name]
+            if not below:  # a leaf: made, not entered
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    os.close(self._descend(fd, name, "/".join(where), create=True))  # a directory, not a link
+                continue
+            sub = self._descend(fd, name, "/".join(where), create=True)
+            try:
+                self._make_below(sub, below, where)
+            finally:
+                os.close(sub)
 
     @contextlib.contextmanager
     def parent(self, key: str, *, create: bool = False) -> Iterator[tuple[int, str]]:

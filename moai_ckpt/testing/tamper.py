@@ -27,7 +27,7 @@ from typing import Any
 import crc32c as _crc32c
 
 from moai_ckpt.format import canonical_json, sha256
-from moai_ckpt.layout import COMMIT, MANIFEST, snapshot_dir
+from moai_ckpt.layout import COMMIT, MANIFEST, chunk_name, snapshot_dir
 
 JsonPath = tuple[str | int, ...]
 
@@ -179,8 +179,11 @@ def _reseal_rank_index(base: Path, path: Path) -> None:
         for entry in entries if isinstance(entries, list) else []:
             if not (isinstance(entry, dict) and isinstance(entry.get("index"), list)):
                 continue
-            key = "c" if not entry["index"] else "c/" + "/".join(str(i) for i in entry["index"])
-            chunk = base / array / key
+            grid = tuple(entry["index"])
+            # the key as the array's zarr.json has it: "." separator since it sits beside it, "/" before
+            chunk = base / array / chunk_name(grid, ".")
+            if not chunk.exists():
+                chunk = base / array / chunk_name(grid, "/")
             with _ignored():
                 data = chunk.read_bytes()
                 entry["nbytes"] = len(data)

@@ -105,7 +105,7 @@ def test_tensors_that_differ_between_ranks_are_stored_per_rank_and_replicated_on
     # the job has rank-local state: BatchNorm buffers, the EMA's copies of them, the per-rank tensor
     assert BUFFERS | {"ema/module.b1.running_mean", "local/seen"} <= differ
     manifest = moai_ckpt.Checkpointer(run_dir).manifest()
-    assert manifest.format_version == 2
+    assert manifest.format_version == moai_ckpt.FORMAT_VERSION
     assert set(manifest.rank_local) == differ  # exactly those; DDP's parameters are stored once
     group = zarr.open_group(os.path.join(run_dir, snapshot_dir(3)), mode="r")
     for name, copies in manifest.rank_local.items():

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import moai_ckpt
-from moai_ckpt.layout import log_segment_key
+from moai_ckpt.layout import is_chunk_key, log_segment_key
 from moai_ckpt.testing.dist import launch
 from replay.log import LogWriter, history, log_bases, read_log, records_after, segments
 
@@ -389,7 +389,7 @@ def test_a_corrupt_newest_snapshot_is_never_loaded_an_older_one_is_and_the_log_b
     result_of(run_scenario(run_dir, 10))  # snapshots 0, 4, 8; steps 9 and 10 logged after 8
     storage = moai_ckpt.Checkpointer(str(run_dir)).storage
     if damage == "chunk":
-        key = next(k for k in storage.list("snapshots/000000000008/model") if "/c/" in k)
+        key = next(k for k in storage.list("snapshots/000000000008/model") if is_chunk_key(k))
     else:
         key = "snapshots/000000000008/commit.json"
     data = bytearray(storage.read(key))
@@ -450,7 +450,7 @@ def test_with_no_usable_snapshot_the_run_rebuilds_step_0_and_replays_the_whole_l
     storage = moai_ckpt.Checkpointer(str(run_dir)).storage
     keys = ["snapshots/000000000000/commit.json"] if damaged.startswith("marker") else []
     for step in [0] if damaged == "chunk" else [4] if damaged == "marker+newer" else []:
-        keys.append(next(k for k in storage.list(f"snapshots/{step:012d}/model") if "/c/" in k))
+        keys.append(next(k for k in storage.list(f"snapshots/{step:012d}/model") if is_chunk_key(k)))
     for key in keys:
         data = bytearray(storage.read(key))
         data[len(data) // 2] ^= 0x04

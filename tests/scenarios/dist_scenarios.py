@@ -154,12 +154,12 @@ def save_with_dying_rank(run_dir: str, victim: int) -> dict[str, Any]:
     ckpt = moai_ckpt.Checkpointer(run_dir, chunk_bytes=64, collective_timeout_s=15)
     ckpt.save(1, {"model": model})  # one good snapshot first
     if rank == victim:
-        from moai_ckpt import snapshot
+        from moai_ckpt import snapshot_writer
 
         def die(*args: Any, **kwargs: Any) -> None:
             os._exit(17)  # killed in the middle of writing its chunks
 
-        snapshot.SnapshotWriter._write_chunk = die  # type: ignore[method-assign]
+        snapshot_writer.SnapshotWriter._write_chunk = die  # type: ignore[method-assign]
     try:
         ckpt.save(2, {"model": model})
     except moai_ckpt.MoaiCkptError as exc:

@@ -168,3 +168,36 @@ def test_option_fields_passed_as_keywords_set_options_and_the_rest_reach_storage
     assert isinstance(ckpt.storage, moai_ckpt.storage.LocalStorage) and not ckpt.storage.durable
     with pytest.raises(ValueError, match="chunk_bytes"):
         moai_ckpt.Checkpointer(run_dir, chunk_bytes=0)
+
+
+def test_every_object_is_made_durable_by_one_barrier_before_the_marker(run_dir: str) -> None:
+    from tests.helpers import TinyNet
+
+    ckpt = moai_ckpt.Checkpointer(run_dir, chunk_bytes=256)
+    events: list[tuple[str, list[str]]] = []
+    storage = ckpt.storage
+    lock = threading.Lock()
+    for op in ("write", "create", "barrier"):
+        original = getattr(storage, op)
+
+        def spy(first: object, *rest: object, _op: str = op, _original: object = original) -> object:
+            with lock:
+                events.append((_op, list(first) if _op == "barrier" else [str(first)]))  # type: ignore[call-overload]
+            return _original(first, *rest)  # type: ignore[operator]
+
+        setattr(storage, op, spy)
+    model = TinyNet()
+    ckpt.save(1, {"model": model, "optim": torch.optim.AdamW(model.parameters())})
+    marker = f"{snapshot_dir(1)}/commit.json"
+    at = next(i for i, (op, keys) in enumerate(events) if op == "create" and keys == [marker])
+    before = events[:at]
+    written = {k for op, keys in before if op in ("write", "create") for k in keys if k.startswith(snapshot_dir(1))}
+    barriers = [(i, keys) for i, (op, keys) in enumerate(before) if op == "barrier"]
+    assert len(barriers) == 1, barriers  # one pass makes chunks, indexes and metadata durable
+    index, covered = barriers[0]
+    last_write = max(i for i, (op, keys) in enumerate(before) if op == "write" and keys[0].startswith(snapshot_dir(1)))
+    assert last_write < index  # nothing of the snapshot is written after the barrier
+    # what is not listed was fsync'ed as it was created (the claim)
+    assert written - set(covered) <= {f"{snapshot_dir(1)}/claim.json"}
+    assert any(k.endswith("/zarr.json") for k in covered) and any("/c." in k for k in covered)
+    assert ("barrier", [marker]) in events[at:]  # and the marker itself, before the save returns

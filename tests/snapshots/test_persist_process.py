@@ -93,7 +93,7 @@ def test_a_storage_error_in_the_writer_process_surfaces_as_the_same_error_and_co
     tmp_path: Path,
 ) -> None:
     run = tmp_path / "run"
-    plan = FaultPlan(permanent_nth=[1], ops={"write"}, paths=["*/c/*"])  # the first chunk write fails
+    plan = FaultPlan(permanent_nth=[1], ops={"write"}, paths=["*/c.*"])  # the first chunk write fails
     retry = moai_ckpt.RetryPolicy(attempts=2, initial_backoff_s=0.001)
     with process_checkpointer(f"faulty://{run}", target_protocol="file", plan=plan, retry=retry) as ckpt:
         handle = ckpt.save_async(7, {"t": {"a": torch.ones(64), "b": torch.zeros(64)}})
@@ -101,7 +101,7 @@ def test_a_storage_error_in_the_writer_process_surfaces_as_the_same_error_and_co
         with pytest.raises(moai_ckpt.StorageError) as caught:
             handle.result(timeout=120)
         assert caught.value.step == 7 and caught.value.url is not None and caught.value.key is not None
-        assert "/c/" in caught.value.key
+        assert "/c." in caught.value.key
         assert ckpt.steps() == []
         assert not ckpt.storage.exists(commit_key(7))
         # the writer process lives on: the next save through it commits
@@ -113,7 +113,7 @@ def test_a_storage_error_in_the_writer_process_surfaces_as_the_same_error_and_co
 
 def test_a_writer_process_whose_lease_lapsed_writes_nothing_more(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    slow = FaultPlan(latency_s=0.1, ops={"write"}, paths=["*/c/*"])
+    slow = FaultPlan(latency_s=0.1, ops={"write"}, paths=["*/c.*"])
     state = {"t": {f"w{i}": torch.full((256,), float(i)) for i in range(40)}}  # 40 chunks: 4 s of writes
     with process_checkpointer(
         f"faulty://{run}", target_protocol="file", plan=slow, lease_ttl_s=1.0, io_threads=1
@@ -125,10 +125,10 @@ def test_a_writer_process_whose_lease_lapsed_writes_nothing_more(tmp_path: Path)
         assert handle is not None and handle.persist == "process"
         with pytest.raises(LeaseLostError, match="not renewed in time"):
             handle.result(timeout=120)
-        chunks = sorted((run / snapshot_dir(3)).rglob("c/*"))
+        chunks = sorted((run / snapshot_dir(3)).rglob("c.*"))
         assert len(chunks) < 40  # it stopped writing once the lease lapsed
         time.sleep(0.5)
-        assert sorted((run / snapshot_dir(3)).rglob("c/*")) == chunks  # and wrote nothing after
+        assert sorted((run / snapshot_dir(3)).rglob("c.*")) == chunks  # and wrote nothing after
         assert not (run / commit_key(3)).exists()
 
 
@@ -230,14 +230,16 @@ def test_a_writer_process_that_dies_mid_save_fails_that_save_and_the_next_persis
     tmp_path: Path,
 ) -> None:
     run = tmp_path / "run"
-    slow = FaultPlan(latency_s=0.2, ops={"write"}, paths=["*/c/*"])
+    slow = FaultPlan(latency_s=0.2, ops={"write"}, paths=["*/c.*"])
     state = {"t": {f"w{i}": torch.full((16,), float(i)) for i in range(30)}}
     with process_checkpointer(f"faulty://{run}", target_protocol="file", plan=slow, io_threads=1) as ckpt:
         handle = ckpt.save_async(1, state)
         assert handle is not None and handle.persist == "process"
         writer = ckpt.writer_pid
         assert writer is not None
-        while not list((run / snapshot_dir(1)).rglob("c/*")):  # it is writing
+        deadline = time.monotonic() + START_S
+        while not list((run / snapshot_dir(1)).rglob("c.*")):  # it is writing
+            assert time.monotonic() < deadline, "the writer process wrote no chunk"
             time.sleep(0.05)
         os.kill(writer, signal.SIGKILL)
         with pytest.raises(WriterProcessError, match="died"):

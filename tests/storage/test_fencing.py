@@ -341,7 +341,7 @@ def test_a_failed_save_lets_go_of_its_claim_and_a_refused_one_touches_none(tmp_p
     from moai_ckpt.testing import FaultPlan
 
     run = tmp_path / "run"
-    plan = FaultPlan(permanent_nth=[1], ops={"write"}, paths=["*/c/*"])
+    plan = FaultPlan(permanent_nth=[1], ops={"write"}, paths=["*/c.*"])
     with moai_ckpt.Checkpointer(f"faulty://{run}", target_protocol="file", plan=plan) as ckpt:
         with pytest.raises(moai_ckpt.StorageError):
             ckpt.save(3, {"t": torch.ones(8)})

@@ -97,8 +97,9 @@ def test_chunks_are_split_along_the_first_dimension(run_dir: str) -> None:
     ckpt.save(1, {"h": Holder({"t": t})})
     arr = zarr.open_array(os.path.join(run_dir, snapshot_dir(1), "h", "t"), mode="r")
     assert arr.chunks == (10, 10)
-    chunk_files = sorted(os.listdir(os.path.join(run_dir, snapshot_dir(1), "h", "t", "c")))
-    assert len(chunk_files) == 10
+    # the "." separator: every chunk sits beside the array's zarr.json, no directory per dimension
+    entries = sorted(os.listdir(os.path.join(run_dir, snapshot_dir(1), "h", "t")))
+    assert entries == sorted(["zarr.json", *(f"c.{i}.0" for i in range(10))])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -134,6 +135,7 @@ def test_chunks_are_byte_identical_to_what_zarr_itself_writes(run_dir: str, tmp_
         dtype="float32",
         compressors=[Crc32cCodec()],
         fill_value=0.0,
+        chunk_key_encoding={"name": "default", "separator": "."},
     )
     ref[...] = t.numpy()
     our_meta, ref_meta = (
@@ -143,10 +145,84 @@ def test_chunks_are_byte_identical_to_what_zarr_itself_writes(run_dir: str, tmp_
         assert our_meta[field] == ref_meta[field], field
     for i in range(3):
         with (
-            open(os.path.join(ours, "c", str(i), "0"), "rb") as a,
-            open(tmp_path / "ref" / "c" / str(i) / "0", "rb") as b,
+            open(os.path.join(ours, f"c.{i}.0"), "rb") as a,
+            open(tmp_path / "ref" / f"c.{i}.0", "rb") as b,
         ):
             assert a.read() == b.read()
+
+
+def _to_slash_keys(snapshot: Path) -> int:
+    """Rewrite a snapshot's arrays as moai-ckpt wrote them before the "." separator: chunks at
+    ``c/<i>/0`` and ``zarr.json`` documents indented, declaring the "/" separator. Returns the
+    number of chunks moved."""
+    moved = 0
+    for meta_path in snapshot.rglob("zarr.json"):
+        meta = json.loads(meta_path.read_text())
+        if meta["node_type"] != "array":
+            continue
+        meta["chunk_key_encoding"]["configuration"]["separator"] = "/"
+        meta_path.write_text(json.dumps(meta, indent=1))
+        for chunk in meta_path.parent.glob("c*"):
+            target = meta_path.parent.joinpath(*chunk.name.split("."))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            chunk.rename(target)
+            moved += 1
+    return moved
+
+
+def test_snapshots_with_slash_chunk_keys_still_restore_and_verify(run_dir: str) -> None:
+    t = torch.randn(40, 3)
+    scalar = torch.tensor(7.5)
+    ckpt = moai_ckpt.Checkpointer(run_dir, chunk_bytes=120, capture_rng=False)
+    ckpt.save(1, {"h": Holder({"t": t, "s": scalar})})
+    snapshot = Path(run_dir) / snapshot_dir(1)
+    assert _to_slash_keys(snapshot) == 5  # 4 chunks of t and the 0-d chunk at "c"
+    assert (snapshot / "h" / "t" / "c" / "3" / "0").is_file() and (snapshot / "h" / "s" / "c").is_file()
+    assert not list(snapshot.rglob("c.*"))
+    assert ckpt.verify(1).ok
+    into = Holder({"t": torch.zeros(40, 3), "s": torch.tensor(0.0)})
+    ckpt.restore({"h": into}, step=1)
+    assert torch.equal(into.tensors["t"], t) and torch.equal(into.tensors["s"], scalar)
+    arr = zarr.open_array(str(snapshot / "h" / "t"), mode="r")  # and plain zarr follows it too
+    np.testing.assert_array_equal(arr[...], t.numpy())
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    [
+        {"name": "v2", "configuration": {"separator": "."}},
+        {"name": "default", "configuration": {"separator": "-"}},
+        {"name": "default", "configuration": {}},
+        "default",
+    ],
+    ids=["v2", "dash", "no-separator", "string"],
+)
+def test_a_chunk_key_encoding_this_format_never_uses_is_refused(run_dir: str, encoding: Any) -> None:
+    t = torch.randn(8, 2)
+    ckpt = moai_ckpt.Checkpointer(run_dir, capture_rng=False)
+    ckpt.save(1, {"h": Holder({"t": t})})
+    meta_path = Path(run_dir) / snapshot_dir(1) / "h" / "t" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["chunk_key_encoding"] = encoding
+    meta_path.write_text(json.dumps(meta))
+    into = Holder({"t": torch.zeros(8, 2)})
+    with pytest.raises(moai_ckpt.ManifestMismatchError, match="chunk_key_encoding") as info:
+        ckpt.restore({"h": into}, step=1)
+    assert info.value.key == f"{snapshot_dir(1)}/h/t/zarr.json"
+    assert torch.equal(into.tensors["t"], torch.zeros(8, 2))  # nothing loaded
+    assert not ckpt.verify(1).ok
+
+
+def test_chunk_keys_of_both_separators_are_recognised() -> None:
+    from moai_ckpt.layout import chunk_key, is_chunk_key
+
+    for separator in ("/", "."):
+        assert is_chunk_key(chunk_key(3, "model/w", (2, 0), separator))
+        assert is_chunk_key(chunk_key(3, "model/w", (), separator))
+    assert chunk_key(3, "model/w", (2, 0), ".") == f"{snapshot_dir(3)}/model/w/c.2.0"
+    assert chunk_key(3, "model/w", (2, 0), "/") == f"{snapshot_dir(3)}/model/w/c/2/0"
+    assert not is_chunk_key(f"{snapshot_dir(3)}/model/w/zarr.json")
+    assert not is_chunk_key(f"{snapshot_dir(3)}/manifest.json")
 
 
 def test_tied_weights_are_stored_once_and_stay_tied(run_dir: str) -> None:

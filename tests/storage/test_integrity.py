@@ -21,11 +21,11 @@ def snapshot_path(run_dir: str, step: int, *parts: str) -> str:
 
 
 def first_chunk(run_dir: str, step: int, array: str = "model/body.0.weight") -> str:
-    base = snapshot_path(run_dir, step, *array.split("/"), "c")
-    for d, _, files in os.walk(base):
-        for f in sorted(files):
-            return os.path.join(d, f)
-    raise AssertionError(f"no chunk under {base}")
+    base = snapshot_path(run_dir, step, *array.split("/"))
+    for f in sorted(os.listdir(base)):
+        if f == "c" or f.startswith("c."):  # zarr v3 default chunk keys, "." separator
+            return os.path.join(base, f)
+    raise AssertionError(f"no chunk in {base}")
 
 
 def reseal(run_dir: str, step: int, **changes: object) -> None:

@@ -448,7 +448,7 @@ def test_a_permanent_error_fails_the_save_fast_and_commits_nothing(
 
 def test_a_torn_chunk_is_never_loaded(tmp_path: Path) -> None:
     model, optim = small_model(seed=0)
-    plan = FaultPlan(torn_nth=[1], ops={"write"}, paths=["*/model/0.weight/c/*"])
+    plan = FaultPlan(torn_nth=[1], ops={"write"}, paths=["*/model/0.weight/c.*"])
     with faulty_checkpointer(tmp_path / "run", plan) as ckpt:
         ckpt.save(1, {"model": model, "optim": optim})  # the torn write reported success
         (torn,) = fs_of(ckpt).stats.paths("torn")

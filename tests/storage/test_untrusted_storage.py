@@ -27,8 +27,10 @@ from typer.testing import CliRunner
 
 import moai_ckpt
 from moai_ckpt import cli
+from moai_ckpt.errors import UnsafeEntryError
 from moai_ckpt.layout import COMMIT, LOG, log_dir, snapshot_dir
 from moai_ckpt.pruning import prune_run
+from moai_ckpt.storage import LocalStorage
 from replay.log import log_bases
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -94,7 +96,7 @@ def test_a_chunk_linked_to_another_file_is_refused_without_disclosing_it(run_dir
     ckpt = saved_run(run_dir, (10,))
     secret = tmp_path / "secret"
     secret.write_bytes(b"s" * 12345)
-    chunks = [p for p in (Path(run_dir) / snapshot_dir(10)).rglob("*") if p.is_file() and "/c/" in str(p)]
+    chunks = [p for p in (Path(run_dir) / snapshot_dir(10)).rglob("*") if p.is_file() and p.name.startswith("c.")]
     chunks[0].unlink()
     os.symlink(secret, chunks[0])
     report = ckpt.verify(10)
@@ -276,8 +278,9 @@ def test_prune_removes_no_marker_when_the_snapshot_cannot_be_deleted() -> None:
         saved_run(run_dir).close()
         for folder in [base, *(p for p in base.rglob("*") if p.is_dir())]:
             folder.chmod(0o777)  # the pruning user may delete everything...
-        locked = next(p for p in (Path(run_dir) / snapshot_dir(10)).rglob("*") if p.is_dir() and p.name == "c")
-        locked.chmod(0o555)  # ...but the entries of one chunk directory deep inside the oldest snapshot
+        arrays = (p.parent for p in (Path(run_dir) / snapshot_dir(10)).rglob("c.*"))
+        locked = next(arrays)
+        locked.chmod(0o555)  # ...but the entries of one array directory (its chunks) inside the oldest snapshot
         code = as_unprivileged(lambda: moai_ckpt.Checkpointer(run_dir).prune(keep=2) and None)
         assert code == 3  # refused with an OSError (a StorageError naming the directory)
         locked.chmod(0o777)
@@ -348,3 +351,25 @@ def test_a_relaunch_resumes_bitwise_past_malformed_markers_and_stray_names(tmp_p
     resumed = run_training(run, 14)
     assert resumed["digest"] == reference["digest"]
     assert resumed["first_step"] == 9 and resumed["replayed"] == 2
+
+
+def test_directories_made_for_a_save_never_follow_a_planted_link(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "run"
+    storage = LocalStorage(str(run))
+    (run / snapshot_dir(1)).mkdir(parents=True)
+    os.symlink(outside, run / snapshot_dir(1) / "model")  # where a group directory goes
+    (run / snapshot_dir(2) / "model").mkdir(parents=True)
+    os.symlink(outside, run / snapshot_dir(2) / "model" / "w")  # where an array directory goes
+    for step in (1, 2):
+        with pytest.raises(UnsafeEntryError, match="symbolic link"):
+            storage.make_dirs([f"{snapshot_dir(step)}/model/w", f"{snapshot_dir(step)}/model/v"])
+    (run / "plain").write_bytes(b"x")
+    with pytest.raises(moai_ckpt.StorageError):
+        storage.make_dirs(["plain/below"])
+    assert list(outside.iterdir()) == []  # nothing was made through a link
+    wanted = [f"{snapshot_dir(3)}/model/a", f"{snapshot_dir(3)}/model/b", f"{snapshot_dir(3)}/ranks"]
+    storage.make_dirs(wanted)
+    storage.make_dirs(wanted)  # made already: fine
+    assert all((run / d).is_dir() and not (run / d).is_symlink() for d in wanted)

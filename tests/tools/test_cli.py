@@ -91,9 +91,9 @@ def prune_rows(output: str) -> dict[int, tuple[str, str]]:
 
 
 def chunk_files(run_url: str, step: int) -> list[Path]:
-    """Every chunk object of a snapshot (zarr v3 default keys: ``<array>/c`` or ``<array>/c/...``)."""
+    """Every chunk object of a snapshot (zarr v3 default keys: ``<array>/c``, ``<array>/c.0...``)."""
     root = Path(run_url) / snapshot_dir(step)
-    return [p for p in root.rglob("*") if p.is_file() and ("c" in p.relative_to(root).parts[:-1] or p.name == "c")]
+    return [p for p in root.rglob("*") if p.is_file() and (p.name == "c" or p.name.startswith("c."))]
 
 
 def flip_byte(path: Path, offset: int = 3) -> None:
@@ -232,14 +232,14 @@ def test_verify_passes_a_sound_snapshot_with_exit_code_0(run: Run) -> None:
 
 def test_verify_exits_1_and_names_the_chunk_whose_byte_flipped(run: Run, tmp_path: Path) -> None:
     url = run.copy(tmp_path / "run")
-    chunk = Path(url) / snapshot_dir(30) / "model" / "0.weight" / "c" / "0" / "0"
+    chunk = Path(url) / snapshot_dir(30) / "model" / "0.weight" / "c.0.0"
     flip_byte(chunk)
     out = invoke("verify", url, expect=1).stdout
-    assert "model/0.weight/c/0/0" in out and "ChecksumError" in out
+    assert "model/0.weight/c.0.0" in out and "ChecksumError" in out
     assert "step 30: 1 fault" in out
     (report,) = invoke_json("verify", url, expect=1)
     assert not report["ok"]
-    assert [f["key"] for f in report["faults"]] == [f"{snapshot_dir(30)}/model/0.weight/c/0/0"]
+    assert [f["key"] for f in report["faults"]] == [f"{snapshot_dir(30)}/model/0.weight/c.0.0"]
 
 
 def test_verify_all_checks_every_committed_snapshot_and_finds_the_bad_one(run: Run, tmp_path: Path) -> None:
@@ -259,10 +259,10 @@ def test_verify_reports_a_corrupt_commit_marker_as_a_fault(run: Run, tmp_path: P
 
 def test_verify_reports_a_missing_chunk_by_its_key(run: Run, tmp_path: Path) -> None:
     url = run.copy(tmp_path / "run")
-    (Path(url) / snapshot_dir(30) / "model" / "2.weight" / "c" / "0" / "0").unlink()
+    (Path(url) / snapshot_dir(30) / "model" / "2.weight" / "c.0.0").unlink()
     (report,) = invoke_json("verify", url, expect=1)
     assert [(f["key"], f["kind"]) for f in report["faults"]] == [
-        (f"{snapshot_dir(30)}/model/2.weight/c/0/0", "MissingDataError")
+        (f"{snapshot_dir(30)}/model/2.weight/c.0.0", "MissingDataError")
     ]
 
 
@@ -381,9 +381,9 @@ def test_the_installed_script_lists_verifies_and_fails_cleanly(run: Run, tmp_pat
     assert listed.returncode == 0 and [e["step"] for e in json.loads(listed.stdout)] == list(STEPS)
     assert script("verify", run.url, "--all").returncode == 0
     url = run.copy(tmp_path / "run")
-    flip_byte(Path(url) / snapshot_dir(30) / "model" / "2.bias" / "c" / "0")
+    flip_byte(Path(url) / snapshot_dir(30) / "model" / "2.bias" / "c.0")
     corrupt = script("verify", url)
-    assert corrupt.returncode == 1 and "model/2.bias/c/0" in corrupt.stdout
+    assert corrupt.returncode == 1 and "model/2.bias/c.0" in corrupt.stdout
     missing = script("inspect", url, "--step", "7")
     assert missing.returncode == 2 and missing.stdout == ""
     assert missing.stderr.startswith("error: no committed snapshot") and "Traceback" not in missing.stderr

@@ -231,7 +231,7 @@ def test_with_nothing_to_replay_a_restore_needs_no_code_and_copies_the_verified_
 
 def test_a_copy_of_a_corrupt_snapshot_is_never_committed(base_run: Path, tmp_path: Path) -> None:
     run = copy_of(base_run, tmp_path)
-    chunk = next(p for p in sorted((run / "snapshots/000000000004").rglob("c/*")) if p.is_file())
+    chunk = next(p for p in sorted((run / "snapshots/000000000004").rglob("c.*")) if p.is_file())
     data = bytearray(chunk.read_bytes())
     data[0] ^= 0x40
     chunk.write_bytes(bytes(data))

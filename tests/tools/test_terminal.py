@@ -88,7 +88,7 @@ def test_verify_faults_table_at_80_columns_keeps_keys_and_figures(run: str, tmp_
     broken = tmp_path / "broken"
     with Checkpointer(run, local=True) as source, Checkpointer(str(broken)) as target:
         target.copy_snapshot(source, 20)
-    chunk = broken / chunk_key(20, f"model/{LONG}.weight", "c/0/0")
+    chunk = broken / chunk_key(20, f"model/{LONG}.weight", (0, 0), ".")
     data = bytearray(chunk.read_bytes())
     data[5] ^= 0xFF
     chunk.write_bytes(bytes(data))

@@ -229,14 +229,14 @@ def test_corrupt_chunk_fails_the_export_and_leaves_no_model_file(
     saved: tuple[str, torch.nn.Module], tmp_path: Path
 ) -> None:
     run, _ = saved
-    chunk = Path(run) / snapshot_dir(1) / "model" / "0.weight" / "c" / "0" / "0"
+    chunk = Path(run) / snapshot_dir(1) / "model" / "0.weight" / "c.0.0"
     data = bytearray(chunk.read_bytes())
     data[100] ^= 0x01
     chunk.write_bytes(bytes(data))
 
     with pytest.raises(ChecksumError) as info:
         export_safetensors(run, tmp_path / "out")
-    assert info.value.key is not None and info.value.key.endswith("model/0.weight/c/0/0")
+    assert info.value.key is not None and info.value.key.endswith("model/0.weight/c.0.0")
     assert list((tmp_path / "out").iterdir()) == []
 
 
