@@ -9,6 +9,9 @@ Decision policies say *whether* a snapshot is due after a step, from what every 
 - `OnPreemption`: a SIGTERM or SIGINT: the ranks agree on a step, snapshot it synchronously and
   exit.
 
+A local tier (`moai_ckpt.run.tiers.LocalTier`), when the run has one, takes a snapshot of every
+``local_every``-th step run live, besides.
+
 `WhileReplaying` says what a due snapshot does while the step replays a logged one, and the
 scheduler takes it: in the background or not, settling the previous one first, moving the log
 over once it commits, counting (not raising) a snapshot that failed on storage.
@@ -29,6 +32,7 @@ from moai_ckpt.distributed import CoordinationError, RankLostError
 from moai_ckpt.errors import CorruptSnapshotError, StorageError
 from moai_ckpt.results import SaveHandle
 from moai_ckpt.run.options import RunOptions
+from moai_ckpt.run.tiers import LocalTier
 from moai_ckpt.run.tracked import Tracked
 from replay.recorder import Decision, Recorder
 
@@ -170,6 +174,8 @@ class SnapshotScheduler:
         self.failures = 0
         self.mark = 0  # moves whenever a snapshot is restored or taken
         self.recorder: Recorder | None = None
+        self.local: LocalTier | None = None  # the run's local tier (set once the run exists)
+        self._local_deferred: int | None = None
         self._last_time = time.monotonic()
         self._last_step = 0  # the step of the last snapshot taken or restored
         self._pending: tuple[int, SaveHandle | None] | None = None  # a snapshot being written
@@ -194,6 +200,11 @@ class SnapshotScheduler:
     ) -> int | None:
         """Take (or defer) the snapshot the policies find due after ``step``; returns a signal to stop on."""
         self.poll()
+        if self.local is not None and self.writes and not replaying and step % self.local.every == 0:
+            if self.defer:
+                self._local_deferred = step
+            else:
+                self.local.take(step, self.tracked.snapshot_state(), self.tracked.snapshot_info())
         outcome = StepOutcome(step, self.lag, decision, self._last_step)
         if any(policy.due(outcome) for policy in self.policies):
             action = self.while_replaying.action(replaying=replaying, writes=self.writes, strict=strict)
@@ -204,7 +215,10 @@ class SnapshotScheduler:
         return self.preemption.stop(outcome, world_size)
 
     def at_boundary(self) -> None:
-        """A step is about to begin (or the loop ends): take the snapshot deferred to now."""
+        """A step is about to begin (or the loop ends): take the snapshots deferred to now."""
+        if self._local_deferred is not None and self.local is not None:
+            self.local.take(self._local_deferred, self.tracked.snapshot_state(), self.tracked.snapshot_info())
+        self._local_deferred = None
         if self._deferred is not None:
             step, action = self._deferred
             self._deferred = None
@@ -276,9 +290,17 @@ class SnapshotScheduler:
         self._committed(step)
 
     def poll(self) -> None:
-        """Settle the snapshot in flight if it is done (never waits)."""
+        """Settle the snapshots in flight that are done (never waits)."""
+        if self.local is not None:
+            self.local.poll()
         if self._pending is not None and self._pending[1] is not None and self._pending[1].done():
             self.settle()
+
+    def settle_local(self) -> None:
+        """Wait for the local snapshot in flight and release the local tier (the run ends)."""
+        if self.local is not None:
+            local, self.local = self.local, None
+            local.close()
 
     def settle(self) -> None:
         """Wait for the snapshot in flight; once committed, the log moves over to it."""
