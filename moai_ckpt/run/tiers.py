@@ -22,6 +22,8 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from moai_ckpt.checkpointer import Checkpointer, CheckpointerOptions
 from moai_ckpt.distributed import CoordinationError, RankLostError, World
 from moai_ckpt.errors import (
@@ -34,6 +36,7 @@ from moai_ckpt.format import RunInfo
 from moai_ckpt.layout import RUN_INFO
 from moai_ckpt.restore import SnapshotRestore
 from moai_ckpt.results import RestoreInfo, SaveHandle
+from moai_ckpt.sharding import is_dtensor
 from moai_ckpt.storage import Storage
 
 log = logging.getLogger("moai_ckpt.run")
@@ -87,6 +90,7 @@ class LocalTier:
         self.usable = self._claim(run_info, run_id)
         self.failures = 0
         self._pending: tuple[int, SaveHandle | None] | None = None
+        self._sharded: bool | None = None  # whether the state holds DTensors (found at the first snapshot)
 
     @classmethod
     def open(
@@ -146,6 +150,14 @@ class LocalTier:
         """Snapshot ``step`` to the local tier (settling the one in flight first); failures are counted."""
         if not self.usable:
             return
+        if self._sharded is None:
+            self._sharded = _holds_sharded_tensors(state)
+            if self._sharded:
+                log.warning(
+                    "the local tier is not written: the state holds sharded tensors (DTensor), which it cannot hold yet"
+                )
+        if self._sharded:
+            return
         self.settle()
         try:
             if self.background:
@@ -192,6 +204,12 @@ class LocalTier:
             self.settle()
         finally:
             self.ckpt.close()
+
+
+def _holds_sharded_tensors(state: dict[str, Any]) -> bool:
+    """Whether a tracked module's parameters or buffers are DTensors (FSDP2, tensor parallel)."""
+    modules = [obj for obj in state.values() if isinstance(obj, torch.nn.Module)]
+    return any(is_dtensor(t) for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
 class SoloRank:

@@ -104,6 +104,51 @@ def faults_table(report: TrialReport) -> Table:
     return table
 
 
+#: the phases of a restart a replay report measures, as table columns
+PHASES = (
+    ("detection", "detection_s"),
+    ("process start", "start_s"),
+    ("process group", "process_group_s"),
+    ("setup", "setup_s"),
+    ("restore", "restore_s"),
+    ("replay", "replay_s"),
+    ("start to live", "total_s"),
+)
+
+
+def restart_phases(report: TrialReport) -> list[dict[str, Any]]:
+    """The phases of each restart of the faulty run that wrote a report, oldest first."""
+    return [{"base": r["base"], **r["phases"]} for r in report.verdict.restored if isinstance(r.get("phases"), dict)]
+
+
+def phases_table(report: TrialReport) -> Table:
+    """One row per restart: where its time went, with the tier restored from and the steps replayed."""
+    table = Table(title="restart phases (replay reports, rank 0)", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("restored")
+    for name, _ in PHASES:
+        table.add_column(name, justify="right")
+    table.add_column("replayed", justify="right")
+    for p in restart_phases(report):
+        cells = ["-" if p.get(key) is None else f"{p[key]:.2f} s" for _, key in PHASES]
+        table.add_row(f"step {p['base']} ({p.get('restore_tier')})", *cells, str(p.get("replayed_steps", 0)))
+    return table
+
+
+def phase_medians(trials: list[TrialReport]) -> dict[str, Any]:
+    """Over every restart of ``trials``: the median of each phase, the tiers restored from, the steps replayed."""
+    phases = [p for t in trials for p in restart_phases(t)]
+    out: dict[str, Any] = {"restarts": len(phases)}
+    for _, key in PHASES:
+        values = [p[key] for p in phases if p.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    tiers: dict[str, int] = {}
+    for p in phases:
+        tiers[str(p.get("restore_tier"))] = tiers.get(str(p.get("restore_tier")), 0) + 1
+    out["tiers"] = tiers
+    out["replayed_steps_max"] = max((int(p.get("replayed_steps", 0)) for p in phases), default=None)
+    return out
+
+
 def checks_table(report: TrialReport) -> Table:
     table = Table(title="checks", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("check")
@@ -199,6 +244,7 @@ class Summary:
                 "worst": max(recoveries) if recoveries else None,
                 "count": len(recoveries),
             },
+            "restart_phases": phase_medians(self.trials),
             "failed_seeds": [t.seed for t in self.trials if not t.ok],
             "results": [t.to_json() for t in self.trials],
         }
@@ -227,6 +273,12 @@ class Summary:
                 "recovery (restart to live)",
                 f"median {rec['median']:.1f} s, worst {rec['worst']:.1f} s, {rec['count']} faults",
             )
+        phases = data["restart_phases"]
+        if phases["restarts"]:
+            medians = ", ".join(f"{name} {phases[key]:.2f} s" for name, key in PHASES if phases.get(key) is not None)
+            table.add_row(f"restart phases (median of {phases['restarts']})", medians)
+            tiers = ", ".join(f"{tier} {n}" for tier, n in sorted(phases["tiers"].items()))
+            table.add_row("restored from", f"{tiers}; at most {phases['replayed_steps_max']} steps replayed")
         if data["failed_seeds"]:
             table.add_row("failed seeds", ", ".join(map(str, data["failed_seeds"])))
         return table
