@@ -24,23 +24,25 @@ IMPORTED_AT = time.time()
 
 
 def process_started_at() -> float | None:
-    """This process's start (Unix time), from ``/proc`` on Linux; None elsewhere."""
+    """This process's start (Unix time), from ``/proc`` on Linux (to a clock tick); None elsewhere."""
     try:
         with open("/proc/self/stat", "rb") as f:
             # the command name (field 2) may hold spaces: count fields after its closing parenthesis
-            fields = f.read().rsplit(b")", 1)[1].split()
-        with open("/proc/stat", "rb") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+            started_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        now = time.time()
+    except (OSError, ValueError, IndexError):
         return None
+    # the boot time in /proc/stat is whole seconds: the uptime, to a hundredth, places the start closer
+    return now - (uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def last_sign_of_life(storage: Storage) -> float | None:
     """When the run's writer was last seen alive: its lease's last renewal (None if released or expired).
 
-    Read before this process takes the lease over. The log's last record is the other sign
-    (`RecoveryClock.saw`), read with the log.
+    Read before this process takes the lease over. The heartbeat renews it every third of its
+    TTL, so this is a bound; the log's last record (`RecoveryClock.saw`) is usually closer.
     """
     try:
         lease = live_lease(storage)

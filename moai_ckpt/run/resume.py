@@ -119,6 +119,7 @@ class Resumption:
         self.options = options
         self.unusable = unusable  # committed snapshots that failed their checks (overwritten when retaken)
         self.local: LocalTier | None = None  # this rank's local tier, once the run has a run.json
+        self.last_record_at: float | None = None  # the log's newest record (Unix time), when read
 
     def open_local(self) -> LocalTier | None:
         """This rank's local tier, if the options set one and the run exists (a live run only)."""
@@ -166,7 +167,8 @@ class Resumption:
         if self.world.rank == 0:
             self._warn_skipped(point.base or 0, self.mode.restore_bound())
         point.restore_s = time.perf_counter() - started
-        point.restarted, point.last_seen = point.base is not None, last_seen
+        signs = [t for t in (last_seen, self.last_record_at) if t is not None]
+        point.restarted, point.last_seen = point.base is not None, max(signs, default=None)
         return point
 
     def _warn_skipped(self, restored: int, bound: int | None) -> None:
@@ -182,7 +184,11 @@ class Resumption:
         past the log's end would never be logged).
         """
         local = self.open_local()
-        logged = records_after(self.ckpt.storage, steps[-1]).last_step if self.world.rank == 0 else None
+        logged = None
+        if self.world.rank == 0:
+            contents = records_after(self.ckpt.storage, steps[-1])
+            logged = contents.last_step
+            self.last_record_at = contents.records[-1].wall_time if contents.records else None
         newest_local = self.world.broadcast_json(logged, "reading how far the log goes")
         restored = restore_newest(
             self.world,
