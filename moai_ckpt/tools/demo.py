@@ -45,8 +45,8 @@ from rich.table import Table
 
 from moai_ckpt import faults
 from moai_ckpt.errors import DemoError
-from moai_ckpt.layout import REPORTS, is_replay_report
 from moai_ckpt.run.options import ENV_PREFIX
+from moai_ckpt.tools.restarts import phases_table, read_phases
 
 GPT_MODULE = "moai_ckpt.tools.gpt"  # run by torchrun as a module: it ships in the package
 PHASES = ("forward", "backward", "optimizer")
@@ -485,21 +485,8 @@ def compare(
         replayed=int(recovered.result.get("replayed", 0)),
         lost=sorted(set(before) & set(after)),
         recovery=_recovery(recovered, fired, last),
-        phases=restart_phases(recovered.storage),
+        phases=read_phases(recovered.storage),
     )
-
-
-def restart_phases(run_dir: Path) -> list[dict[str, Any]]:
-    """The phases of each restart of a run, oldest first, from the replay reports in its directory."""
-    out = []
-    for path in sorted(p for p in (run_dir / REPORTS).glob("*") if is_replay_report(p.name)):
-        try:
-            report = json.loads(path.read_text())
-        except ValueError:
-            continue
-        if isinstance(report, dict) and isinstance(report.get("recovery"), dict):
-            out.append({"base_step": report.get("base_step"), **report["recovery"]})
-    return out
 
 
 def _recovery(recovered: Launch, fired: dict[str, Any] | None, attempt: int) -> dict[str, float]:
@@ -592,29 +579,6 @@ def _summary_table(c: Comparison) -> Table:
         table.add_row("  workers restarted", "-", f"{r['start']:.1f} s", "torchrun, new processes")
         table.add_row("  snapshot restored", "-", f"{r['resume'] - r['start']:.1f} s", "")
         table.add_row("  logged steps replayed", "-", f"{r['live'] - r['resume']:.1f} s", "")
-    return table
-
-
-def phases_table(phases: list[dict[str, Any]]) -> Table:
-    """One row per restart: where its time went, as its replay report measured it (rank 0)."""
-    table = Table(title="restart phases (replay report, rank 0)", title_justify="left")
-    columns = [
-        ("detection", "detection_s"),
-        ("process start", "start_s"),
-        ("process group", "process_group_s"),
-        ("setup", "setup_s"),
-        ("restore", "restore_s"),
-        ("replay", "replay_s"),
-        ("start to live", "total_s"),
-    ]
-    table.add_column("restored")
-    for name, _ in columns:
-        table.add_column(name, justify="right")
-    table.add_column("steps replayed", justify="right")
-    for p in phases:
-        restored = f"step {p.get('base_step')} ({p.get('restore_tier')}, {p.get('restore_bytes', 0) / 1e6:.1f} MB)"
-        cells = ["-" if p.get(key) is None else f"{p[key]:.2f} s" for _, key in columns]
-        table.add_row(restored, *cells, str(p.get("replayed_steps", 0)))
     return table
 
 

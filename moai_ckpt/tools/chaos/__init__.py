@@ -26,7 +26,7 @@ from moai_ckpt.tools.chaos.report import (
     checks_table,
     draw_timeline,
     faults_table,
-    phases_table,
+    restarts_table,
     write,
 )
 from moai_ckpt.tools.chaos.runner import HANDOFF, RunOutcome, Trial
@@ -129,6 +129,6 @@ def run_trials(
             if trials == 1 or not report.ok:
                 console.print(faults_table(report))
                 console.print(checks_table(report))
-                console.print(phases_table(report))
+                console.print(restarts_table(report))
     write(summary, out, console)
     return summary

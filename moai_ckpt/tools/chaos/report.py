@@ -15,6 +15,7 @@ from rich.table import Table
 from moai_ckpt.tools.chaos.oracle import Verdict
 from moai_ckpt.tools.chaos.runner import RunOutcome
 from moai_ckpt.tools.chaos.scenario import Scenario
+from moai_ckpt.tools.restarts import PHASES, phases_table
 
 
 @dataclass
@@ -104,34 +105,14 @@ def faults_table(report: TrialReport) -> Table:
     return table
 
 
-#: the phases of a restart a replay report measures, as table columns
-PHASES = (
-    ("detection", "detection_s"),
-    ("process start", "start_s"),
-    ("process group", "process_group_s"),
-    ("setup", "setup_s"),
-    ("restore", "restore_s"),
-    ("replay", "replay_s"),
-    ("start to live", "total_s"),
-)
-
-
 def restart_phases(report: TrialReport) -> list[dict[str, Any]]:
     """The phases of each restart of the faulty run that wrote a report, oldest first."""
     return [{"base": r["base"], **r["phases"]} for r in report.verdict.restored if isinstance(r.get("phases"), dict)]
 
 
-def phases_table(report: TrialReport) -> Table:
-    """One row per restart: where its time went, with the tier restored from and the steps replayed."""
-    table = Table(title="restart phases (replay reports, rank 0)", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("restored")
-    for name, _ in PHASES:
-        table.add_column(name, justify="right")
-    table.add_column("replayed", justify="right")
-    for p in restart_phases(report):
-        cells = ["-" if p.get(key) is None else f"{p[key]:.2f} s" for _, key in PHASES]
-        table.add_row(f"step {p['base']} ({p.get('restore_tier')})", *cells, str(p.get("replayed_steps", 0)))
-    return table
+def restarts_table(report: TrialReport) -> Table:
+    """One row per restart of the trial: where its time went (`moai_ckpt.tools.restarts`)."""
+    return phases_table(restart_phases(report))
 
 
 def phase_medians(trials: list[TrialReport]) -> dict[str, Any]:
