@@ -88,7 +88,8 @@ def test_a_run_killed_at_step_13_resumes_from_the_local_tier_at_step_12_bitwise(
     tmp_path: Path, local: Path, reference: dict[str, Any]
 ) -> None:
     run_dir = killed_at_13(tmp_path, local)
-    assert [p.name for p in local_snapshots(local)] == ["000000000012"]  # bounded: the latest only
+    # bounded: the latest committed (12) and the one before, which every rank still held when 12 began
+    assert [p.name for p in local_snapshots(local)] == ["000000000010", "000000000012"]
     out, _ = finished(scenario(run_dir, local))
     recovery = out["report"]["recovery"]
     assert out["report"]["base_step"] == 12 and recovery["restore_tier"] == "local"
@@ -116,18 +117,34 @@ def test_without_a_local_tier_the_same_kill_replays_from_the_persistent_snapshot
     assert out["replayed"] == 2 and out["digest"] == reference["digest"]
 
 
-def test_a_corrupt_local_snapshot_is_skipped_with_its_reason_and_the_persistent_tier_used(
-    tmp_path: Path, local: Path, reference: dict[str, Any]
-) -> None:
-    run_dir = killed_at_13(tmp_path, local)
-    (snapshot,) = local_snapshots(local)
+def flip_a_byte_in_a_chunk(snapshot: Path) -> None:
     chunk = next(p for p in sorted(snapshot.glob("model/**/c/**/*")) if p.is_file())
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
+
+
+def test_a_corrupt_local_snapshot_is_skipped_with_its_reason_and_the_next_newest_used(
+    tmp_path: Path, local: Path, reference: dict[str, Any]
+) -> None:
+    run_dir = killed_at_13(tmp_path, local)
+    flip_a_byte_in_a_chunk(local_snapshots(local)[-1])  # step 12
     out, err = finished(scenario(run_dir, local))
-    assert out["report"]["base_step"] == 10 and out["report"]["recovery"]["restore_tier"] == "persistent"
     assert "the local snapshot of step 12 cannot be restored" in err and "crc32c" in err.lower()
+    assert out["report"]["base_step"] == 10 and out["report"]["recovery"]["restore_tier"] == "local"
+    assert out["replayed"] == 2 and out["digest"] == reference["digest"]
+
+
+def test_with_every_local_snapshot_corrupt_the_persistent_tier_is_used(
+    tmp_path: Path, local: Path, reference: dict[str, Any]
+) -> None:
+    run_dir = killed_at_13(tmp_path, local)
+    for snapshot in local_snapshots(local):  # steps 10 and 12
+        flip_a_byte_in_a_chunk(snapshot)
+    out, err = finished(scenario(run_dir, local))
+    for step in (12, 10):
+        assert f"the local snapshot of step {step} cannot be restored" in err
+    assert out["report"]["base_step"] == 10 and out["report"]["recovery"]["restore_tier"] == "persistent"
     assert out["replayed"] == 2 and out["digest"] == reference["digest"]
 
 
@@ -168,16 +185,18 @@ def test_two_ranks_agree_on_a_step_both_can_restore_when_one_lost_its_local_tier
     job.join(timeout=240)
     assert [r.returncode for r in killed[0]] == [-signal.SIGKILL, -signal.SIGKILL]
     monkeypatch.delenv("MOAI_CKPT_FAULTS")
-    assert [p.name for p in local_snapshots(local)] == ["000000000012", "000000000012"]
+    assert [p.name for p in local_snapshots(local)] == ["000000000010", "000000000012"] * 2
     (lost,) = local.glob("*/rank1-of-2")
-    shutil.rmtree(lost)  # rank 1's host memory is gone; rank 0's still holds step 12
+    shutil.rmtree(lost)  # rank 1's host memory is gone; rank 0's still holds steps 10 and 12
     resumed = launch(DIST_TARGET, 2, run_dir=run_dir, local_tier=str(local), total=TOTAL)
     assert all(r.returncode == 0 for r in resumed), resumed[0].output[-3000:] + resumed[1].output[-3000:]
     for r in resumed:
         assert r.value["report"]["base_step"] == 10  # the newest step rank 1 can restore too
         assert r.value["replayed"] == 2
         assert r.value["digest"] == dist_reference["digest"]
-    assert resumed[0].value["report"]["recovery"]["restore_tier"] == "persistent"
+    # rank 0 reads step 10 from its own local tier, rank 1 from the persistent one
+    assert resumed[0].value["report"]["recovery"]["restore_tier"] == "local"
+    assert resumed[1].value["report"]["recovery"]["restore_tier"] == "persistent"
 
 
 def test_two_ranks_both_holding_the_local_snapshot_resume_from_it(

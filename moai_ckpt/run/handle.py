@@ -90,7 +90,9 @@ class Run:
         self._device = torch.device(device) if device is not None else None
         self._tracked = Tracked()
         self._sampler: GlobalSampler | None = None
-        self._snapshots = SnapshotScheduler(self.ckpt, self._tracked, options, writes=self._mode.writes)
+        self._snapshots = SnapshotScheduler(
+            self.ckpt, self._tracked, options, writes=self._mode.writes, world=self.world
+        )
         self._resumption = Resumption(
             self.ckpt, self.world, self._log_world, self._mode, self._tracked, options, self._snapshots.unusable
         )

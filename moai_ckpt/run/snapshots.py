@@ -28,7 +28,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from moai_ckpt.checkpointer import Checkpointer
-from moai_ckpt.distributed import CoordinationError, RankLostError
+from moai_ckpt.distributed import CoordinationError, RankLostError, SingleProcess, World
 from moai_ckpt.errors import CorruptSnapshotError, StorageError
 from moai_ckpt.results import SaveHandle
 from moai_ckpt.run.options import RunOptions
@@ -155,8 +155,11 @@ class SnapshotScheduler:
             for loops whose framework does work between steps that the snapshot must include.
     """
 
-    def __init__(self, ckpt: Checkpointer, tracked: Tracked, options: RunOptions, *, writes: bool) -> None:
+    def __init__(
+        self, ckpt: Checkpointer, tracked: Tracked, options: RunOptions, *, writes: bool, world: World | None = None
+    ) -> None:
         self.ckpt = ckpt
+        self.world = world if world is not None else SingleProcess()  # the training thread's agreement
         self.tracked = tracked
         self.async_snapshots = options.async_snapshots
         self.lag = options.lag
@@ -174,7 +177,8 @@ class SnapshotScheduler:
         self.failures = 0
         self.mark = 0  # moves whenever a snapshot is restored or taken
         self.recorder: Recorder | None = None
-        self.local: LocalTier | None = None  # the run's local tier (set once the run exists)
+        self.local: LocalTier | None = None  # this rank's local tier (set once the run exists)
+        self.local_every = options.local_every if options.local_tier is not None else None
         self._local_deferred: int | None = None
         self._last_time = time.monotonic()
         self._last_step = 0  # the step of the last snapshot taken or restored
@@ -200,11 +204,11 @@ class SnapshotScheduler:
     ) -> int | None:
         """Take (or defer) the snapshot the policies find due after ``step``; returns a signal to stop on."""
         self.poll()
-        if self.local is not None and self.writes and not replaying and step % self.local.every == 0:
+        if self.local_every is not None and self.writes and not replaying and step % self.local_every == 0:
             if self.defer:
                 self._local_deferred = step
             else:
-                self.local.take(step, self.tracked.snapshot_state(), self.tracked.snapshot_info())
+                self._take_local(step)
         outcome = StepOutcome(step, self.lag, decision, self._last_step)
         if any(policy.due(outcome) for policy in self.policies):
             action = self.while_replaying.action(replaying=replaying, writes=self.writes, strict=strict)
@@ -216,8 +220,8 @@ class SnapshotScheduler:
 
     def at_boundary(self) -> None:
         """A step is about to begin (or the loop ends): take the snapshots deferred to now."""
-        if self._local_deferred is not None and self.local is not None:
-            self.local.take(self._local_deferred, self.tracked.snapshot_state(), self.tracked.snapshot_info())
+        if self._local_deferred is not None:
+            self._take_local(self._local_deferred)
         self._local_deferred = None
         if self._deferred is not None:
             step, action = self._deferred
@@ -295,6 +299,20 @@ class SnapshotScheduler:
             self.local.poll()
         if self._pending is not None and self._pending[1] is not None and self._pending[1].done():
             self.settle()
+
+    def _take_local(self, step: int) -> None:
+        """Snapshot ``step`` to this rank's local tier (collective: every rank, at the same step).
+
+        The older local snapshots go first, but only those every rank has replaced: a rank that
+        died before its last local snapshot committed holds the one before, and a restart needs
+        a step that every rank holds.
+        """
+        held = self.local.latest_committed() if self.local is not None else None
+        everyone = self.world.all_gather_json(held, "the local snapshot every rank holds")
+        if self.local is None:
+            return
+        shared = None if None in everyone else min(everyone)
+        self.local.take(step, self.tracked.snapshot_state(), self.tracked.snapshot_info(), keep_from=shared or held)
 
     def settle_local(self) -> None:
         """Wait for the local snapshot in flight and release the local tier (the run ends)."""

@@ -146,10 +146,21 @@ class LocalTier:
     def size(self, step: int) -> int:
         return self.ckpt.marker(step).body.total_bytes
 
-    def take(self, step: int, state: dict[str, Any], info: dict[str, Any] | None) -> None:
-        """Snapshot ``step`` to the local tier (settling the one in flight first); failures are counted."""
+    def latest_committed(self) -> int | None:
+        """The newest committed local snapshot, once the one in flight has settled."""
+        self.settle()
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def take(self, step: int, state: dict[str, Any], info: dict[str, Any] | None, *, keep_from: int | None) -> None:
+        """Snapshot ``step`` to the local tier, after deleting local snapshots older than ``keep_from``.
+
+        Failures are counted and logged, never raised: the persistent tier and the log go on.
+        """
         if not self.usable:
             return
+        if keep_from is not None:
+            self._delete_before(keep_from)
         if self._sharded is None:
             self._sharded = _holds_sharded_tensors(state)
             if self._sharded:
@@ -158,7 +169,6 @@ class LocalTier:
                 )
         if self._sharded:
             return
-        self.settle()
         try:
             if self.background:
                 self._pending = (step, self.ckpt.save_async(step, state, overwrite=True, info=info))
@@ -190,8 +200,13 @@ class LocalTier:
         self._committed(step)
 
     def _committed(self, step: int) -> None:
+        log.debug("local snapshot of step %d committed in %s", step, self.path)
+
+    def _delete_before(self, step: int) -> None:
+        """Delete the committed local snapshots older than ``step`` and any leftover of a killed write."""
+        keep = len([s for s in self.steps() if s >= step])
         try:
-            self.ckpt.prune(keep=1)  # the latest committed one, which ``step`` now is
+            self.ckpt.prune(keep=max(keep, 1))
         except MoaiCkptError as exc:
             log.warning("could not delete older local snapshots in %s: %s", self.path, exc)
 
