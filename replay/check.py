@@ -165,6 +165,35 @@ def _unhex(value: str | None) -> float | None:
     return float.fromhex(value) if value else None
 
 
+class RecoveryPhases(BaseModel):
+    """Where the time of one restart went, from the previous incarnation's last sign of life to live training.
+
+    Each phase is measured on the rank that writes the report (rank 0); a phase that cannot be
+    measured is None.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    detection_s: float | None = Field(
+        default=None,
+        description="the previous incarnation's last sign of life (its last log record or lease renewal) "
+        "to this process's start",
+    )
+    start_s: float | None = Field(default=None, description="this process's start to moai_ckpt's run package imported")
+    process_group_s: float | None = Field(
+        default=None, description="imported to the run's process groups built (the job's init_process_group included)"
+    )
+    setup_s: float | None = Field(default=None, description="the run built to its restore beginning (model, track)")
+    restore_s: float = Field(default=0.0, description="choosing, reading, checking and loading the snapshot")
+    restore_tier: str = Field(
+        default="persistent", description="where this rank's snapshot came from: local or persistent"
+    )
+    restore_bytes: int = Field(default=0, ge=0, description="the restored snapshot's size")
+    replay_s: float = 0.0
+    replayed_steps: int = 0
+    total_s: float | None = Field(default=None, description="this process's start to live training")
+
+
 class ReplayReport(BaseModel):
     """What a replay did: the steps it checked and how they compared with the log."""
 
@@ -191,6 +220,7 @@ class ReplayReport(BaseModel):
     restore_s: float = 0.0
     replay_s: float = 0.0
     snapshot_s: float = 0.0
+    recovery: RecoveryPhases | None = Field(default=None, description="the restart's phases (None: a new run)")
 
     @property
     def replayed(self) -> int:

@@ -38,6 +38,7 @@ from moai_ckpt.opcapture import OpCaptureHooks, hooks_for
 from moai_ckpt.pruning import RunRetention
 from moai_ckpt.run import report as replay_report
 from moai_ckpt.run.options import RunOptions
+from moai_ckpt.run.phases import RecoveryClock
 from moai_ckpt.run.resume import RestorePoint, Resumption
 from moai_ckpt.run.session import DEVICE_ENV, Completion, mode_from_env
 from moai_ckpt.run.snapshots import SnapshotScheduler
@@ -94,7 +95,9 @@ class Run:
         self._device = torch.device(device) if device is not None else None
         self._tracked = Tracked()
         self._sampler: GlobalSampler | None = None
-        self._snapshots = SnapshotScheduler(self.ckpt, self._tracked, options, writes=self._mode.writes)
+        self._snapshots = SnapshotScheduler(
+            self.ckpt, self._tracked, options, writes=self._mode.writes, world=self.world
+        )
         if options.keep and self._mode.writes and self.world.rank == 0:
             self._snapshots.retention = RunRetention(self.ckpt, options.keep)
         self._resumption = Resumption(
@@ -105,6 +108,8 @@ class Run:
         self._stop_at: int | None = None  # a session's target step
         self._resume_rng: dict[str, bytes] | None = None  # set again when the first driven step begins
         self._closed = False
+        self._live_reported = False  # the restart's report is written once live training begins
+        self._clock = RecoveryClock()  # the phases of a restart: its marks start now
         self.report: ReplayReport | None = None
         #: what ``run.json`` records of the training function (set by `fault_tolerant`)
         self.entry: dict[str, Any] | None = None
@@ -364,7 +369,11 @@ class Run:
         if self._point is not None:
             raise RuntimeError("the run has started already")
         self._snapshots.defer = driven
+        self._clock.restore_begins()
         point = self._point = self._resumption.restore()
+        self._clock.restore_ends()
+        self._clock.saw(point.last_seen)
+        self._snapshots.local = self._resumption.open_local() if point.base is not None else None
         if point.base is None and not driven:
             self._take_base(0)
         if point.base is None:
@@ -380,12 +389,15 @@ class Run:
         self._snapshots.base(step, self.entry)
         self._point.base = step
         self._point.restore_s += time.perf_counter() - started
+        self._snapshots.local = self._resumption.open_local()  # the run's run.json exists now
 
     def _open_log(self) -> None:
         assert self._point is not None
         opened = self._resumption.open_log(self._point, self.device)
         self.report = opened.report
         self._stop_at = opened.stop
+        if opened.contents.records:
+            self._clock.saw(opened.contents.records[-1].wall_time)
         self._cycle = StepCycle(
             opened,
             rank=self.rank,
@@ -427,6 +439,8 @@ class Run:
         faults.set_step(step)
         if cycle.logged(step) is None and cycle.replaying:
             self._replay_done()
+        elif cycle.logged(step) is None and not self._live_reported:
+            self._live()
         cycle.begin(step, self.tracked, samples)
         faults.point("step.begin")
         if self._ops is not None:
@@ -486,6 +500,8 @@ class Run:
         self._snapshots.at_boundary()
         if cycle.replaying:
             self._replay_done()
+        elif not self._live_reported:
+            self._live()
         if self.options.snapshot_at_end and self._mode.writes:
             self._snapshots.final(cycle.step)
         return self.report
@@ -506,6 +522,7 @@ class Run:
             if recorder is not None and recorder.error is None:
                 recorder.drain(timeout=2 * self.collective_timeout_s)
             self._snapshots.settle()
+            self._snapshots.settle_local()
         except Exception:
             if not failing:
                 raise
@@ -537,8 +554,21 @@ class Run:
         cycle.replaying = False
         self._snapshots.replay_done(cycle.step)
         replay_report.announce(self.report)
+        self._live()
+
+    def _live(self) -> None:
+        """Training goes live: a restart's phases join its report, which rank 0 writes."""
+        self._live_reported = True
+        point, report = self._point, self.report
+        if point is None or report is None or not point.restarted:
+            return  # a new run: nothing was recovered
+        tier = "none: step 0 rebuilt" if point.from_initial_state else point.tier
+        report.recovery = self._clock.phases(
+            tier=tier, restore_bytes=point.nbytes, replayed=report.replayed, replay_s=report.replay_s
+        )
+        replay_report.phases(report.recovery)
         if self.rank == 0:
-            replay_report.write(self.storage, self.report)
+            replay_report.write(self.storage, report)
 
     def _seal_report(self, cycle: StepCycle) -> None:
         assert self.report is not None

@@ -67,6 +67,12 @@ class RunOptions(BaseSettings):
     )
     async_snapshots: bool = Field(default=True, description="write snapshots in the background (`save_async`)")
     snapshot_at_end: bool = Field(default=True, description="snapshot the last step when the loop finishes")
+    local_tier: str | None = Field(
+        default=None,
+        description="a local directory (host shared memory, e.g. /dev/shm/moai) for each rank's latest snapshot, "
+        "written every local_every steps; a restart takes the newest valid snapshot of either tier",
+    )
+    local_every: int | None = Field(default=None, ge=1, description="steps between snapshots to the local tier")
     log_flush_every: int = Field(default=1, ge=1, description="log records per durable segment")
     log_flush_seconds: float | None = Field(
         default=None, gt=0, description="with log_flush_every > 1, a group of records is never older than this"
@@ -168,6 +174,10 @@ class RunOptions(BaseSettings):
             raise ValueError("set snapshot_every, snapshot_every_s or both")
         if self.checkpointer.keep is not None:
             raise ValueError("a run's retention is the option keep (it prunes the logs too), not checkpointer.keep")
+        if (self.local_tier is None) != (self.local_every is None):
+            raise ValueError("local_tier and local_every go together: set both (or neither)")
+        if self.local_tier is not None and "://" in self.local_tier and not self.local_tier.startswith("file://"):
+            raise ValueError(f"local_tier must be a local directory (host memory or disk), got {self.local_tier!r}")
         return self
 
     @classmethod

@@ -18,11 +18,13 @@ import torch
 
 from moai_ckpt.checkpointer import Checkpointer
 from moai_ckpt.distributed import CoordinationError, RankLostError, World
-from moai_ckpt.errors import CorruptSnapshotError, UnsupportedFormatError
+from moai_ckpt.errors import CorruptSnapshotError, MoaiCkptError, UnsupportedFormatError
 from moai_ckpt.layout import quarantine_key
 from moai_ckpt.results import skipped_message
 from moai_ckpt.run.options import RunOptions
+from moai_ckpt.run.phases import last_sign_of_life
 from moai_ckpt.run.session import RunMode
+from moai_ckpt.run.tiers import PERSISTENT, LocalTier, restore_newest
 from moai_ckpt.run.tracked import Tracked
 from moai_ckpt.storage import Storage
 from replay.check import ReplayReport
@@ -77,6 +79,10 @@ class RestorePoint:
     base: int | None
     from_initial_state: bool = False  # no snapshot was usable: the run rebuilt step 0 itself
     restore_s: float = 0.0
+    tier: str = PERSISTENT  # where this rank's snapshot came from
+    nbytes: int = 0  # the restored snapshot's size
+    restarted: bool = False  # an earlier incarnation's snapshot was restored (not a new run)
+    last_seen: float | None = None  # the earlier incarnation's lease renewal (Unix time), if seen
 
 
 @dataclass
@@ -112,6 +118,22 @@ class Resumption:
         self.tracked = tracked
         self.options = options
         self.unusable = unusable  # committed snapshots that failed their checks (overwritten when retaken)
+        self.local: LocalTier | None = None  # this rank's local tier, once the run has a run.json
+        self.last_record_at: float | None = None  # the log's newest record (Unix time), when read
+
+    def open_local(self) -> LocalTier | None:
+        """This rank's local tier, if the options set one and the run exists (a live run only)."""
+        if self.local is None and self.mode.writes:
+            self.local = LocalTier.open(
+                self.options.local_tier,
+                self.options.local_every,
+                self.ckpt.storage,
+                rank=self.world.rank,
+                world_size=self.world.world_size,
+                options=self.ckpt.options,
+                background=self.options.async_snapshots,
+            )
+        return self.local
 
     def restorable_steps(self) -> list[int]:
         bound = self.mode.restore_bound()
@@ -124,12 +146,15 @@ class Resumption:
         naming the first, before a long restore.
         """
         started = time.perf_counter()
+        last_seen = last_sign_of_life(self.ckpt.storage) if self.world.rank == 0 and self.mode.writes else None
         if self.mode.writes:
             self.ckpt.acquire()
         steps = self.restorable_steps()
         latest = self.world.broadcast_json(steps[-1] if steps else None, "choosing the snapshot to resume")
         if latest is not None:
-            point = self._restore_newest_usable([s for s in steps if s <= latest])
+            usable = [s for s in steps if s <= latest]
+            tiered = self.mode.writes and self.options.local_tier is not None
+            point = self._restore_from_tiers(usable) if tiered else self._restore_newest_usable(usable)
         else:
             self.mode.require_snapshot(self.ckpt.url)
             point = RestorePoint(None)
@@ -142,6 +167,8 @@ class Resumption:
         if self.world.rank == 0:
             self._warn_skipped(point.base or 0, self.mode.restore_bound())
         point.restore_s = time.perf_counter() - started
+        signs = [t for t in (last_seen, self.last_record_at) if t is not None]
+        point.restarted, point.last_seen = point.base is not None, max(signs, default=None)
         return point
 
     def _warn_skipped(self, restored: int, bound: int | None) -> None:
@@ -149,6 +176,34 @@ class Resumption:
         skipped = [e for e in self.ckpt.damaged_after(restored) if bound is None or e.step <= bound]
         if skipped:
             log.warning("%s", skipped_message(skipped, restored))
+
+    def _restore_from_tiers(self, steps: list[int]) -> RestorePoint:
+        """Restore the newest step every rank can restore, from its local tier or the persistent one.
+
+        A local snapshot counts only if the log holds its step (the log must stay whole: a step
+        past the log's end would never be logged).
+        """
+        local = self.open_local()
+        logged = None
+        if self.world.rank == 0:
+            contents = records_after(self.ckpt.storage, steps[-1])
+            logged = contents.last_step
+            self.last_record_at = contents.records[-1].wall_time if contents.records else None
+        newest_local = self.world.broadcast_json(logged, "reading how far the log goes")
+        restored = restore_newest(
+            self.world,
+            self.ckpt,
+            local,
+            steps,
+            newest_local=newest_local,
+            fresh_state=self.tracked.snapshot_state,
+            keep=self.tracked.keep_restored,
+            unusable=self.unusable,
+        )
+        if restored is None:
+            return self._restore_newest_usable([])  # nothing restorable: as when every snapshot is corrupt
+        log.info("restored step %d from the %s tier (%.1f MB)", restored.step, restored.tier, restored.nbytes / 1e6)
+        return RestorePoint(restored.step, tier=restored.tier, nbytes=restored.nbytes)
 
     def _restore_newest_usable(self, steps: list[int]) -> RestorePoint:
         """Restore the newest snapshot that passes every check; older ones stand in for corrupt ones.
@@ -172,7 +227,7 @@ class Resumption:
                 continue
             if problems:
                 log.warning("restored the snapshot of step %d instead of newer unusable ones: %s", candidate, problems)
-            return RestorePoint(candidate)
+            return RestorePoint(candidate, nbytes=self._size(candidate))
         if 0 in log_bases(self.ckpt.storage):
             # the state at step 0 is what the training function itself builds, and the log holds
             # every step since: replaying them from the fresh objects checks each one, so an
@@ -242,6 +297,13 @@ class Resumption:
             )
         records = {r.step: r for r in usable}
         return OpenLog(base, contents, records, stop, recorder, report, placement)
+
+    def _size(self, step: int) -> int:
+        """The snapshot's size for the report (0 when its marker cannot be read again)."""
+        try:
+            return self.ckpt.marker(step).body.total_bytes
+        except MoaiCkptError:
+            return 0
 
     def _rank_local_restored(self, point: RestorePoint) -> dict[str, str]:
         """Which copy of each rank-local array the restore of the base took (for the replay report)."""

@@ -9,6 +9,9 @@ Decision policies say *whether* a snapshot is due after a step, from what every 
 - `OnPreemption`: a SIGTERM or SIGINT: the ranks agree on a step, snapshot it synchronously and
   exit.
 
+A local tier (`moai_ckpt.run.tiers.LocalTier`), when the run has one, takes a snapshot of every
+``local_every``-th step run live, besides.
+
 `WhileReplaying` says what a due snapshot does while the step replays a logged one, and the
 scheduler takes it: in the background or not, settling the previous one first, moving the log
 over once it commits, counting (not raising) a snapshot that failed on storage.
@@ -27,11 +30,12 @@ from typing import Any, Protocol
 import torch
 
 from moai_ckpt.checkpointer import Checkpointer
-from moai_ckpt.distributed import CoordinationError, RankLostError
+from moai_ckpt.distributed import CoordinationError, RankLostError, SingleProcess, World
 from moai_ckpt.errors import CorruptSnapshotError, StorageError
 from moai_ckpt.pruning import RunRetention
 from moai_ckpt.results import SaveHandle
 from moai_ckpt.run.options import RunOptions
+from moai_ckpt.run.tiers import LocalTier
 from moai_ckpt.run.tracked import Tracked
 from replay.recorder import Decision, Recorder
 
@@ -154,8 +158,11 @@ class SnapshotScheduler:
             for loops whose framework does work between steps that the snapshot must include.
     """
 
-    def __init__(self, ckpt: Checkpointer, tracked: Tracked, options: RunOptions, *, writes: bool) -> None:
+    def __init__(
+        self, ckpt: Checkpointer, tracked: Tracked, options: RunOptions, *, writes: bool, world: World | None = None
+    ) -> None:
         self.ckpt = ckpt
+        self.world = world if world is not None else SingleProcess()  # the training thread's agreement
         self.tracked = tracked
         self.async_snapshots = options.async_snapshots
         self.lag = options.lag
@@ -175,6 +182,9 @@ class SnapshotScheduler:
         self.recorder: Recorder | None = None
         #: prunes after each commit (set by `Run` on the coordinator when the run has ``keep``)
         self.retention: RunRetention | None = None
+        self.local: LocalTier | None = None  # this rank's local tier (set once the run exists)
+        self.local_every = options.local_every if options.local_tier is not None else None
+        self._local_deferred: int | None = None
         self._last_time = time.monotonic()
         self._last_step = 0  # the step of the last snapshot taken or restored
         self._pending: tuple[int, SaveHandle | None] | None = None  # a snapshot being written
@@ -203,6 +213,11 @@ class SnapshotScheduler:
         """Take (or defer) the snapshot the policies find due after ``step``; returns a signal to stop on."""
         self.ckpt.guard_staged()  # the copies of the last snapshot are complete or ordered by now
         self.poll()
+        if self.local_every is not None and self.writes and not replaying and step % self.local_every == 0:
+            if self.defer:
+                self._local_deferred = step
+            else:
+                self._take_local(step)
         outcome = StepOutcome(step, self.lag, decision, self._last_step)
         if any(policy.due(outcome) for policy in self.policies):
             action = self.while_replaying.action(replaying=replaying, writes=self.writes, strict=strict)
@@ -213,7 +228,10 @@ class SnapshotScheduler:
         return self.preemption.stop(outcome, world_size)
 
     def at_boundary(self) -> None:
-        """A step is about to begin (or the loop ends): take the snapshot deferred to now."""
+        """A step is about to begin (or the loop ends): take the snapshots deferred to now."""
+        if self._local_deferred is not None:
+            self._take_local(self._local_deferred)
+        self._local_deferred = None
         if self._deferred is not None:
             step, action = self._deferred
             self._deferred = None
@@ -285,9 +303,31 @@ class SnapshotScheduler:
         self._committed(step)
 
     def poll(self) -> None:
-        """Settle the snapshot in flight if it is done (never waits)."""
+        """Settle the snapshots in flight that are done (never waits)."""
+        if self.local is not None:
+            self.local.poll()
         if self._pending is not None and self._pending[1] is not None and self._pending[1].done():
             self.settle()
+
+    def _take_local(self, step: int) -> None:
+        """Snapshot ``step`` to this rank's local tier (collective: every rank, at the same step).
+
+        The older local snapshots go first, but only those every rank has replaced: a rank that
+        died before its last local snapshot committed holds the one before, and a restart needs
+        a step that every rank holds.
+        """
+        held = self.local.latest_committed() if self.local is not None else None
+        everyone = self.world.all_gather_json(held, "the local snapshot every rank holds")
+        if self.local is None:
+            return
+        shared = None if None in everyone else min(everyone)
+        self.local.take(step, self.tracked.snapshot_state(), self.tracked.snapshot_info(), keep_from=shared or held)
+
+    def settle_local(self) -> None:
+        """Wait for the local snapshot in flight and release the local tier (the run ends)."""
+        if self.local is not None:
+            local, self.local = self.local, None
+            local.close()
 
     def settle(self) -> None:
         """Wait for the snapshot in flight; once committed, the log moves over to it."""

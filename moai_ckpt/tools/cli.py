@@ -151,6 +151,10 @@ def demo_command(
     seed: Annotated[int, typer.Option("--seed", help="Seeds the training and picks the killed rank, step, phase.")] = 0,
     ranks: Annotated[int, typer.Option("--ranks", min=1, help="Worker processes under torchrun.")] = 2,
     keep: Annotated[bool, typer.Option("--keep", help="Keep earlier demos' run directories.")] = False,
+    local_every: Annotated[
+        int | None,
+        typer.Option("--local-every", min=1, help="Also snapshot to a local tier in host memory every N steps."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a small GPT under torchrun, SIGKILL a rank mid-step, and compare the recovered run bitwise.
@@ -161,7 +165,9 @@ def demo_command(
     from moai_ckpt.tools import demo  # loaded only when the command runs
 
     try:
-        options = demo.DemoOptions(dir=directory, steps=steps, seed=seed, ranks=ranks, keep=keep)
+        options = demo.DemoOptions(
+            dir=directory, steps=steps, seed=seed, ranks=ranks, keep=keep, local_every=local_every
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     try:

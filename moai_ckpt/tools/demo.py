@@ -9,8 +9,13 @@ fresh run directory:
    torchrun sees the dead worker, stops the other one and starts both again; `fault_tolerant`
    restores the newest snapshot, replays the logged steps and trains on.
 
+With ``local_every``, both runs also keep each rank's latest snapshot in a local tier (host
+shared memory where there is ``/dev/shm``) every that many steps, and the restart resumes from it.
+
 It then compares the two: the final parameter digest, the loss of every step, the steps replayed,
-the completed steps lost, the wall times and the recovery time. Rank 0 of each launch appends one
+the completed steps lost, the wall times and the recovery time, and prints the phases of each
+restart from its replay report (detection, process start, process group, setup, restore with its
+tier, replay). Rank 0 of each launch appends one
 JSON line per event to ``progress.jsonl`` (which the demo tails for its status line) and writes
 ``result.json`` at the end; the workers' output goes to ``workers.log``.
 
@@ -40,6 +45,8 @@ from rich.table import Table
 
 from moai_ckpt import faults
 from moai_ckpt.errors import DemoError
+from moai_ckpt.run.options import ENV_PREFIX
+from moai_ckpt.tools.restarts import phases_table, read_phases
 
 GPT_MODULE = "moai_ckpt.tools.gpt"  # run by torchrun as a module: it ships in the package
 PHASES = ("forward", "backward", "optimizer")
@@ -57,6 +64,7 @@ class DemoOptions:
         ranks: worker processes (torchrun ``--nproc-per-node``).
         keep: keep earlier demos' directories under ``dir``.
         snapshot_every: steps between snapshots (default: a quarter of ``steps``).
+        local_every: steps between snapshots to a local tier in host memory (None: no local tier).
         batch_size: global batch size.
         timeout_s: bound on each torchrun launch.
     """
@@ -67,6 +75,7 @@ class DemoOptions:
     ranks: int = 2
     keep: bool = False
     snapshot_every: int | None = None
+    local_every: int | None = None
     batch_size: int = 16
     timeout_s: float = 600.0
 
@@ -79,6 +88,8 @@ class DemoOptions:
             raise ValueError(f"batch_size ({self.batch_size}) must be at least ranks ({self.ranks})")
         if self.snapshot_every is not None and not 1 <= self.snapshot_every <= self.steps // 2:
             raise ValueError(f"snapshot_every must be between 1 and steps / 2 (got {self.snapshot_every})")
+        if self.local_every is not None and self.local_every < 1:
+            raise ValueError(f"local_every must be at least 1 (got {self.local_every})")
 
     @property
     def every(self) -> int:
@@ -169,6 +180,7 @@ class Comparison:
     replayed: int
     lost: list[int]  # completed steps run live again after the restart
     recovery: dict[str, float]
+    phases: list[dict[str, Any]] = field(default_factory=list)  # each restart's phases (its replay report)
 
     @property
     def digest_equal(self) -> bool:
@@ -210,6 +222,7 @@ class Comparison:
             "lost_steps": self.lost,
             "wall_s": {"reference": self.reference.wall_s, "recovered": self.recovered.wall_s},
             "recovery_s": self.recovery,
+            "restart_phases": self.phases,
             "unequal_steps": [r.step for r in self.rows if not r.equal],
         }
 
@@ -232,15 +245,20 @@ def run_demo(options: DemoOptions, console: Console) -> Comparison:
     console.print(
         f"seed {options.seed}: rank {kill.rank} will be SIGKILLed in the [bold]{kill.phase}[/] pass of step "
         f"{kill.step}; snapshots every {options.every} steps"
+        + (f", to the local tier every {options.local_every}" if options.local_every else "")
     )
 
-    reference = _launch(Launch("uninterrupted", root / "reference"), options, None, console)
-    console.print(f"[green]✓[/] uninterrupted run: {options.steps} steps in {reference.wall_s:.1f} s")
-
+    reference = Launch("uninterrupted", root / "reference")
     recovered = Launch("recovered", root / "recovered")
     once = recovered.scratch / "kill.once"
-    _launch(recovered, options, (kill, once), console)
-    console.print(f"[green]✓[/] recovered run: {options.steps} steps in {recovered.wall_s:.1f} s")
+    try:
+        _launch(reference, options, None, console)
+        console.print(f"[green]✓[/] uninterrupted run: {options.steps} steps in {reference.wall_s:.1f} s")
+        _launch(recovered, options, (kill, once), console)
+        console.print(f"[green]✓[/] recovered run: {options.steps} steps in {recovered.wall_s:.1f} s")
+    finally:
+        for launch in (reference, recovered):  # host memory is not kept for a finished demo
+            shutil.rmtree(_local_tier(launch), ignore_errors=True)
 
     comparison = compare(options, kill, reference, recovered, _read_json(once))
     (root / "comparison.json").write_text(json.dumps(comparison.as_json(), indent=1) + "\n")
@@ -318,7 +336,18 @@ def _environment(launch: Launch, options: DemoOptions, kill: tuple[KillPlan, Pat
     )
     if kill is not None:
         env[faults.ENV] = kill[0].fault_plan(kill[1])
+    if options.local_every is not None:
+        env[f"{ENV_PREFIX}LOCAL_TIER"] = str(_local_tier(launch))
+        env[f"{ENV_PREFIX}LOCAL_EVERY"] = str(options.local_every)
     return env
+
+
+def _local_tier(launch: Launch) -> Path:
+    """Host shared memory where there is some, else the launch's scratch directory."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm / f"moai-demo-{launch.root.parent.name}-{launch.name}"
+    return launch.scratch / "local-tier"
 
 
 @contextmanager
@@ -456,6 +485,7 @@ def compare(
         replayed=int(recovered.result.get("replayed", 0)),
         lost=sorted(set(before) & set(after)),
         recovery=_recovery(recovered, fired, last),
+        phases=read_phases(recovered.storage),
     )
 
 
@@ -476,6 +506,8 @@ def render(c: Comparison, console: Console) -> None:
     """Print the per-step table, the summary table and the verdict."""
     console.print(_steps_table(c))
     console.print(_summary_table(c))
+    if c.phases:
+        console.print(phases_table(c.phases))
     if c.bitwise_equal:
         console.print("[bold green]bitwise equal[/]: same parameters and losses as the uninterrupted run")
     elif c.fired is None or c.restarts < 1:

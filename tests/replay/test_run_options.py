@@ -157,3 +157,26 @@ def test_the_cli_reads_checkpointer_options_from_the_environment_under_its_own_f
     assert refused.exit_code == 2 and "manifest.json" in refused.output
     allowed = CliRunner().invoke(app, ["inspect", run_dir, "--json", "-o", "max_record_bytes=1000000"])
     assert allowed.exit_code == 0, allowed.output  # -o over the environment
+
+
+def test_the_local_tier_comes_from_keywords_the_environment_or_a_file_and_needs_both_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert RunOptions.of("x", local_tier="/dev/shm/r", local_every=5).local_every == 5
+    monkeypatch.setenv("MOAI_CKPT_LOCAL_TIER", str(tmp_path / "shm"))
+    monkeypatch.setenv("MOAI_CKPT_LOCAL_EVERY", "3")
+    from_env = RunOptions(storage="x")
+    assert (from_env.local_tier, from_env.local_every) == (str(tmp_path / "shm"), 3)
+    monkeypatch.delenv("MOAI_CKPT_LOCAL_TIER")
+    monkeypatch.delenv("MOAI_CKPT_LOCAL_EVERY")
+    config = tmp_path / "moai.toml"
+    config.write_text('storage = "x"\nlocal_tier = "/dev/shm/r"\nlocal_every = 4\n')
+    assert RunOptions(config_file=str(config)).local_every == 4
+    with pytest.raises(ValueError, match="local_tier and local_every go together"):
+        RunOptions(storage="x", local_tier="/dev/shm/r")
+    with pytest.raises(ValueError, match="local_tier and local_every go together"):
+        RunOptions(storage="x", local_every=2)
+    with pytest.raises(ValidationError, match="local_every"):
+        RunOptions(storage="x", local_tier="/dev/shm/r", local_every=0)
+    with pytest.raises(ValueError, match="local_tier must be a local directory"):
+        RunOptions(storage="x", local_tier="s3://bucket/tier", local_every=2)

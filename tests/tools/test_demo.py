@@ -133,3 +133,31 @@ def test_the_demo_kills_a_rank_under_torchrun_and_recovers_bitwise(tmp_path: Pat
     assert summary["digests"]["reference"] == summary["digests"]["recovered"] is not None
     workers = (demo_dir / "recovered" / "scratch" / "workers.log").read_text()
     assert "exitcode: -9" in workers  # torchrun saw a worker die of SIGKILL
+    (phases,) = summary["restart_phases"]  # the restart's report, shown as a table
+    assert phases["restore_tier"] == "persistent" and phases["replayed_steps"] == summary["replayed"]
+    assert "restart phases" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_demo_with_a_local_tier_restarts_from_it_and_recovers_bitwise(tmp_path: Path) -> None:
+    demo = [sys.executable, "-m", "moai_ckpt.cli", "demo", "--dir", str(tmp_path), "--steps", "24", "--seed", "3"]
+    result = subprocess.run(
+        [*demo, "--local-every", "2"],
+        capture_output=True,
+        text=True,
+        timeout=220,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "160", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (demo_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    summary = json.loads((demo_dir / "comparison.json").read_text())
+    assert summary["bitwise_equal"] and summary["lost_steps"] == []
+    (phases,) = summary["restart_phases"]
+    # the newest local snapshot may still have been written in the background when the rank died:
+    # then the one before it (at most 2 * local_every - 1 steps to replay)
+    assert phases["restore_tier"] == "local" and summary["replayed"] <= 3
+    assert summary["restored_step"] % 2 == 0
+    assert "restart phases" in result.stdout and "local" in result.stdout
+    assert not list(Path("/dev/shm").glob(f"moai-demo-{demo_dir.name}-*"))  # host memory given back

@@ -20,7 +20,15 @@ from rich.console import Console
 
 from moai_ckpt.errors import ChaosError
 from moai_ckpt.tools.chaos.oracle import Verdict, judge
-from moai_ckpt.tools.chaos.report import Summary, TrialReport, checks_table, draw_timeline, faults_table, write
+from moai_ckpt.tools.chaos.report import (
+    Summary,
+    TrialReport,
+    checks_table,
+    draw_timeline,
+    faults_table,
+    restarts_table,
+    write,
+)
 from moai_ckpt.tools.chaos.runner import HANDOFF, RunOutcome, Trial
 from moai_ckpt.tools.chaos.scenario import BUILTIN, DEMO_ENTRYPOINT, KINDS, PHASES, Fault, Scenario
 
@@ -121,5 +129,6 @@ def run_trials(
             if trials == 1 or not report.ok:
                 console.print(faults_table(report))
                 console.print(checks_table(report))
+                console.print(restarts_table(report))
     write(summary, out, console)
     return summary

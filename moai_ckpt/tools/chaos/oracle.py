@@ -193,7 +193,13 @@ def _check_restores(verdict: Verdict, faulty: RunOutcome) -> None:
     for report in reports:
         base = int(report["base_step"])
         verdict.restored.append(
-            {"base": base, "first": report["first_step"], "last": report["last_step"], "time": report["_time"]}
+            {
+                "base": base,
+                "first": report["first_step"],
+                "last": report["last_step"],
+                "time": report["_time"],
+                "phases": report.get("recovery"),  # where the restart's time went (replay.check.RecoveryPhases)
+            }
         )
         if report.get("from_initial_state"):
             continue  # nothing was restored: the job rebuilt step 0 and replayed the log

@@ -15,6 +15,7 @@ from rich.table import Table
 from moai_ckpt.tools.chaos.oracle import Verdict
 from moai_ckpt.tools.chaos.runner import RunOutcome
 from moai_ckpt.tools.chaos.scenario import Scenario
+from moai_ckpt.tools.restarts import PHASES, phases_table
 
 
 @dataclass
@@ -102,6 +103,31 @@ def faults_table(report: TrialReport) -> Table:
         detected = r.detected or "[red]not detected[/]"
         table.add_row(r.fault.describe(), fired, detected, recovery)
     return table
+
+
+def restart_phases(report: TrialReport) -> list[dict[str, Any]]:
+    """The phases of each restart of the faulty run that wrote a report, oldest first."""
+    return [{"base": r["base"], **r["phases"]} for r in report.verdict.restored if isinstance(r.get("phases"), dict)]
+
+
+def restarts_table(report: TrialReport) -> Table:
+    """One row per restart of the trial: where its time went (`moai_ckpt.tools.restarts`)."""
+    return phases_table(restart_phases(report))
+
+
+def phase_medians(trials: list[TrialReport]) -> dict[str, Any]:
+    """Over every restart of ``trials``: the median of each phase, the tiers restored from, the steps replayed."""
+    phases = [p for t in trials for p in restart_phases(t)]
+    out: dict[str, Any] = {"restarts": len(phases)}
+    for _, key in PHASES:
+        values = [p[key] for p in phases if p.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    tiers: dict[str, int] = {}
+    for p in phases:
+        tiers[str(p.get("restore_tier"))] = tiers.get(str(p.get("restore_tier")), 0) + 1
+    out["tiers"] = tiers
+    out["replayed_steps_max"] = max((int(p.get("replayed_steps", 0)) for p in phases), default=None)
+    return out
 
 
 def checks_table(report: TrialReport) -> Table:
@@ -199,6 +225,7 @@ class Summary:
                 "worst": max(recoveries) if recoveries else None,
                 "count": len(recoveries),
             },
+            "restart_phases": phase_medians(self.trials),
             "failed_seeds": [t.seed for t in self.trials if not t.ok],
             "results": [t.to_json() for t in self.trials],
         }
@@ -227,6 +254,12 @@ class Summary:
                 "recovery (restart to live)",
                 f"median {rec['median']:.1f} s, worst {rec['worst']:.1f} s, {rec['count']} faults",
             )
+        phases = data["restart_phases"]
+        if phases["restarts"]:
+            medians = ", ".join(f"{name} {phases[key]:.2f} s" for name, key in PHASES if phases.get(key) is not None)
+            table.add_row(f"restart phases (median of {phases['restarts']})", medians)
+            tiers = ", ".join(f"{tier} {n}" for tier, n in sorted(phases["tiers"].items()))
+            table.add_row("restored from", f"{tiers}; at most {phases['replayed_steps_max']} steps replayed")
         if data["failed_seeds"]:
             table.add_row("failed seeds", ", ".join(map(str, data["failed_seeds"])))
         return table
