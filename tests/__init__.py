@@ -1,0 +1,1 @@
+"""The test suite, grouped by layer (see docs/architecture.md, "The tests")."""
