@@ -246,6 +246,22 @@ class OverlapStager:
         self._queued.append((name, tensor, buf))
         return buf if buf is not None else tensor  # a deferred one's host tensor is set by `finish`
 
+    def many(
+        self, names: list[str], tensors: list[torch.Tensor], buffers: list[torch.Tensor] | None
+    ) -> list[torch.Tensor]:
+        """The host tensors of ``tensors``, as from calling this stager on each; with ``buffers``
+        (the pool's buffers of ``names``, already marked used) CPU tensors are copied in one call."""
+        if buffers is None:
+            return [self(name, tensor) for name, tensor in zip(names, tensors, strict=True)]
+        on_host: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, tensor, buf in zip(names, tensors, buffers, strict=True):
+            if tensor.device.type == "cuda":
+                self._queued.append((name, tensor.detach(), buf))
+            else:
+                on_host.append((buf, tensor.detach()))
+        copy_all(on_host)
+        return list(buffers)
+
     def wait(self) -> None:
         """Queue every device copy (returns without waiting for them), and arm the guard."""
         pending = self.pending
