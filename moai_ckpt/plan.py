@@ -57,6 +57,8 @@ class CapturePlan:
     device_types: set[str]
     #: per module entry: (its state_dict keys, their canonical names)
     canonical: dict[str, tuple[tuple[str, ...], dict[str, str]]] = field(default_factory=dict)
+    #: per entry: its encoded tree of the last capture (the tree the next one follows)
+    templates: dict[str, Any] = field(default_factory=dict)
     #: the `HostPool.generation` at which ``buffers`` were the pool's (-1: not known)
     generation: int = -1
     buffers: list[torch.Tensor] = field(default_factory=list)
@@ -91,14 +93,53 @@ class _Replayer(tree.TensorSink):
     def __init__(self, plan: CapturePlan, seen: list[torch.Tensor]) -> None:
         super().__init__(lambda path: path)
         self._plan = plan
-        self._seen = seen
+        self._met = seen
 
     def add(self, path: str, tensor: torch.Tensor) -> str:
-        i = len(self._seen)
+        i = len(self._met)
         if i >= len(self._plan.paths) or self._plan.paths[i] != path:
             raise _Miss
-        self._seen.append(tensor)
+        self._met.append(tensor)
         return self._plan.refs[i]
+
+    def take(self, tensor: torch.Tensor) -> str:
+        """The name of the next tensor, met where the previous capture's tree had one: its path
+        is the same (every key on the way to it was), only its properties are checked later."""
+        i = len(self._met)
+        if i >= len(self._plan.refs):
+            raise _Miss
+        self._met.append(tensor.detach())
+        return self._plan.refs[i]
+
+
+def _follow(value: Any, template: Any, path: str, sink: _Replayer, depth: int) -> Any:
+    """``tree.encode(value, path, sink, depth)``, walking only keys where ``template`` (the previous
+    capture's tree) has the same keys in the same order: tensors there take their recorded name
+    without building the paths of their neighbours' errors; the rest is encoded as usual."""
+    if isinstance(value, torch.Tensor):
+        if type(template) is dict and len(template) == 1 and "$tensor" in template:
+            return {"$tensor": sink.take(value)}
+    elif isinstance(value, dict) and type(template) is dict:
+        # a tree of 3+ keys is a plain dict's (tags have 1 or 2, one starting with "$"): its keys
+        # are strings without "$", as the value's are when they are the same
+        plain = len(template) > 2 or not any(k.startswith("$") for k in template)
+        if plain and len(value) == len(template) and list(value) == list(template):
+            return {k: _follow(v, template[k], f"{path}.{k}", sink, depth + 1) for k, v in value.items()}
+        pairs = template.get("$dict") if len(template) == 1 else None
+        if (
+            type(pairs) is list
+            and len(pairs) == len(value)
+            and all(
+                type(k) is int and type(pair[0]) is int and k == pair[0] for k, pair in zip(value, pairs, strict=True)
+            )
+        ):
+            return {
+                "$dict": [
+                    [k, _follow(v, pair[1], f"{path}.{k}", sink, depth + 3)]
+                    for (k, v), pair in zip(value.items(), pairs, strict=True)
+                ]
+            }
+    return tree.encode(value, path, sink, depth)
 
 
 class PlanCache:
@@ -148,6 +189,7 @@ class PlanCache:
             rng_key=rng_key,
             make_sink=lambda name_for: _Replayer(plan, seen),
             read=lambda key, obj, kind: _read(key, obj, kind, canonical, plan.canonical),
+            encode=lambda value, key, sink: _follow(value, plan.templates.get(key), key, sink, 0),  # type: ignore[arg-type]
         )
         if len(seen) != len(plan.paths) or [_shape(t) for t in seen] != plan.shapes or _sharing(seen) != plan.sharing:
             raise _Miss
@@ -156,6 +198,8 @@ class PlanCache:
         firsts = plan.sharing
         captured.tensors = {plan.refs[i]: seen[i] for i in range(len(seen)) if firsts[i] == i}
         captured.devices = set(plan.device_types)
+        plan.canonical = canonical
+        plan.templates = {key: record.tree for key, record in captured.objects.items()}
         return captured
 
 
@@ -206,4 +250,5 @@ def _record(
         devices={n: str(t.device) for n, t in captured.tensors.items()},
         device_types=set(captured.devices),
         canonical=canonical,
+        templates={key: record.tree for key, record in captured.objects.items()},
     )
