@@ -47,14 +47,18 @@ log = logging.getLogger("moai_ckpt")
 #: device memory left free when cloning tensors whose pinned buffers are not allocated yet
 CLONE_MARGIN_BYTES = 512 << 20
 
-StorageKey = tuple[str, int]
+StorageKey = tuple[int, int]
 
 
 def _storage_key(tensor: torch.Tensor) -> StorageKey | None:
-    """The device and storage address of ``tensor`` (of its local shard, for a DTensor)."""
+    """The device index and storage address of ``tensor`` (of its local shard, for a DTensor).
+
+    Computed from the tensor's own pointer and offset (no storage object is built: this runs for
+    every tensor of the state on the calling thread); -1 is the CPU's index.
+    """
     try:
         local = tensor.to_local() if is_dtensor(tensor) else tensor
-        return str(local.device), local.untyped_storage().data_ptr()
+        return local.get_device(), local.data_ptr() - local.storage_offset() * local.element_size()
     except (RuntimeError, TypeError, AttributeError):
         return None
 

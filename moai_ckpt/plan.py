@@ -70,6 +70,9 @@ def _shape(t: torch.Tensor) -> Shape:
 
 def _sharing(tensors: list[torch.Tensor]) -> list[int]:
     """Per tensor, the index of the first one that views the same bytes the same way."""
+    pointers = [t.data_ptr() for t in tensors]
+    if len(set(pointers)) == len(pointers):  # the usual case: no two start at the same byte
+        return list(range(len(pointers)))
     first: dict[tuple[Any, ...], int] = {}
     return [first.setdefault((t.data_ptr(), t.dtype, t.shape, t.stride(), t.device), i) for i, t in enumerate(tensors)]
 
