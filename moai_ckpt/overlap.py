@@ -58,7 +58,7 @@ def _storage_key(tensor: torch.Tensor) -> StorageKey | None:
     """
     try:
         local = tensor.to_local() if is_dtensor(tensor) else tensor
-        return local.get_device(), local.data_ptr() - local.storage_offset() * local.element_size()
+        return local.get_device(), local.data_ptr() - int(local.storage_offset()) * local.element_size()
     except (RuntimeError, TypeError, AttributeError):
         return None
 
