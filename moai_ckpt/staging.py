@@ -15,6 +15,10 @@ and dtype stay the same, so host memory stays at one copy of the rank's state, h
 run. Buffers for CUDA tensors are pinned, so the device-to-host copies run at full bandwidth
 without the host waiting; pinning gigabytes takes seconds, so `HostPool.reserve` does it in a
 background thread (`HostPool._allocate` is the one place that decides what a buffer is).
+
+A `save_async` whose state keeps the structure of the previous one follows that save's capture
+plan (`moai_ckpt.plan`): its names, pieces and devices, and its buffers while the pool's
+`HostPool.generation` is the one they were taken at; CPU tensors are then copied in one call.
 """
 
 from __future__ import annotations
