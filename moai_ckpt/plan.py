@@ -105,11 +105,11 @@ class _Replayer(tree.TensorSink):
         self._met.append(tensor)
         return self._plan.refs[i]
 
-    def take(self, tensor: torch.Tensor) -> str:
-        """The name of the next tensor, met where the previous capture's tree had one: its path
-        is the same (every key on the way to it was), only its properties are checked later."""
+    def take(self, path: str, tensor: torch.Tensor) -> str:
+        """The name of the next tensor, met where the previous capture's tree had one (its
+        properties are checked later, for all tensors at once)."""
         i = len(self._met)
-        if i >= len(self._plan.refs):
+        if i >= len(self._plan.refs) or self._plan.paths[i] != path:
             raise _Miss
         self._met.append(tensor.detach())
         return self._plan.refs[i]
@@ -121,7 +121,7 @@ def _follow(value: Any, template: Any, path: str, sink: _Replayer, depth: int) -
     without building the paths of their neighbours' errors; the rest is encoded as usual."""
     if isinstance(value, torch.Tensor):
         if type(template) is dict and len(template) == 1 and "$tensor" in template:
-            return {"$tensor": sink.take(value)}
+            return {"$tensor": sink.take(path, value)}
     elif isinstance(value, dict) and type(template) is dict:
         # a tree of 3+ keys is a plain dict's (tags have 1 or 2, one starting with "$"): its keys
         # are strings without "$", as the value's are when they are the same
