@@ -227,3 +227,14 @@ def test_save_async_through_structure_changes_restores_the_state_at_each_call(ru
         assert_bitwise_equal(snapshot(target), tensors)
         assert target["extra"]["tokens"] == step and target["sched"].state == sched
     ckpt.close()
+
+
+def test_entries_of_one_structure_reordered_keep_their_names() -> None:
+    """Two entries whose tensors have the same shapes, in the other order: every tensor keeps the
+    name of its own path (the plan would otherwise hand each the other's)."""
+    first, second = {"w": torch.zeros(3)}, {"w": torch.ones(3)}
+    plans = PlanCache()
+    planned(plans, {"a": first, "b": second})
+    captured = planned(plans, {"b": second, "a": first})
+    same_capture(captured, capture({"b": second, "a": first}, rng=GlobalRNG()))
+    assert torch.equal(captured.tensors["a/w"], first["w"]) and plans.misses == 2
