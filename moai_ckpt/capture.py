@@ -115,8 +115,29 @@ class Captured:
     devices: set[str] = field(default_factory=set)
 
 
-def capture(state: Mapping[str, Any], *, rng: Any | None = None, rng_key: str = RNG_KEY) -> Captured:
-    """Encode ``state`` (and the global RNG state under ``rng_key`` if ``rng`` is given)."""
+SinkFactory = Callable[[Callable[[str], str]], tree.TensorSink]
+StateReader = Callable[[str, Any, str], Any]
+Encoder = Callable[[Any, str, tree.TensorSink], Any]
+
+
+def capture(
+    state: Mapping[str, Any],
+    *,
+    rng: Any | None = None,
+    rng_key: str = RNG_KEY,
+    make_sink: SinkFactory = tree.TensorSink,
+    read: StateReader | None = None,
+    encode: Encoder = tree.encode,
+) -> Captured:
+    """Encode ``state`` (and the global RNG state under ``rng_key`` if ``rng`` is given).
+
+    Args:
+        make_sink: builds the sink of one entry from its naming function (`moai_ckpt.plan`
+            passes one that reuses the names of the previous capture).
+        read: ``read(key, obj, kind)``, the state of one entry (default: `state_of`).
+        encode: ``encode(value, key, sink)``, the encoded tree of one entry (`moai_ckpt.tree.encode`,
+            or one that follows the previous capture's tree).
+    """
     if not isinstance(state, Mapping):
         raise UnserializableStateError(f"state must be a dict of named objects, got {type(state).__name__}")
     items: list[tuple[str, Any]] = list(state.items())
@@ -142,9 +163,10 @@ def capture(state: Mapping[str, Any], *, rng: Any | None = None, rng_key: str = 
             leaf = sanitize_segment(path.split(".", 1)[1] if "." in path else "value")
             return _unique(f"{group}/{leaf}", names)
 
-        sink = tree.TensorSink(name_for)
+        sink = make_sink(name_for)
         kind = "stateful" if key == rng_key and rng is not None else kind_of(obj)
-        encoded = tree.encode(state_of(obj, kind), key, sink)
+        value = state_of(obj, kind) if read is None else read(key, obj, kind)
+        encoded = encode(value, key, sink)
         objects[key] = ObjectRecord(kind=kind, type=_type_name(obj), tree=encoded)
         all_tensors.update(sink.tensors)
     devices = {t.device.type for t in all_tensors.values()}

@@ -47,14 +47,18 @@ log = logging.getLogger("moai_ckpt")
 #: device memory left free when cloning tensors whose pinned buffers are not allocated yet
 CLONE_MARGIN_BYTES = 512 << 20
 
-StorageKey = tuple[str, int]
+StorageKey = tuple[int, int]
 
 
 def _storage_key(tensor: torch.Tensor) -> StorageKey | None:
-    """The device and storage address of ``tensor`` (of its local shard, for a DTensor)."""
+    """The device index and storage address of ``tensor`` (of its local shard, for a DTensor).
+
+    Computed from the tensor's own pointer and offset (no storage object is built: this runs for
+    every tensor of the state on the calling thread); -1 is the CPU's index.
+    """
     try:
         local = tensor.to_local() if is_dtensor(tensor) else tensor
-        return str(local.device), local.untyped_storage().data_ptr()
+        return local.get_device(), local.data_ptr() - int(local.storage_offset()) * local.element_size()
     except (RuntimeError, TypeError, AttributeError):
         return None
 
@@ -245,6 +249,22 @@ class OverlapStager:
         buf = self.pool.ready(name, tensor, start=False)
         self._queued.append((name, tensor, buf))
         return buf if buf is not None else tensor  # a deferred one's host tensor is set by `finish`
+
+    def many(
+        self, names: list[str], tensors: list[torch.Tensor], buffers: list[torch.Tensor] | None
+    ) -> list[torch.Tensor]:
+        """The host tensors of ``tensors``, as from calling this stager on each; with ``buffers``
+        (the pool's buffers of ``names``, already marked used) CPU tensors are copied in one call."""
+        if buffers is None:
+            return [self(name, tensor) for name, tensor in zip(names, tensors, strict=True)]
+        on_host: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, tensor, buf in zip(names, tensors, buffers, strict=True):
+            if tensor.device.type == "cuda":
+                self._queued.append((name, tensor.detach(), buf))
+            else:
+                on_host.append((buf, tensor.detach()))
+        copy_all(on_host)
+        return list(buffers)
 
     def wait(self) -> None:
         """Queue every device copy (returns without waiting for them), and arm the guard."""

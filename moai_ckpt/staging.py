@@ -18,6 +18,10 @@ background thread (`HostPool._allocate` is the one place that decides what a buf
 A pool made ``shared`` allocates its buffers in named shared memory (`moai_ckpt.shm`) instead,
 so that a writer process (`moai_ckpt.persist`) reads them where they are; `HostPool.segment`
 names a buffer's segment.
+
+A `save_async` whose state keeps the structure of the previous one follows that save's capture
+plan (`moai_ckpt.plan`): its names, pieces and devices, and its buffers while the pool's
+`HostPool.generation` is the one they were taken at; CPU tensors are then copied in one call.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from moai_ckpt.capture import RNG_KEY, Captured, capture
 from moai_ckpt.digest import PendingDigests, digest_tensors
 from moai_ckpt.dtypes import stored_dtype
 from moai_ckpt.format import ObjectRecord
+from moai_ckpt.plan import CapturePlan, PlanCache
 from moai_ckpt.rng import GlobalRNG
 from moai_ckpt.sharding import Piece, is_dtensor, local_piece
 from moai_ckpt.tree import tensor_refs
@@ -45,6 +50,10 @@ class Stager(Protocol):
     """Copies tensors to host memory for a save that returns before it writes."""
 
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def many(
+        self, names: list[str], tensors: list[torch.Tensor], buffers: list[torch.Tensor] | None
+    ) -> list[torch.Tensor]: ...
 
     def wait(self) -> None: ...
 
@@ -78,8 +87,7 @@ class HostPool:
 
     def __init__(self, pin: bool | None = None) -> None:
         self.pin = torch.cuda.is_available() if pin is None else pin
-        #: allocate new buffers in named shared memory (for a writer process); set between saves
-        self.shared = False
+        self._shared = False
         #: most bytes the shared buffers may take together (None: what /dev/shm has)
         self.shared_limit: int | None = None
         self._buffers: dict[str, torch.Tensor] = {}
@@ -89,6 +97,23 @@ class HostPool:
         self._devices: set[torch.device] = set()
         self._lock = threading.Lock()
         self._allocator: ThreadPoolExecutor | None = None
+        #: changes whenever a buffer is added or dropped: a `CapturePlan`'s buffers are the
+        #: pool's while its generation is the pool's
+        self.generation = 0
+        #: the capture plan of the last save staged through this pool
+        self.plans = PlanCache()
+
+    @property
+    def shared(self) -> bool:
+        """Whether new buffers go to named shared memory (for a writer process); set between saves."""
+        return self._shared
+
+    @shared.setter
+    def shared(self, value: bool) -> None:
+        with self._lock:
+            if value != self._shared:
+                self._shared = value
+                self.generation += 1  # a capture plan's buffers no longer live where saves need them
 
     def _allocate(self, name: str, shape: torch.Size, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
         """A new host buffer for array ``name``: pinned for a device tensor's copies, or in a
@@ -105,7 +130,8 @@ class HostPool:
 
     def _free(self, name: str) -> None:
         """Drop the buffer for ``name`` (called with the lock held); its segment's name goes too."""
-        self._buffers.pop(name, None)
+        if self._buffers.pop(name, None) is not None:
+            self.generation += 1
         segment = self._segments.pop(name, None)
         if segment is not None:
             shm.unlink(segment[0])
@@ -152,6 +178,7 @@ class HostPool:
             if not self._fits(name, tensor):
                 self._free(name)
                 self._buffers[name] = self._allocate(name, tensor.shape, tensor.dtype, self._pinned(tensor))
+                self.generation += 1
             self._used.add(name)
             return self._buffers[name]
 
@@ -161,6 +188,7 @@ class HostPool:
         if pending is not None and pending.done():
             del self._pending[name]
             self._buffers[name] = pending.result()
+            self.generation += 1
 
     def _fits(self, name: str, tensor: torch.Tensor) -> bool:
         """The buffer for ``name`` exists, fits ``tensor`` and lives where the pool puts buffers now
@@ -198,6 +226,22 @@ class HostPool:
                 self._free(name)
             self._used.clear()
 
+    def reuse(self, names: list[str], generation: int) -> bool:
+        """Mark the buffers of ``names`` used if the pool is still at ``generation`` (when a plan
+        took them from it: they are then still the pool's and fit); else False, nothing marked."""
+        with self._lock:
+            if generation != self.generation or self._pending:
+                return False
+            self._used.update(names)
+            return True
+
+    def holds(self, names: list[str], buffers: list[torch.Tensor]) -> int | None:
+        """The pool's generation if ``buffers`` are its buffers of ``names`` (None otherwise)."""
+        with self._lock:
+            if self._pending or any(self._buffers.get(n) is not b for n, b in zip(names, buffers, strict=True)):
+                return None
+            return self.generation
+
     @property
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
@@ -212,6 +256,8 @@ class HostPool:
                 self._free(name)
             self._pending.clear()
             self._used.clear()
+            self.generation += 1
+        self.plans.clear()
 
 
 def rng_key(rank: int) -> str:
@@ -248,8 +294,21 @@ def stage(
     """
     faults.point("snapshot.stage")
     key = rng_key(rank)
-    captured = capture(state, rng=GlobalRNG() if capture_rng else None, rng_key=key)
+    rng = GlobalRNG() if capture_rng else None
+    plan: CapturePlan | None = None
+    if copy is not None:
+        captured, plan = pool.plans.capture(state, rng=rng, rng_key=key)
+    else:
+        captured = capture(state, rng=rng, rng_key=key)
     staged = Staged(step=step, objects=captured.objects, info=dict(info or {}), rng_key=key)
+    if plan is not None and copy is not None:
+        _copy_planned(captured, plan, staged, pool, copy)
+        if world_size > 1:
+            _start_digests(captured, staged)
+        copy.wait()
+        if not plan.buffers:
+            _keep_buffers(plan, staged, pool)
+        return staged
     pooled = False
     for name, tensor in captured.tensors.items():
         shape, start, stop, local = local_piece(tensor)
@@ -268,6 +327,27 @@ def stage(
     elif pooled:
         pool.wait()
     return staged
+
+
+def _copy_planned(captured: Captured, plan: CapturePlan, staged: Staged, pool: HostPool, copy: Stager) -> None:
+    """Stage a capture that followed ``plan``: pieces and devices as the plan has them, copies into
+    the plan's buffers while they still are the pool's (else looked up one by one)."""
+    staged.pieces = dict(plan.pieces)
+    staged.devices = dict(plan.devices)
+    tensors = [captured.tensors[name] for name in plan.names]
+    reused = bool(plan.buffers) and pool.reuse(plan.names, plan.generation)
+    if not reused:
+        plan.buffers = []
+    hosts = copy.many(plan.names, tensors, plan.buffers if reused else None)
+    staged.host = dict(zip(plan.names, hosts, strict=True))
+
+
+def _keep_buffers(plan: CapturePlan, staged: Staged, pool: HostPool) -> None:
+    """Remember the buffers a save staged into, for the next save that follows ``plan``."""
+    hosts = [staged.host[name] for name in plan.names]
+    generation = pool.holds(plan.names, hosts)
+    if generation is not None:
+        plan.buffers, plan.generation = hosts, generation
 
 
 def reserve(state: Mapping[str, Any], *, pool: HostPool, rank: int) -> None:

@@ -60,14 +60,16 @@ MAX_DEPTH = 160
 _NP_KINDS = frozenset("biufSU")
 
 
-def encode(value: Any, path: str, sink: TensorSink) -> Any:
+def encode(value: Any, path: str, sink: TensorSink, depth: int = 0) -> Any:
     """Encode a state value to JSON-able data, sending tensors to ``sink``.
+
+    ``depth`` is the nesting of ``value`` in a tree being encoded (counted towards `MAX_DEPTH`).
 
     Raises:
         UnserializableStateError: a value that is neither a tensor nor JSON-able, a tensor with no
             data of its own (meta, nested, sparse), or a tree nested deeper than `MAX_DEPTH`.
     """
-    return _encode(value, path, sink, 0)
+    return _encode(value, path, sink, depth)
 
 
 def _encode(value: Any, path: str, sink: TensorSink, depth: int) -> Any:

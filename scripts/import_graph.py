@@ -65,6 +65,7 @@ ROOMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             "moai_ckpt.capture",
             "moai_ckpt.staging",
             "moai_ckpt.overlap",
+            "moai_ckpt.plan",
             "moai_ckpt.sharding",
             "moai_ckpt.ranklocal",
             "moai_ckpt.sampler",

@@ -154,3 +154,31 @@ def test_prepare_allocates_the_pool_in_the_background_so_the_first_save_is_pinne
     assert handle is not None and ckpt._stager.pending is not None and not ckpt._stager.pending.deferred
     handle.result(timeout=120)
     ckpt.close()
+
+
+def test_saves_that_reuse_the_capture_plan_hold_the_state_at_each_call(run_dir: str) -> None:
+    """The second and later saves follow the first one's capture plan (names, pieces, pinned
+    buffers); a parameter given new storage in between is read from the new storage, and every
+    snapshot still holds the state at its call while the next steps run over its copies."""
+    model, opt = _build(seed=0)
+    _step(model, opt)
+    ckpt = moai_ckpt.Checkpointer(run_dir, capture_rng=False)
+    ckpt.save_async(1, {"model": model, "optim": opt}).result(timeout=120)  # type: ignore[union-attr]
+    expected: dict[int, dict[str, torch.Tensor]] = {}
+    for step in (2, 3, 4):
+        _step(model, opt)
+        if step == 3:
+            with torch.no_grad():  # same shape, new storage: the plan holds, the bytes come from here
+                model.layers[1].weight.data = model.layers[1].weight.detach() * 0.5
+        expected[step] = _state_now(model, opt)
+        torch.cuda._sleep(HOLD_CYCLES)
+        handle = ckpt.save_async(step, {"model": model, "optim": opt})
+        assert handle is not None
+        _step(model, opt)
+        with torch.no_grad():
+            model.norm.running_mean.add_(1.0)
+        handle.result(timeout=120)
+    assert ckpt._pool.plans.hits == 3, "the saves after the first did not reuse its plan"
+    for step, tensors in expected.items():
+        assert_bitwise_equal(_restored(ckpt, step), tensors)
+    ckpt.close()
