@@ -73,15 +73,17 @@ def _cut_at(table: Table, width: int, folded: set[int]) -> bool:
     """Whether ``table`` rendered ``width`` wide cuts a cell, or breaks a word of a cell.
 
     ``folded``: ids of the columns whose words may break across lines (their caller chose ``fold``).
+    Words longer than half the width may break in any column.
     """
     rendered = _render(table, width)
     if CUT in rendered:
         return True
+    longest = width // 2  # a longer word (a path, a URL) folds wherever it is: leaving columns out would not save it
     for column in table.columns:
         if id(column) in folded:
             continue
         words = (word for cell in column.cells for word in _plain(cell).split())
-        if any(word not in rendered for word in words):
+        if any(word not in rendered for word in words if len(word) <= longest):
             return True
     return False
 

@@ -4,6 +4,7 @@ rate and an ETA on stderr when asked, never in ``--json`` stdout."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from rich.console import Console
 from rich.table import Table
 from typer.testing import CliRunner
 
@@ -165,6 +167,26 @@ def test_fit_table_leaves_out_the_named_columns_first_and_never_the_first() -> N
     one.add_column("only", justify="right")
     one.add_row("12345678901234567890")
     assert fit_table(one, 5) == []  # the first column stays, whatever the width
+
+
+def test_a_value_holding_a_path_longer_than_half_the_width_folds_and_keeps_its_column() -> None:
+    path = "/tmp/pytest-of-someone/pytest-1234/test_restore_on_another_world_size0/run"
+    table = Table(show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("committed", f"to {path} at step 12")
+    table.add_row("placement", "changed: plan: dp1 x pp1")
+    assert fit_table(table, 80) == []
+    rendered = _render_plain(table, 80)
+    assert "plan: dp1 x pp1" in rendered and "step 12" in rendered
+    value_lines = [line.split("│")[2].strip() for line in rendered.splitlines() if line.count("│") == 3]
+    assert path in "".join(value_lines)  # folded over several lines, whole
+
+
+def _render_plain(table: Table, width: int) -> str:
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    console.print(table)
+    return console.file.getvalue()  # type: ignore[attr-defined]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
