@@ -441,19 +441,20 @@ class Checkpointer:
         """
         self.writer.check()
 
-    def copy_snapshot(self, source: Checkpointer, step: int) -> None:
+    def copy_snapshot(self, source: Checkpointer, step: int, *, progress: Progress | None = None) -> None:
         """Copy the committed snapshot at ``step`` of ``source`` into this run, fenced as a save is.
 
         This process takes the run's writer lease and the step's claim, writes every object, then
         the commit marker last (created exclusively, after the lease is checked again), and
         verifies the copy; a copy that fails verification (the source changed meanwhile) is
         removed. Readers never see a mix: a snapshot already at ``step`` is un-committed first.
+        ``progress`` is called with the bytes of each object copied.
 
         Raises:
             FencingError: another writer holds this run or the step.
             CorruptSnapshotError: the copy does not verify.
         """
-        copy_snapshot(source.storage, self.storage, self.writer, valid_step(step), self.verify)
+        copy_snapshot(source.storage, self.storage, self.writer, valid_step(step), self.verify, progress)
 
     # -- restore -------------------------------------------------------------------------------
 

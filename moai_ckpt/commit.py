@@ -255,7 +255,12 @@ def ensure_run_info(storage: Storage, run_entry: Mapping[str, Any] | None) -> No
 
 
 def copy_snapshot(
-    source: Storage, storage: Storage, writer: RunWriter, step: int, verify: Callable[[int], VerifyReport]
+    source: Storage,
+    storage: Storage,
+    writer: RunWriter,
+    step: int,
+    verify: Callable[[int], VerifyReport],
+    progress: Progress | None = None,
 ) -> None:
     """Copy the committed snapshot at ``step`` of ``source`` into ``storage``, fenced as a save is.
 
@@ -263,6 +268,7 @@ def copy_snapshot(
     the commit marker last (created exclusively, after the lease is checked again), and
     ``verify``-es the copy; a copy that fails verification (the source changed meanwhile) is
     removed. Readers never see a mix: a snapshot already at ``step`` is un-committed first.
+    ``progress`` is called with the bytes of each object copied.
 
     Raises:
         FencingError: another writer holds this run or the step.
@@ -276,7 +282,10 @@ def copy_snapshot(
         keys = [k for k in source.list(prefix) if k not in (marker, claim)]
         for key in keys:
             lease.check()
-            storage.write(key, source.read(key))
+            data = source.read(key)
+            storage.write(key, data)
+            if progress is not None:
+                progress(len(data))
         storage.barrier(keys)
         lease.check(remote=True)
         storage.create(marker, source.read_record(marker))

@@ -45,7 +45,7 @@ def _restore_from_data(plan: ReplayPlan, to: str | None, show: bool | None = Non
             # like the session's target: opened with default options (-o is for URL only)
             with Checkpointer(to, local=True) as target:
                 if target.url != source.url:
-                    _copy_snapshot(source, target, plan.base)
+                    _copy_snapshot(source, target, plan.base, show)
     placement = Placement()
     return ReplayReport(
         base_step=plan.base,
@@ -72,9 +72,10 @@ def _verified(ckpt: Checkpointer, step: int, show: bool | None = None) -> None:
         )
 
 
-def _copy_snapshot(source: Checkpointer, target: Checkpointer, step: int) -> None:
+def _copy_snapshot(source: Checkpointer, target: Checkpointer, step: int, show: bool | None = None) -> None:
     """Copy a verified snapshot, fenced and verified (`Checkpointer.copy_snapshot`), and run.json."""
-    target.copy_snapshot(source, step)
+    with bytes_progress(f"copy step {step}", snapshot_bytes(source, step), show) as advance:
+        target.copy_snapshot(source, step, progress=advance)
     if source.storage.exists(RUN_INFO) and not target.storage.exists(RUN_INFO):
         target.storage.write(RUN_INFO, source.storage.read_record(RUN_INFO))
 

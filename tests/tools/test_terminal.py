@@ -206,5 +206,9 @@ def test_progress_goes_to_stderr_when_asked_never_into_json_stdout(run: str, tmp
     assert exported.returncode == 0, exported.stderr
     assert json.loads(exported.stdout)["tensors"] == 4
     assert "export" in exported.stderr and "/s" in exported.stderr
+    copied = _cli("restore", run, "--step", "20", "--to", str(tmp_path / "copy"), "--progress", "--json")
+    assert copied.returncode == 0, copied.stderr
+    assert json.loads(copied.stdout)["report"]["last_step"] == 20
+    assert "copy step 20" in copied.stderr and "/s" in copied.stderr
     quiet = _cli("verify", run, "--json")  # not a terminal, not asked: no bar
     assert quiet.returncode == 0 and "verify step" not in quiet.stderr
