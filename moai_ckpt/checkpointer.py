@@ -507,7 +507,7 @@ class Checkpointer:
             raise
         self.last_restore = info
         took = time.perf_counter() - started
-        self.events.emit("restore", info.step, took, bytes=sum(moved), stall_s=took, tier="storage")
+        self.events.emit("restore", info.step, took, bytes=sum(moved), stall_s=took)
         return info.step
 
     def _keep_event(self, event: Event) -> None:

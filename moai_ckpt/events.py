@@ -52,7 +52,8 @@ class Event(BaseModel):
         bytes: bytes written or read (tensor bytes of a snapshot, bytes of a log segment).
         stall_s: how long the training thread was blocked by it.
         persist_s: ``save_async`` only: the background part (encode, write, commit).
-        tier: where the state went or came from: ``storage`` (the run directory).
+        tier: where the state went or came from: ``storage`` (the run directory) or ``memory`` (a
+            local tier, `moai_ckpt.run.tiers`).
         url: the run directory, its password redacted.
         ok: whether it succeeded.
         error: the class name of the error when it did not.
@@ -163,6 +164,7 @@ class EventSink:
         rank: this process's rank.
         on_event: hooks of this sink alone, called after the process-wide ones.
         store: called with each event the run's history keeps (set by the Checkpointer).
+        tier: the tier of this sink's events unless one says otherwise (``memory`` for a local tier).
     """
 
     def __init__(
@@ -171,8 +173,10 @@ class EventSink:
         rank: int = 0,
         on_event: EventHook | Iterable[EventHook] | None = None,
         store: Callable[[Event], None] | None = None,
+        tier: str = "storage",
     ) -> None:
         self.url = redact_url(url)
+        self.tier = tier
         self.rank = rank
         self.on_event: list[EventHook] = (
             [] if on_event is None else [on_event] if callable(on_event) else list(on_event)
@@ -185,6 +189,7 @@ class EventSink:
         Never raises: an event that cannot be built (a bug) is logged and dropped.
         """
         try:
+            fields.setdefault("tier", self.tier)
             event = Event(kind=kind, step=step, duration_s=max(duration_s, 0.0), url=self.url, rank=self.rank, **fields)
         except ValueError as exc:  # pydantic's ValidationError: the operation itself must go on
             log.warning("dropped a %s event of step %r: %s", kind, step, exc)

@@ -87,6 +87,7 @@ class LocalTier:
         self.ckpt = Checkpointer(
             self.path, options=options.model_copy(update={"leftover_grace_s": 0.0}), local=True, fsync=False
         )
+        self.ckpt.events.tier = "memory"  # its saves and restores are reported as the memory tier's
         self.usable = self._claim(run_info, run_id)
         self.failures = 0
         self._pending: tuple[int, SaveHandle | None] | None = None

@@ -249,3 +249,28 @@ def test_a_run_emits_its_snapshots_and_each_log_flush(tmp_path: Path) -> None:
     assert all(e.bytes > 0 and e.stall_s == 0 and e.ok for e in flushes)
     saves = [e.step for e in got if e.kind in ("save", "save_async")]
     assert 0 in saves and 4 in saves  # the base of the log, then every 4 steps
+
+
+def test_a_local_tier_reports_its_saves_and_restores_as_the_memory_tier(tmp_path: Path) -> None:
+    from moai_ckpt.format import RunInfo
+    from moai_ckpt.options import CheckpointerOptions
+    from moai_ckpt.run.tiers import LocalTier
+
+    seen: list[Event] = []
+    remove = events.add_hook(seen.append)
+    try:
+        with Checkpointer(str(tmp_path / "run")) as persistent:
+            persistent.save(0, {"t": {"a": torch.ones(4)}})
+        run_info = RunInfo(run_id="run-1", created="2026-11-30T00:00:00Z").model_dump_json().encode()
+        tier = LocalTier(
+            str(tmp_path / "shm"), 2, run_info, rank=0, world_size=1, options=CheckpointerOptions(), background=False
+        )
+        tier.ckpt.save(2, {"t": {"a": torch.arange(4.0)}})
+        restored = {"t": {"a": torch.zeros(4)}}
+        tier.restore(restored, 2)
+        tier.ckpt.close()
+    finally:
+        remove()
+    assert torch.equal(restored["t"]["a"], torch.arange(4.0))
+    assert [(e.kind, e.tier) for e in seen if e.step == 2] == [("save", "memory"), ("restore", "memory")]
+    assert [(e.kind, e.tier) for e in seen if e.step == 0] == [("save", "storage")]
