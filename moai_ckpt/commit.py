@@ -100,6 +100,9 @@ class SnapshotCommit:
         self.writer = writer
         self.chunk_bytes = chunk_bytes
         self.run_entry = run_entry
+        #: the writer of each step being saved: the write phase leaves its objects to the commit
+        #: phase's one barrier, so both phases must use the same one
+        self._snapshots: dict[int, SnapshotWriter] = {}
 
     def run(self, staged: Staged, *, overwrite: bool = False, progress: Progress | None = None) -> CommitMarker:
         """Commit ``staged`` (phases 2 to 6); returns the commit marker, the same on every rank."""
@@ -154,8 +157,11 @@ class SnapshotCommit:
         return self.writer.fence() if self.world.rank == 0 else None
 
     def snapshot(self, step: int) -> SnapshotWriter:
-        """The writer of ``step``'s objects, fenced by `fence`."""
-        return SnapshotWriter(self.storage, self.executor, step, self.fence())
+        """The writer of ``step``'s objects, fenced by `fence` (one per step, from write to commit)."""
+        writer = self._snapshots.get(step)
+        if writer is None:
+            writer = self._snapshots[step] = SnapshotWriter(self.storage, self.executor, step, self.fence())
+        return writer
 
     # -- 4. write, 5. vote -----------------------------------------------------------------------
 
@@ -220,7 +226,9 @@ class SnapshotCommit:
         if planned.rank_local:
             manifest = Manifest.model_validate({**manifest.model_dump(), "rank_local": planned.rank_local})
         manifest_bytes = snapshot.write_metadata(manifest)
-        return snapshot.commit(manifest_bytes, manifest, indexes, writer_info())
+        marker = snapshot.commit(manifest_bytes, manifest, indexes, writer_info())
+        del self._snapshots[staged.step]
+        return marker
 
     def _objects(self, planned: Planned, staged: Staged) -> dict[str, ObjectRecord]:
         """The state entries of the manifest: this rank's, every other rank's RNG states, and the
