@@ -41,10 +41,17 @@ class World(Protocol):
 
 
 class SingleProcess:
-    """A world of one: every collective is the identity."""
+    """A world of one: every collective is the identity.
 
-    rank = 0
-    world_size = 1
+    Args:
+        rank: the rank this process is in a larger job that it acts alone for (a rank reading a
+            snapshot on its own: its own copies of rank-local state and RNG); 0 by default.
+        world_size: that job's ranks; 1 by default.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+        self.rank = rank
+        self.world_size = world_size
 
     def all_gather_json(self, obj: Any, what: str) -> list[Any]:
         return [obj]

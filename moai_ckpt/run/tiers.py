@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from moai_ckpt.checkpointer import Checkpointer, CheckpointerOptions
-from moai_ckpt.distributed import CoordinationError, RankLostError, World
+from moai_ckpt.distributed import CoordinationError, RankLostError, SingleProcess, World
 from moai_ckpt.errors import (
     CorruptSnapshotError,
     MoaiCkptError,
@@ -41,7 +41,7 @@ from moai_ckpt.storage import Storage
 
 log = logging.getLogger("moai_ckpt.run")
 
-__all__ = ["LOCAL", "PERSISTENT", "LocalTier", "Restored", "SoloRank", "restore_newest"]
+__all__ = ["LOCAL", "PERSISTENT", "LocalTier", "Restored", "restore_newest"]
 
 LOCAL = "local"
 PERSISTENT = "persistent"
@@ -228,30 +228,6 @@ def _holds_sharded_tensors(state: dict[str, Any]) -> bool:
     return any(is_dtensor(t) for m in modules for t in (*m.parameters(), *m.buffers()))
 
 
-class SoloRank:
-    """This rank's place in the job, without collectives: what one rank reads on its own.
-
-    A persistent snapshot restored by some ranks while others restore their local one is read
-    as the rank it is (its own copies of rank-local state and RNG), but no rank waits for another.
-    """
-
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank = rank
-        self.world_size = world_size
-
-    def all_gather_json(self, obj: Any, what: str) -> list[Any]:
-        return [obj]
-
-    def broadcast_json(self, obj: Any, what: str, src: int = 0) -> Any:
-        return obj
-
-    def barrier(self, what: str) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
 @dataclass
 class Restored:
     """What `restore_newest` loaded on this rank."""
@@ -329,7 +305,7 @@ def _restore_one(
             info, nbytes = local.restore(state, step), local.size(step)
         else:
             solo = SnapshotRestore(
-                ckpt.catalog, SoloRank(world.rank, world.world_size), capture_rng=ckpt.options.capture_rng
+                ckpt.catalog, SingleProcess(world.rank, world.world_size), capture_rng=ckpt.options.capture_rng
             )
             info = solo.run(state, step, fallback=False, restore_rng=None, progress=None)
             ckpt.last_restore = info
