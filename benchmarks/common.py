@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -169,6 +170,17 @@ class Output:
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             f.write("\n".join(self.lines) + "\n")
+
+    def write_results(self, name: str, result: dict[str, Any], out_dir: str | None, json_path: str | None) -> None:
+        """``name``.txt (these lines) and ``name``.json (``result``) into ``out_dir``, if given;
+        the JSON to ``json_path`` instead when that is given."""
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            json_path = json_path or os.path.join(out_dir, f"{name}.json")
+            self.save(os.path.join(out_dir, f"{name}.txt"))
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(result, f, indent=1)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -27,7 +27,6 @@ Replays on a GPU need ``--deterministic`` (flash attention's backward is not det
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -282,13 +281,7 @@ def main() -> None:
         "loops": results,
     }
     name = f"e2e_log_{'gpu' if cuda else 'cpu'}"
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        args.json = args.json or os.path.join(args.out, f"{name}.json")
-        out.save(os.path.join(args.out, f"{name}.txt"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    out.write_results(name, result, args.out, args.json)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ the steps were while a persist ran.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -672,13 +671,7 @@ def main() -> None:
         "skipped": skipped,
     }
     name = f"e2e_snapshot_{device.type if device.type == 'cpu' else 'gpu'}"
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        args.json = args.json or os.path.join(args.out, f"{name}.json")
-        out.save(os.path.join(args.out, f"{name}.txt"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    out.write_results(name, result, args.out, args.json)
     shutil.rmtree(base, ignore_errors=True)
     import torch.distributed as dist
 

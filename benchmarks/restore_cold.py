@@ -26,7 +26,6 @@ first when it is allowed (the output says which was used).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -231,13 +230,7 @@ def main() -> None:
         "bitwise": bitwise,
     }
     name = f"restore_cold_{'gpu' if cuda else 'cpu'}"
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        args.json = args.json or os.path.join(args.out, f"{name}.json")
-        out.save(os.path.join(args.out, f"{name}.txt"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    out.write_results(name, result, args.out, args.json)
     shutil.rmtree(base, ignore_errors=True)
 
 
